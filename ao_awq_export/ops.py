@@ -1,0 +1,262 @@
+"""Public fake-quant / quantize / pack API over the ao_awq:: C operators.
+
+The C extension registers the operators with PyTorch's dispatcher on import;
+this module adds what is Python's job: argument checking with clear errors,
+fake (meta) implementations for torch.compile / torch.export, and the
+autograd formulas (whose backward is again a C kernel).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _C  # noqa: F401  (registers torch.ops.ao_awq.*)
+
+__all__ = [
+    "fake_quant_fp8_int4",
+    "fake_quant_int4_asym",
+    "fake_quant_fp8_rows",
+    "quantize_int4",
+    "dequantize_int4",
+    "pack_awq",
+    "GROUP_SIZES",
+    "SCHEMES",
+    "MODES",
+]
+
+GROUP_SIZES = (32, 64, 128, 256)
+SCHEMES = {"fp8_int4": 0, "int4_asym": 1}
+MODES = ("torchao", "awq")
+STES = ("autograd", "pure")
+_FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_ops = torch.ops.ao_awq
+
+
+# --------------------------------------------------------------------------
+# argument checks (Python exceptions naming the argument and the rule)
+# --------------------------------------------------------------------------
+def _check_tensor(name, t, *, dims=None):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must have dtype bfloat16, float16 or float32, got {t.dtype}")
+    if dims is not None and t.dim() != dims:
+        raise ValueError(f"{name} must be {dims}-D [N, K] (out_features x in_features), got shape "
+                         f"{tuple(t.shape)}")
+    if t.numel() == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(t.shape)}")
+    if t.device.type not in ("cpu", "cuda", "meta"):
+        raise ValueError(f"{name} must be on a cpu or cuda device, got {t.device}")
+    if t.device.type == "cuda" and not _C.built_with_cuda():
+        raise ValueError(f"{name} is on {t.device} but ao_awq_export was built without CUDA "
+                         "kernels (rebuild with nvcc and a CUDA torch present)")
+
+
+def _check_group(w, group_size):
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {group_size}")
+    if w.shape[1] % group_size:
+        raise ValueError(f"w.shape[1] (K = {w.shape[1]}) must be a multiple of group_size "
+                         f"({group_size})")
+
+
+def _check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def _check_weight(w, group_size, mode, ste="autograd"):
+    _check_tensor("w", w, dims=2)
+    _check_group(w, group_size)
+    _check_choice("mode", mode, MODES)
+    _check_choice("ste", ste, STES)
+
+
+# --------------------------------------------------------------------------
+# fake (meta) implementations
+# --------------------------------------------------------------------------
+@torch.library.register_fake("ao_awq::fq_weight")
+def _fq_weight_fake(w, group_size, scheme, awq, pure_ste=False, div_mode=-1):
+    return torch.empty_like(w, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("ao_awq::fq_weight_backward")
+def _fq_weight_backward_fake(grad, w, group_size, scheme, awq, div_mode=-1):
+    return torch.empty_like(w, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("ao_awq::quantize")
+def _quantize_fake(w, group_size, scheme, awq, div_mode=-1):
+    n, k = w.shape
+    return (w.new_empty((n, k), dtype=torch.uint8),
+            w.new_empty((n, k // group_size), dtype=torch.float32),
+            w.new_empty((n, k // group_size), dtype=torch.float32))
+
+
+@torch.library.register_fake("ao_awq::fp8_rows")
+def _fp8_rows_fake(x, pure_ste=False, div_mode=-1):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("ao_awq::fp8_rows_backward")
+def _fp8_rows_backward_fake(grad, x, div_mode=-1):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("ao_awq::pack_awq")
+def _pack_awq_fake(codes):
+    r, c = codes.shape
+    return codes.new_empty((c, r // 8), dtype=torch.int32)
+
+
+# --------------------------------------------------------------------------
+# autograd
+# --------------------------------------------------------------------------
+def _fq_setup(ctx, inputs, output):
+    w, group_size, scheme, awq, pure_ste, div_mode = (list(inputs) + [False, -1])[:6]
+    ctx.cfg = (group_size, scheme, awq, pure_ste, div_mode)
+    ctx.save_for_backward(None if pure_ste else w)
+
+
+def _fq_backward(ctx, grad):
+    group_size, scheme, awq, pure_ste, div_mode = ctx.cfg
+    if pure_ste:
+        gw = grad
+    else:
+        (w,) = ctx.saved_tensors
+        gw = _ops.fq_weight_backward(grad.contiguous(), w, group_size, scheme, awq, div_mode)
+    return gw, None, None, None, None, None
+
+
+torch.library.register_autograd("ao_awq::fq_weight", _fq_backward, setup_context=_fq_setup)
+
+
+def _rows_setup(ctx, inputs, output):
+    x, pure_ste, div_mode = (list(inputs) + [False, -1])[:3]
+    ctx.cfg = (pure_ste, div_mode)
+    ctx.save_for_backward(None if pure_ste else x)
+
+
+def _rows_backward(ctx, grad):
+    pure_ste, div_mode = ctx.cfg
+    if pure_ste:
+        return grad, None, None
+    (x,) = ctx.saved_tensors
+    return _ops.fp8_rows_backward(grad.contiguous(), x, div_mode), None, None
+
+
+torch.library.register_autograd("ao_awq::fp8_rows", _rows_backward, setup_context=_rows_setup)
+
+
+# --------------------------------------------------------------------------
+# public API
+# --------------------------------------------------------------------------
+def fake_quant_fp8_int4(w: torch.Tensor, group_size: int = 128, *, mode: str = "torchao",
+                        ste: str = "autograd") -> torch.Tensor:
+    """fp8-then-int4 symmetric weight fake quant (SPEC section 1).
+
+    mode="torchao": bit-identical to torchao's Int4WeightFakeQuantizer with
+    activation_dtype=float8_e4m3fn.  mode="awq": same codes, dequantized with
+    the fp16 scale an AWQ checkpoint stores (zero point 8): exports losslessly.
+    ste="autograd": the gradient torch autograd computes through torchao's
+    formula (note: it casts the gradient to float8 on the way, as torchao
+    does); ste="pure": the gradient passes through unchanged.
+    """
+    _check_weight(w, group_size, mode, ste)
+    return _ops.fq_weight(w.contiguous(), group_size, 0, mode == "awq", ste == "pure")
+
+
+def fake_quant_int4_asym(w: torch.Tensor, group_size: int = 128, *, mode: str = "torchao",
+                         ste: str = "autograd") -> torch.Tensor:
+    """int4 asymmetric [0, 15] weight fake quant (SPEC section 2).
+
+    mode="torchao": bit-identical to torchao's Int4WeightFakeQuantizer with
+    activation_dtype=bfloat16 (float zero point).  mode="awq": integer zero
+    point and fp16 scale (SPEC section 4), exported losslessly.
+    """
+    _check_weight(w, group_size, mode, ste)
+    return _ops.fq_weight(w.contiguous(), group_size, 1, mode == "awq", ste == "pure")
+
+
+def fake_quant_fp8_rows(x: torch.Tensor, *, ste: str = "autograd") -> torch.Tensor:
+    """Per-row (last dim) fp8 e4m3 activation fake quant, eps 1e-12: an
+    all-zero row gives zeros (torchao gives NaN).  Any leading dims."""
+    _check_tensor("x", x)
+    if x.dim() < 1:
+        raise ValueError("x must have at least 1 dimension")
+    _check_choice("ste", ste, STES)
+    return _ops.fp8_rows(x.contiguous(), ste == "pure")
+
+
+def _scale_dtype(scheme, mode, wdtype):
+    if mode == "awq":
+        return torch.float16
+    return wdtype if scheme == "fp8_int4" else torch.float32
+
+
+def quantize_int4(w: torch.Tensor, group_size: int = 128, *, scheme: str = "fp8_int4",
+                  mode: str = "torchao"):
+    """The exact integers the fake quant uses.
+
+    Returns (codes, scales, zeros):
+      codes  uint8 [N, K] in [0, 15] (for fp8_int4: signed code + 8);
+      scales [N, K/g]: fp16 in awq mode, w.dtype for fp8_int4/torchao,
+             float32 for int4_asym/torchao;
+      zeros  [N, K/g]: uint8 integer zero points, except int4_asym/torchao
+             whose zero is torchao's float offset (float32).
+    dequantize_int4(codes, scales, zeros, ...) reproduces the fake-quant
+    output bit for bit.  Non-finite weights and fp16 scale overflow raise.
+    """
+    _check_choice("scheme", scheme, SCHEMES)
+    _check_weight(w, group_size, mode)
+    w = w.contiguous()
+    if w.device.type != "meta" and not bool(torch.isfinite(w).all()):
+        raise ValueError("w contains NaN or Inf: quantize_int4 needs finite weights")
+    codes, scales, zeros = _ops.quantize(w, group_size, SCHEMES[scheme], mode == "awq")
+    if mode == "awq" and w.device.type != "meta" and not bool(torch.isfinite(scales).all()):
+        raise ValueError("w: a group scale overflows float16 (|w| too large for an AWQ fp16 "
+                         "scale: max group range is about 9.8e5 for int4_asym, 5.2e5 for fp8_int4)")
+    sdt = _scale_dtype(scheme, mode, w.dtype)
+    scales = scales.to(sdt)
+    if scheme == "int4_asym" and mode == "torchao":
+        zeros = zeros.to(torch.float32)
+    else:
+        zeros = zeros.to(torch.uint8)
+    return codes, scales, zeros
+
+
+def dequantize_int4(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, *,
+                    scheme: str = "fp8_int4", mode: str = "torchao",
+                    dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Inverse of quantize_int4: the fake-quant output, bit for bit."""
+    _check_choice("scheme", scheme, SCHEMES)
+    _check_choice("mode", mode, MODES)
+    n, k = codes.shape
+    g = k // scales.shape[1]
+    q = codes.to(torch.float32).view(n, -1, g)
+    s = scales.to(torch.float32).unsqueeze(-1)
+    z = zeros.to(torch.float32).unsqueeze(-1)
+    if scheme == "int4_asym" and mode == "torchao":
+        out = (q - 8.0) * s + z
+    else:
+        out = (q - z) * s
+    return out.view(n, k).to(dtype)
+
+
+def pack_awq(codes: torch.Tensor) -> torch.Tensor:
+    """Pack uint8 codes [N, K] (values 0..15) into AWQ's int32 [K, N/8]
+    (transposed; 8 output channels per word in AWQ's order 0,2,4,6,1,3,5,7).
+    Also packs zeros [N, K/g] into qzeros [K/g, N/8]."""
+    if not isinstance(codes, torch.Tensor):
+        raise TypeError(f"codes must be a torch.Tensor, got {type(codes).__name__}")
+    if codes.dtype != torch.uint8:
+        raise TypeError(f"codes must be uint8, got {codes.dtype}")
+    if codes.dim() != 2:
+        raise ValueError(f"codes must be 2-D [N, K], got shape {tuple(codes.shape)}")
+    if codes.shape[0] % 8:
+        raise ValueError(f"codes.shape[0] (N = {codes.shape[0]}) must be a multiple of 8 "
+                         "(AWQ packs 8 output channels per int32)")
+    if codes.device.type == "cuda" and not _C.built_with_cuda():
+        raise ValueError("codes is on cuda but ao_awq_export was built without CUDA kernels")
+    return _ops.pack_awq(codes.contiguous())

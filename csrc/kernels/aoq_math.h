@@ -1,0 +1,167 @@
+/* Scalar numerics shared by the CPU (.c) and CUDA (.cu) kernels.
+ *
+ * Every function here is the single definition of one rounding step of
+ * SPEC.md; the CPU kernels, the CUDA kernels and the C reference all call
+ * these, so a change of numerics is a change in one place.
+ *
+ * Build rule: compile with contraction of a*b+c into FMA disabled
+ * (gcc -ffp-contract=off, nvcc --fmad=false): torch rounds every product
+ * and every sum separately, and so must we.
+ */
+#ifndef AOQ_MATH_H
+#define AOQ_MATH_H
+
+#include <stdint.h>
+#include <string.h>
+
+#ifdef __CUDACC__
+#define AOQ_HD __host__ __device__ __forceinline__
+#else
+#define AOQ_HD static inline
+#endif
+
+/* dtype codes used across the C layer (not torch's codes) */
+enum { AOQ_F32 = 0, AOQ_F16 = 1, AOQ_BF16 = 2 };
+
+/* scheme / mode flags */
+enum { AOQ_SCHEME_FP8_INT4 = 0, AOQ_SCHEME_INT4_ASYM = 1 };
+
+/* status codes returned by launchers */
+enum { AOQ_OK = 0, AOQ_ERR_ARG = 1, AOQ_ERR_CUDA = 2, AOQ_ERR_NOMEM = 3 };
+
+AOQ_HD uint32_t aoq_f2u(float f) {
+#ifdef __CUDA_ARCH__
+  return (uint32_t)__float_as_uint(f);
+#else
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  return u;
+#endif
+}
+AOQ_HD float aoq_u2f(uint32_t u) {
+#ifdef __CUDA_ARCH__
+  return __uint_as_float(u);
+#else
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+#endif
+}
+
+AOQ_HD int aoq_isnan(float x) { return x != x; }
+AOQ_HD int aoq_isfinite(float x) { return (aoq_f2u(x) & 0x7f800000u) != 0x7f800000u; }
+
+/* round-half-to-even to an integer-valued float (torch.round / nearbyintf) */
+AOQ_HD float aoq_rint(float x) {
+#ifdef __CUDA_ARCH__
+  return rintf(x);
+#else
+  /* (|x| + 2^23) - 2^23 rounds half to even in the default rounding mode;
+   * portable (no SSE4.1 roundps needed) and vectorizable. */
+  uint32_t u = aoq_f2u(x);
+  float ax = aoq_u2f(u & 0x7fffffffu);
+  if (!(ax < 8388608.0f)) return x; /* already integral, inf or NaN */
+  float r = (ax + 8388608.0f) - 8388608.0f;
+  return aoq_u2f(aoq_f2u(r) | (u & 0x80000000u));
+#endif
+}
+
+/* ---- bf16 ---------------------------------------------------------------- */
+AOQ_HD uint16_t aoq_f32_to_bf16_bits(float f) {
+  if (aoq_isnan(f)) return 0x7FC0;
+  uint32_t u = aoq_f2u(f);
+  u += ((u >> 16) & 1u) + 0x7FFFu;
+  return (uint16_t)(u >> 16);
+}
+AOQ_HD float aoq_bf16_bits_to_f32(uint16_t h) { return aoq_u2f(((uint32_t)h) << 16); }
+
+/* ---- fp16 (IEEE binary16), round-to-nearest-even, overflow to inf -------- */
+AOQ_HD uint16_t aoq_f32_to_f16_bits(float f) {
+  uint32_t u = aoq_f2u(f);
+  uint32_t sign = (u >> 16) & 0x8000u;
+  uint32_t a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return (uint16_t)(sign | 0x7e00u); /* NaN */
+  if (a >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u); /* rounds to >= 65520: inf */
+  if (a < 0x38800000u) {                                   /* below 2^-14: subnormal */
+    /* add 0.5 (2^-1): the float sum rounds (RNE) at bit 2^-24 */
+    float r = aoq_u2f(a) + 0.5f;
+    return (uint16_t)(sign | (aoq_f2u(r) - 0x3f000000u));
+  }
+  uint32_t mant_odd = (a >> 13) & 1u;
+  a += ((uint32_t)(15 - 127) << 23) + 0xfffu + mant_odd;
+  return (uint16_t)(sign | (a >> 13));
+}
+AOQ_HD float aoq_f16_bits_to_f32(uint16_t h) {
+  uint32_t sign = ((uint32_t)h & 0x8000u) << 16;
+  uint32_t e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+  if (e == 0) {
+    /* zero or subnormal: m * 2^-24 is exact in float */
+    float v = (float)m * 5.9604644775390625e-08f;
+    return aoq_u2f(aoq_f2u(v) | sign);
+  }
+  if (e == 31) return aoq_u2f(sign | 0x7f800000u | (m << 13));
+  return aoq_u2f(sign | ((e + 112u) << 23) | (m << 13));
+}
+
+/* Round a float to the value the dtype holds, returned as float. */
+AOQ_HD float aoq_round_to(float x, int dt) {
+  if (dt == AOQ_BF16) return aoq_bf16_bits_to_f32(aoq_f32_to_bf16_bits(x));
+  if (dt == AOQ_F16) return aoq_f16_bits_to_f32(aoq_f32_to_f16_bits(x));
+  return x;
+}
+
+/* Load element i of a D-typed buffer as float. */
+AOQ_HD float aoq_load(const void *p, int64_t i, int dt) {
+  if (dt == AOQ_BF16) return aoq_bf16_bits_to_f32(((const uint16_t *)p)[i]);
+  if (dt == AOQ_F16) return aoq_f16_bits_to_f32(((const uint16_t *)p)[i]);
+  return ((const float *)p)[i];
+}
+/* Store float x (already a value of dtype dt, or to be rounded) at element i. */
+AOQ_HD void aoq_store(void *p, int64_t i, float x, int dt) {
+  if (dt == AOQ_BF16)
+    ((uint16_t *)p)[i] = aoq_f32_to_bf16_bits(x);
+  else if (dt == AOQ_F16)
+    ((uint16_t *)p)[i] = aoq_f32_to_f16_bits(x);
+  else
+    ((float *)p)[i] = x;
+}
+
+/* ---- float8 e4m3fn ------------------------------------------------------ */
+/* Value of float8_e4m3fn(x) as float: round-to-nearest-even, saturating
+ * finite overflow to +-448 (torch >= 2.12 eager cast), NaN stays NaN. */
+AOQ_HD float aoq_fp8_e4m3_round(float x) {
+  if (aoq_isnan(x)) return x;
+  uint32_t u = aoq_f2u(x);
+  uint32_t sign = u & 0x80000000u;
+  uint32_t a = u ^ sign;
+  if (a >= (1087u << 20)) { /* >= 480 or inf: saturate */
+    a = 0x43e00000u;        /* 448 */
+  } else if (a < (121u << 23)) {
+    /* below 2^-6: subnormal grid of 2^-9; the float add rounds RNE */
+    float r = aoq_u2f(a) + aoq_u2f(141u << 23);
+    a = aoq_f2u(r) - (141u << 23); /* multiple of 2^-9, as integer count */
+    a = aoq_f2u((float)a * 0.001953125f);
+  } else {
+    a += 0x7ffffu + ((a >> 20) & 1u);
+    a &= 0xfff00000u;
+    if (a > 0x43e00000u) a = 0x43e00000u; /* carried into the NaN code: saturate */
+  }
+  return aoq_u2f(a | sign);
+}
+
+/* Constants as torch sees them after casting a Python scalar to dtype D. */
+AOQ_HD float aoq_eps_in(float eps, int dt) { return aoq_round_to(eps, dt); }
+
+/* clamp(x, min=lo) with torch semantics: NaN propagates. */
+AOQ_HD float aoq_clamp_min(float x, float lo) { return x < lo ? lo : x; }
+/* clamp(x, lo, hi) with NaN propagating. */
+AOQ_HD float aoq_clamp(float x, float lo, float hi) { return x < lo ? lo : (x > hi ? hi : x); }
+AOQ_HD float aoq_sgn(float x) { return x > 0.f ? 1.f : (x < 0.f ? -1.f : (x == 0.f ? 0.f : x)); }
+
+/* `x / c` for a Python-scalar divisor c, the way torch computes it on the
+ * device: CPU divides; CUDA multiplies by the float reciprocal. */
+AOQ_HD float aoq_div_scalar(float x, float c, int cuda_semantics) {
+  return cuda_semantics ? x * (1.0f / c) : x / c;
+}
+
+#endif

@@ -1,0 +1,130 @@
+/* Per-row algorithms shared by the CPU and CUDA kernels (reference-grade:
+ * scalar, one row of a [N, K] weight at a time, every step rounded as
+ * SPEC.md says).  The CPU kernel runs these per row on OpenMP threads; the
+ * CUDA kernel runs the same math with a block per row (see fq_cuda.cu) and
+ * is tested bit for bit against them.
+ *
+ * Notation: x = fp32(w row), dt = storage dtype D of w, g = group size,
+ * cs = 1 for CUDA torch semantics of `tensor / python_scalar` (torchao
+ * mode only; the AWQ modes are our own formulas and always divide).
+ */
+#ifndef AOQ_ROWS_H
+#define AOQ_ROWS_H
+
+#include "aoq_math.h"
+
+#define AOQ_FP8_MAX 448.0f
+
+/* ---------------------------------------------------------------------- */
+/* Stage 1 of fp8-int4 (also the whole fp8 activation fake quant):
+ * per-row fp8 scale and the fp8 round trip, wd = D(fp32(e4m3(x/s)) * s).
+ * Returns s_row (0 when the row scale underflows: then wd = 0). */
+AOQ_HD float aoq_fp8_row_scale(const float *x, int64_t K, int dt, int cs, float *amax_out) {
+  float a = 0.f;
+  int nan = 0;
+  for (int64_t k = 0; k < K; k++) {
+    float v = x[k] < 0.f ? -x[k] : x[k];
+    nan |= aoq_isnan(v);
+    a = v > a ? v : a;
+  }
+  if (nan) a = aoq_u2f(0x7fc00000u);
+  if (amax_out) *amax_out = a;
+  a = aoq_clamp_min(a, aoq_eps_in(1e-12f, dt));
+  return aoq_round_to(aoq_div_scalar(a, AOQ_FP8_MAX, cs), dt);
+}
+
+AOQ_HD float aoq_fp8_rt(float x, float s_row, int dt) {
+  if (s_row == 0.f) return 0.f; /* torchao gives NaN here (fp16 rows of zeros); we give 0 */
+  float t = aoq_clamp(x / s_row, -AOQ_FP8_MAX, AOQ_FP8_MAX);
+  return aoq_round_to(aoq_fp8_e4m3_round(t) * s_row, dt);
+}
+
+/* ---------------------------------------------------------------------- */
+/* Stage 2 of fp8-int4: symmetric int4 over one group of the fp8-rounded
+ * row.  Inputs wd[0..g) (values of D).  Writes out (values of D, unrounded
+ * storage is the caller's), codes q+8, and the group scale.
+ * awq: dequantize with fp16(s_g) instead of s_g. */
+typedef struct {
+  float sg;   /* group scale as D value */
+  float rcp;  /* D(1/sg) */
+  float sdq;  /* scale used by the dequantize: sg, or fp16(sg) in awq mode */
+  float m;    /* amax |wd| */
+  float m8;   /* D(m / 8) before the eps clamp */
+} aoq_sym_group;
+
+AOQ_HD aoq_sym_group aoq_sym_group_params(const float *wd, int64_t g, int dt, int awq) {
+  aoq_sym_group p;
+  float m = 0.f;
+  int nan = 0;
+  for (int64_t k = 0; k < g; k++) {
+    float v = wd[k] < 0.f ? -wd[k] : wd[k];
+    nan |= aoq_isnan(v);
+    m = v > m ? v : m;
+  }
+  if (nan) m = aoq_u2f(0x7fc00000u);
+  p.m = m;
+  p.m8 = aoq_round_to(m * 0.125f, dt); /* /8 is exact in any rounding mode */
+  p.sg = aoq_clamp_min(p.m8, aoq_eps_in(1e-6f, dt));
+  p.rcp = aoq_round_to(1.0f / p.sg, dt);
+  p.sdq = awq ? aoq_f16_bits_to_f32(aoq_f32_to_f16_bits(p.sg)) : p.sg;
+  return p;
+}
+
+/* signed code in [-8, 7] (as float; NaN propagates), before/after clamp */
+AOQ_HD float aoq_sym_code_raw(float wd, const aoq_sym_group *p, int dt) {
+  /* fp16: a scale below 1/65504 has an infinite reciprocal, and torchao's
+   * 0 * inf gives NaN for the zeros of such a group; their code is 0. */
+  if (wd == 0.f) return 0.f;
+  return aoq_rint(aoq_round_to(wd * p->rcp, dt)) + 0.0f;
+}
+AOQ_HD float aoq_sym_deq(float qc, const aoq_sym_group *p, int dt) {
+  return aoq_round_to(qc * p->sdq, dt);
+}
+
+/* ---------------------------------------------------------------------- */
+/* int4 asymmetric [0, 15], recentred to 8 (torchao, fp32 throughout). */
+typedef struct {
+  float mx, mn, d, s, z;
+  /* awq mode: */
+  float s16, zi;
+} aoq_asym_group;
+
+AOQ_HD aoq_asym_group aoq_asym_group_params(const float *x, int64_t g, int awq, int cs) {
+  aoq_asym_group p;
+  float mx = x[0], mn = x[0];
+  int nan = 0;
+  for (int64_t k = 0; k < g; k++) {
+    nan |= aoq_isnan(x[k]);
+    mx = x[k] > mx ? x[k] : mx;
+    mn = x[k] < mn ? x[k] : mn;
+  }
+  if (nan) mx = mn = aoq_u2f(0x7fc00000u);
+  p.mx = mx;
+  p.mn = mn;
+  p.d = mx - mn;
+  float dc = aoq_clamp_min(p.d, 1e-6f);
+  if (awq) {
+    p.s = dc / 15.0f;
+    p.s16 = aoq_f16_bits_to_f32(aoq_f32_to_f16_bits(p.s));
+    p.zi = aoq_clamp(aoq_rint(-mn / p.s16), 0.f, 15.f);
+    p.z = 0.f;
+  } else {
+    p.s = aoq_div_scalar(dc, 15.0f, cs);
+    p.z = mn + p.s * 8.0f;
+    p.s16 = 0.f;
+    p.zi = 0.f;
+  }
+  return p;
+}
+
+/* unclamped code (float) */
+AOQ_HD float aoq_asym_code_raw(float x, const aoq_asym_group *p, int awq) {
+  if (awq) return aoq_rint(x / p->s16) + p->zi;
+  return aoq_rint((x - p->mn) / p->s);
+}
+AOQ_HD float aoq_asym_deq(float qc, const aoq_asym_group *p, int awq) {
+  if (awq) return (qc - p->zi) * p->s16;
+  return (qc - 8.0f) * p->s + p->z;
+}
+
+#endif

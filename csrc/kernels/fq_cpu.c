@@ -1,0 +1,357 @@
+/* CPU kernels: fake-quant forward/backward for both schemes and modes, the
+ * fp8 activation fake quant, and the AWQ int4 pack.  Plain C over pointers.
+ * Rows run in parallel on OpenMP threads; inner loops are simple counted
+ * loops over contiguous floats.  Numerics: aoq_rows.h / aoq_math.h.
+ *
+ * Reductions (sums) in the backward use one canonical order, shared with the
+ * CUDA kernel so the two agree bit for bit:
+ *   group sums: 32 lanes, lane l adds elements l, l+32, ... in order, then a
+ *               halving tree (l += l + off, off = 16, 8, 4, 2, 1);
+ *   row sums:   the same with 256 lanes (off = 128 ... 1).
+ */
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "aoq_kernels.h"
+#include "aoq_rows.h"
+
+#define GL 32  /* lanes of a group sum */
+#define RL 256 /* lanes of a row sum */
+
+/* canonical sum of v[0..n) with L lanes (L a power of two) */
+static float canon_sum(const float *v, int64_t n, int L) {
+  float lane[RL];
+  for (int l = 0; l < L; l++) lane[l] = 0.f;
+  for (int64_t i = 0; i < n; i++) lane[i % L] += v[i];
+  for (int off = L / 2; off >= 1; off >>= 1)
+    for (int l = 0; l < off; l++) lane[l] += lane[l + off];
+  return lane[0];
+}
+
+static void load_row(const void *p, int64_t off, float *dst, int64_t K, int dt) {
+  if (dt == AOQ_BF16) {
+    const uint16_t *s = (const uint16_t *)p + off;
+    for (int64_t k = 0; k < K; k++) dst[k] = aoq_bf16_bits_to_f32(s[k]);
+  } else if (dt == AOQ_F16) {
+    const uint16_t *s = (const uint16_t *)p + off;
+    for (int64_t k = 0; k < K; k++) dst[k] = aoq_f16_bits_to_f32(s[k]);
+  } else {
+    memcpy(dst, (const float *)p + off, (size_t)K * sizeof(float));
+  }
+}
+
+static void store_row(void *p, int64_t off, const float *src, int64_t K, int dt) {
+  if (dt == AOQ_BF16) {
+    uint16_t *d = (uint16_t *)p + off;
+    for (int64_t k = 0; k < K; k++) d[k] = aoq_f32_to_bf16_bits(src[k]);
+  } else if (dt == AOQ_F16) {
+    uint16_t *d = (uint16_t *)p + off;
+    for (int64_t k = 0; k < K; k++) d[k] = aoq_f32_to_f16_bits(src[k]);
+  } else {
+    memcpy((float *)p + off, src, (size_t)K * sizeof(float));
+  }
+}
+
+/* ------------------------------------------------------------------ */
+/* forward, one row                                                     */
+/* ------------------------------------------------------------------ */
+static void fq_fwd_row(float *x, float *y, uint8_t *codes, float *scales, float *zeros, int64_t K,
+                       int64_t g, int dt, int scheme, int awq, int cs) {
+  const int64_t G = K / g;
+  if (scheme == AOQ_SCHEME_FP8_INT4) {
+    float s_row = aoq_fp8_row_scale(x, K, dt, cs, NULL);
+    for (int64_t k = 0; k < K; k++) x[k] = aoq_fp8_rt(x[k], s_row, dt); /* x := wd */
+    for (int64_t j = 0; j < G; j++) {
+      const float *wd = x + j * g;
+      aoq_sym_group p = aoq_sym_group_params(wd, g, dt, awq);
+      for (int64_t k = 0; k < g; k++) {
+        float qc = aoq_clamp(aoq_sym_code_raw(wd[k], &p, dt), -8.f, 7.f);
+        if (y) y[j * g + k] = aoq_sym_deq(qc, &p, dt);
+        if (codes) codes[j * g + k] = (uint8_t)(int)(qc + 8.f);
+      }
+      if (scales) scales[j] = p.sdq;
+      if (zeros) zeros[j] = 8.f;
+    }
+  } else {
+    for (int64_t j = 0; j < G; j++) {
+      const float *xg = x + j * g;
+      aoq_asym_group p = aoq_asym_group_params(xg, g, awq, cs);
+      for (int64_t k = 0; k < g; k++) {
+        float qc = aoq_clamp(aoq_asym_code_raw(xg[k], &p, awq), 0.f, 15.f);
+        if (y) y[j * g + k] = aoq_asym_deq(qc, &p, awq);
+        if (codes) codes[j * g + k] = (uint8_t)(int)qc;
+      }
+      if (scales) scales[j] = awq ? p.s16 : p.s;
+      if (zeros) zeros[j] = awq ? p.zi : p.z;
+    }
+  }
+}
+
+int aoq_cpu_fq_fwd(const void *w, void *out, uint8_t *codes, float *scales, float *zeros,
+                   int64_t N, int64_t K, int64_t g, int dt, int scheme, int awq, int cs) {
+  if (N < 0 || K <= 0 || g <= 0 || K % g) return AOQ_ERR_ARG;
+  int err = 0;
+#pragma omp parallel
+  {
+    float *buf = (float *)malloc((size_t)K * 2 * sizeof(float));
+    if (!buf) {
+#pragma omp atomic write
+      err = AOQ_ERR_NOMEM;
+    } else {
+      float *x = buf, *y = buf + K;
+#pragma omp for schedule(static)
+      for (int64_t n = 0; n < N; n++) {
+        load_row(w, n * K, x, K, dt);
+        fq_fwd_row(x, out ? y : NULL, codes ? codes + n * K : NULL,
+                   scales ? scales + n * (K / g) : NULL, zeros ? zeros + n * (K / g) : NULL, K, g,
+                   dt, scheme, awq, cs);
+        if (out) store_row(out, n * K, y, K, dt);
+      }
+      free(buf);
+    }
+  }
+  return err;
+}
+
+/* ------------------------------------------------------------------ */
+/* backward of stage 1 (fp8 row round trip), given g_h = d loss / d wd   */
+/* as fp32, writes gx (values of D) into gw.  Also the whole backward   */
+/* of the fp8 activation fake quant.  tmp: K floats.                    */
+/* ------------------------------------------------------------------ */
+static void fp8_row_bwd(const float *x, const float *gh, float *gw, float *tmp, int64_t K, int dt,
+                        int cs) {
+  float a0;
+  float s_row = aoq_fp8_row_scale(x, K, dt, cs, &a0);
+  if (s_row == 0.f) { /* scale underflow (fp16): forward gave 0, torchao NaN */
+    for (int64_t k = 0; k < K; k++) gw[k] = 0.f;
+    return;
+  }
+  /* d/ds_row of h = fp32(w8) * s_row  ->  sum g_h * w8 */
+  for (int64_t k = 0; k < K; k++) {
+    float t = aoq_clamp(x[k] / s_row, -AOQ_FP8_MAX, AOQ_FP8_MAX);
+    tmp[k] = gh[k] * aoq_fp8_e4m3_round(t);
+  }
+  float sum_a = canon_sum(tmp, K, RL);
+  for (int64_t k = 0; k < K; k++) {
+    float t = x[k] / s_row;
+    /* gradient of `fp8_tensor.to(float32)`: cast back to float8 (torchao) */
+    float gt = aoq_fp8_e4m3_round(gh[k] * s_row);
+    if (!(t >= -AOQ_FP8_MAX && t <= AOQ_FP8_MAX)) gt = 0.f;
+    gw[k] = gt / s_row;
+    tmp[k] = -gt * (t / s_row);
+  }
+  float sum_b = canon_sum(tmp, K, RL);
+  float g_sD = aoq_round_to(sum_a + sum_b, dt);
+  float g_a = aoq_round_to(aoq_div_scalar(g_sD, AOQ_FP8_MAX, cs), dt);
+  if (!(a0 >= aoq_eps_in(1e-12f, dt))) g_a = 0.f;
+  int64_t cnt = 0;
+  for (int64_t k = 0; k < K; k++) cnt += ((x[k] < 0.f ? -x[k] : x[k]) == a0);
+  float each = cnt ? aoq_round_to(g_a / (float)cnt, dt) : 0.f;
+  for (int64_t k = 0; k < K; k++) {
+    float ga = aoq_round_to(gw[k], dt);
+    if ((x[k] < 0.f ? -x[k] : x[k]) == a0) ga = aoq_round_to(ga + aoq_round_to(each * aoq_sgn(x[k]), dt), dt);
+    gw[k] = ga;
+  }
+}
+
+/* backward of the fp8-int4 group stage: G (values of D), wd -> gwd (D) */
+static void sym_group_bwd(const float *wd, const float *G, float *gwd, float *tmp, int64_t g, int dt,
+                          int awq) {
+  aoq_sym_group p = aoq_sym_group_params(wd, g, dt, awq);
+  for (int64_t k = 0; k < g; k++) {
+    float qc = aoq_clamp(aoq_sym_code_raw(wd[k], &p, dt), -8.f, 7.f);
+    tmp[k] = awq ? G[k] * qc : aoq_round_to(G[k] * qc, dt);
+  }
+  float g_sg_a = aoq_round_to(canon_sum(tmp, g, GL), dt);
+  for (int64_t k = 0; k < g; k++) {
+    float q2 = aoq_sym_code_raw(wd[k], &p, dt);
+    float gd = aoq_round_to(G[k] * (awq ? p.sdq : p.sg), dt);
+    float gq = (q2 >= -8.f && q2 <= 7.f) ? gd : 0.f;
+    gwd[k] = aoq_round_to(gq * p.rcp, dt);
+    tmp[k] = aoq_round_to(gq * wd[k], dt);
+  }
+  float g_r = aoq_round_to(canon_sum(tmp, g, GL), dt);
+  float g_sg_b = aoq_round_to(-g_r * aoq_round_to(p.rcp * p.rcp, dt), dt);
+  float g_sg = aoq_round_to(g_sg_a + g_sg_b, dt);
+  if (!(p.m8 >= aoq_eps_in(1e-6f, dt))) g_sg = 0.f;
+  float g_m = aoq_round_to(g_sg * 0.125f, dt);
+  int64_t cnt = 0;
+  for (int64_t k = 0; k < g; k++) cnt += ((wd[k] < 0.f ? -wd[k] : wd[k]) == p.m);
+  float each = cnt ? aoq_round_to(g_m / (float)cnt, dt) : 0.f;
+  for (int64_t k = 0; k < g; k++)
+    if ((wd[k] < 0.f ? -wd[k] : wd[k]) == p.m)
+      gwd[k] = aoq_round_to(gwd[k] + aoq_round_to(each * aoq_sgn(wd[k]), dt), dt);
+}
+
+/* backward of int4-asym over one group: x, G fp32 -> gx fp32 */
+static void asym_group_bwd(const float *x, const float *G, float *gx, float *tmp, int64_t g, int awq,
+                           int cs) {
+  aoq_asym_group p = aoq_asym_group_params(x, g, awq, cs);
+  float g_s, g_mn;
+  if (!awq) {
+    float g_z = canon_sum(G, g, GL);
+    for (int64_t k = 0; k < g; k++)
+      tmp[k] = G[k] * (aoq_clamp(aoq_asym_code_raw(x[k], &p, 0), 0.f, 15.f) - 8.f);
+    float g_s_a = canon_sum(tmp, g, GL);
+    for (int64_t k = 0; k < g; k++) {
+      float u = (x[k] - p.mn) / p.s;
+      float q = aoq_rint(u);
+      float gq = (q >= 0.f && q <= 15.f) ? G[k] * p.s : 0.f;
+      gx[k] = gq / p.s;
+      tmp[k] = -gq * (u / p.s);
+    }
+    float g_s_b = canon_sum(tmp, g, GL);
+    float g_mn_a = -canon_sum(gx, g, GL);
+    g_s = (g_s_a + g_s_b) + g_z * 8.0f;
+    float g_d = aoq_div_scalar(g_s, 15.0f, cs);
+    if (!(p.d >= 1e-6f)) g_d = 0.f;
+    g_s = g_d; /* reused below as g_mx */
+    g_mn = (g_mn_a + g_z) - g_d;
+  } else {
+    for (int64_t k = 0; k < g; k++) tmp[k] = G[k] * p.s16;
+    float g_z_a = -canon_sum(tmp, g, GL);
+    for (int64_t k = 0; k < g; k++)
+      tmp[k] = G[k] * (aoq_clamp(aoq_asym_code_raw(x[k], &p, 1), 0.f, 15.f) - p.zi);
+    float g_s_a = canon_sum(tmp, g, GL);
+    for (int64_t k = 0; k < g; k++) {
+      float v = aoq_asym_code_raw(x[k], &p, 1);
+      float gv = (v >= 0.f && v <= 15.f) ? G[k] * p.s16 : 0.f;
+      gx[k] = gv / p.s16;
+      tmp[k] = -gv * ((x[k] / p.s16) / p.s16);
+    }
+    float g_s_b = canon_sum(tmp, g, GL);
+    for (int64_t k = 0; k < g; k++) {
+      float v = aoq_asym_code_raw(x[k], &p, 1);
+      tmp[k] = (v >= 0.f && v <= 15.f) ? G[k] * p.s16 : 0.f;
+    }
+    float g_z_b = canon_sum(tmp, g, GL);
+    float g_z = g_z_a + g_z_b;
+    float zr = aoq_rint(-p.mn / p.s16);
+    if (!(zr >= 0.f && zr <= 15.f)) g_z = 0.f;
+    float g_negmn = g_z / p.s16;
+    float g_s_c = -g_z * ((-p.mn / p.s16) / p.s16);
+    g_s = (g_s_a + g_s_b) + g_s_c;
+    float g_d = g_s / 15.0f;
+    if (!(p.d >= 1e-6f)) g_d = 0.f;
+    g_s = g_d;
+    g_mn = -g_negmn - g_d;
+  }
+  int64_t cx = 0, cn = 0;
+  for (int64_t k = 0; k < g; k++) {
+    cx += (x[k] == p.mx);
+    cn += (x[k] == p.mn);
+  }
+  float ex = cx ? g_s / (float)cx : 0.f, en = cn ? g_mn / (float)cn : 0.f;
+  for (int64_t k = 0; k < g; k++) {
+    if (x[k] == p.mx) gx[k] += ex;
+    if (x[k] == p.mn) gx[k] += en;
+  }
+}
+
+int aoq_cpu_fq_bwd(const void *grad, const void *w, void *gw, int64_t N, int64_t K, int64_t g,
+                   int dt, int scheme, int awq, int cs) {
+  if (N < 0 || K <= 0 || g <= 0 || K % g) return AOQ_ERR_ARG;
+  int err = 0;
+#pragma omp parallel
+  {
+    float *buf = (float *)malloc((size_t)K * 5 * sizeof(float));
+    if (!buf) {
+#pragma omp atomic write
+      err = AOQ_ERR_NOMEM;
+    } else {
+      float *x = buf, *G = buf + K, *wd = buf + 2 * K, *gg = buf + 3 * K, *tmp = buf + 4 * K;
+#pragma omp for schedule(static)
+      for (int64_t n = 0; n < N; n++) {
+        load_row(w, n * K, x, K, dt);
+        load_row(grad, n * K, G, K, dt);
+        if (scheme == AOQ_SCHEME_FP8_INT4) {
+          float s_row = aoq_fp8_row_scale(x, K, dt, cs, NULL);
+          for (int64_t k = 0; k < K; k++) wd[k] = aoq_fp8_rt(x[k], s_row, dt);
+          for (int64_t j = 0; j < K / g; j++)
+            sym_group_bwd(wd + j * g, G + j * g, gg + j * g, tmp, g, dt, awq);
+          fp8_row_bwd(x, gg, wd, tmp, K, dt, cs); /* wd := gw (D values) */
+          store_row(gw, n * K, wd, K, dt);
+        } else {
+          for (int64_t j = 0; j < K / g; j++)
+            asym_group_bwd(x + j * g, G + j * g, gg + j * g, tmp, g, awq, cs);
+          store_row(gw, n * K, gg, K, dt);
+        }
+      }
+      free(buf);
+    }
+  }
+  return err;
+}
+
+/* ------------------------------------------------------------------ */
+/* fp8 per-row activation fake quant                                    */
+/* ------------------------------------------------------------------ */
+int aoq_cpu_fp8_rows_fwd(const void *x, void *out, int64_t R, int64_t K, int dt, int cs) {
+  if (R < 0 || K <= 0) return AOQ_ERR_ARG;
+  int err = 0;
+#pragma omp parallel
+  {
+    float *buf = (float *)malloc((size_t)K * sizeof(float));
+    if (!buf) {
+#pragma omp atomic write
+      err = AOQ_ERR_NOMEM;
+    } else {
+#pragma omp for schedule(static)
+      for (int64_t r = 0; r < R; r++) {
+        load_row(x, r * K, buf, K, dt);
+        float s = aoq_fp8_row_scale(buf, K, dt, cs, NULL);
+        for (int64_t k = 0; k < K; k++) buf[k] = aoq_fp8_rt(buf[k], s, dt);
+        store_row(out, r * K, buf, K, dt);
+      }
+      free(buf);
+    }
+  }
+  return err;
+}
+
+int aoq_cpu_fp8_rows_bwd(const void *grad, const void *x, void *gx, int64_t R, int64_t K, int dt,
+                         int cs) {
+  if (R < 0 || K <= 0) return AOQ_ERR_ARG;
+  int err = 0;
+#pragma omp parallel
+  {
+    float *buf = (float *)malloc((size_t)K * 4 * sizeof(float));
+    if (!buf) {
+#pragma omp atomic write
+      err = AOQ_ERR_NOMEM;
+    } else {
+      float *xr = buf, *G = buf + K, *o = buf + 2 * K, *tmp = buf + 3 * K;
+#pragma omp for schedule(static)
+      for (int64_t r = 0; r < R; r++) {
+        load_row(x, r * K, xr, K, dt);
+        load_row(grad, r * K, G, K, dt);
+        fp8_row_bwd(xr, G, o, tmp, K, dt, cs);
+        store_row(gx, r * K, o, K, dt);
+      }
+      free(buf);
+    }
+  }
+  return err;
+}
+
+/* ------------------------------------------------------------------ */
+/* AWQ pack                                                             */
+/* ------------------------------------------------------------------ */
+int aoq_cpu_pack_awq(const uint8_t *codes, int32_t *packed, int64_t R, int64_t C) {
+  static const int order[8] = {0, 4, 1, 5, 2, 6, 3, 7}; /* logical column j -> nibble slot */
+  if (R < 0 || C < 0 || R % 8) return AOQ_ERR_ARG;
+  const int64_t W = R / 8;
+#pragma omp parallel for schedule(static)
+  for (int64_t wi = 0; wi < W; wi++) {
+    const uint8_t *rows = codes + wi * 8 * C; /* 8 rows, read as 8 contiguous streams */
+    for (int64_t c = 0; c < C; c++) {
+      uint32_t word = 0;
+      for (int j = 0; j < 8; j++) word |= ((uint32_t)(rows[j * C + c] & 0xF)) << (4 * order[j]);
+      packed[c * W + wi] = (int32_t)word;
+    }
+  }
+  return AOQ_OK;
+}

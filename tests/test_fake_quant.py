@@ -1,0 +1,456 @@
+"""Fake-quant ops: bit-exact against torchao itself and against the
+independent reference in tests/reference.py, forward and backward.
+
+Gradient exactness (stated contract):
+  * every element that is not an extreme of its group/row (not the group
+    max/min for int4-asym; not |wd| == group amax nor |w| == row amax for
+    fp8-int4) gets a gradient bit-identical to torch autograd;
+  * extreme elements also receive sums over the group (or row) of per-element
+    terms.  Torch's reduction order is an implementation detail of its
+    vectorized sum kernel; ours is one fixed order shared by the CPU and CUDA
+    kernels.  Both are correctly rounded sums of the same terms, so they
+    agree to the rounding of those sums: we assert
+    |ours - torch| <= 2^-(p-3) * (sum of |terms| bound), with p the mantissa
+    bits of D, checked as 8 ulp of D at max|grad| of the group (or row).
+"""
+import warnings
+
+import pytest
+import torch
+
+import ao_awq_export as aq
+from tests import reference as ref
+
+warnings.filterwarnings("ignore")
+
+torchao = pytest.importorskip("torchao", reason="torchao is a test requirement (see .ci/run)")
+from torchao.quantization.qat.fake_quantize_config import (  # noqa: E402
+    Float8FakeQuantizeConfig,
+    Int4WeightFakeQuantizeConfig,
+)
+from torchao.quantization.qat.fake_quantizer import (  # noqa: E402
+    Float8FakeQuantizer,
+    Int4WeightFakeQuantizer,
+)
+from torchao.quantization.granularity import PerRow  # noqa: E402
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+OPS = {"fp8_int4": aq.fake_quant_fp8_int4, "int4_asym": aq.fake_quant_int4_asym}
+ACT = {"fp8_int4": torch.float8_e4m3fn, "int4_asym": torch.bfloat16}
+
+
+def torchao_fq(w, g, scheme):
+    cfg = Int4WeightFakeQuantizeConfig(group_size=g, activation_dtype=ACT[scheme])
+    return Int4WeightFakeQuantizer(cfg)(w)
+
+
+def ref_fq(w, g, scheme, awq=False, cuda=False):
+    fn = ref.fp8_int4 if scheme == "fp8_int4" else ref.int4_asym
+    return fn(w, g, awq=awq, cuda=cuda)
+
+
+def bits(t):
+    if t.dtype == torch.float32:
+        return t.view(torch.int32)
+    return t.view(torch.int16)
+
+
+def assert_bits_equal(ours, theirs, what):
+    """Bit-for-bit equality (signed zeros included), NaN where NaN."""
+    assert ours.shape == theirs.shape and ours.dtype == theirs.dtype, what
+    nan = theirs.isnan()
+    assert torch.equal(ours.isnan(), nan), f"{what}: NaN positions differ"
+    diff = (bits(ours) != bits(theirs)) & ~nan
+    assert int(diff.sum()) == 0, (
+        f"{what}: {int(diff.sum())} elements differ; first at {diff.nonzero()[0].tolist()}: "
+        f"ours {ours[diff][0].item()!r} vs {theirs[diff][0].item()!r}")
+
+
+def make_weight(n, k, dtype, g, seed=0, special=True):
+    """Random weights plus the edge cases of SPEC 1/2."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen) * 0.05
+    if special and n >= 8:
+        w[1] = 0.0                                   # all-zero row (fp8 row eps path)
+        w[2, :g] = 0.0                               # all-zero group (int4 eps path)
+        w[3] *= 1e-7                                 # tiny magnitudes
+        w[4] *= 3e3                                  # huge (fits fp16)
+        w[5, :g] = 0.25                              # constant group: max == min
+        w[6, 0:g:8] = w[6, :g].abs().max() * 1.5     # ties at the group max
+        w[7, 0] = 1.0                                # +max of its group: +8 -> clipped to 7
+        w[7, 1] = -1.0                               # -max -> -8 exactly
+    return w.to(dtype)
+
+
+def zero_torchao_nans(theirs, scheme, dtype):
+    """torchao's formula yields NaN only for fp16 fp8-int4 (0/0 when the row
+    scale underflows, 0*inf when a group scale's fp16 reciprocal overflows);
+    we define those outputs as 0."""
+    nan = theirs.isnan()
+    if nan.any():
+        assert scheme == "fp8_int4" and dtype == torch.float16
+    return torch.where(nan, torch.zeros_like(theirs), theirs)
+
+
+def extreme_mask(w, g, scheme):
+    n, k = w.shape
+    if scheme == "int4_asym":
+        x = w.float().view(n, -1, g)
+        m = (x == x.amax(-1, keepdim=True)) | (x == x.amin(-1, keepdim=True))
+        return m.view(n, k)
+    with torch.no_grad():
+        wd = ref.fp8_rows(w).view(n, -1, g).abs()
+        m = (wd == wd.amax(-1, keepdim=True)).view(n, k)
+        return m | (w.abs() == w.abs().amax(-1, keepdim=True))
+
+
+def check_grads(ours, theirs, w, g, scheme, what):
+    """Bit-exact off the extremes; on them within 64 eps(D) * max|grad| of the row."""
+    if theirs.numel() == 0:
+        return
+    ext = extreme_mask(w, g, scheme)
+    fin = torch.isfinite(theirs)
+    off = ~ext & fin
+    assert torch.equal(ours[off], theirs[off]), (
+        f"{what}: non-extreme gradients differ at {int((ours[off] != theirs[off]).sum())} elements")
+    eps = torch.finfo(w.dtype).eps
+    rowmax = torch.maximum(ours.float().abs(), theirs.float().abs()).amax(-1, keepdim=True)
+    d = (ours.float() - theirs.float()).abs()
+    bad = ext & fin & (d > 64 * eps * rowmax)
+    assert int(bad.sum()) == 0, f"{what}: {int(bad.sum())} extreme gradients beyond the bound"
+
+
+# ---------------------------------------------------------------------------
+# forward
+# ---------------------------------------------------------------------------
+SHAPES = [(1, 128), (7, 256), (8, 512), (33, 384), (64, 1024)]
+
+
+@pytest.mark.parametrize("scheme", list(OPS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("g", [32, 64, 128, 256])
+def test_forward_matches_torchao(scheme, dtype, g):
+    for i, (n, k) in enumerate(SHAPES):
+        k = max(k - k % g, g)
+        w = make_weight(n, k, dtype, g, seed=i)
+        ours = OPS[scheme](w, g)
+        theirs = torchao_fq(w, g, scheme)
+        indep = ref_fq(w, g, scheme)
+        assert_bits_equal(indep, theirs, f"reference vs torchao {scheme} {dtype} {n}x{k} g{g}")
+        nan = theirs.isnan()
+        if nan.any():
+            # only fp16 fp8-int4, where torchao computes 0/0 (row scale underflow) or
+            # 0 * inf (group scale < 1/65504 has an infinite fp16 reciprocal): we give 0
+            assert scheme == "fp8_int4" and dtype == torch.float16
+            assert torch.all(ours[nan] == 0)
+            theirs = torch.where(nan, torch.zeros_like(theirs), theirs)
+        assert_bits_equal(ours, theirs, f"ours vs torchao {scheme} {dtype} {n}x{k} g{g}")
+
+
+@pytest.mark.parametrize("scheme", list(OPS))
+def test_forward_4096(scheme):
+    w = make_weight(4096, 4096, torch.bfloat16, 128, seed=7)
+    assert_bits_equal(OPS[scheme](w, 128), torchao_fq(w, 128, scheme), f"4096x4096 {scheme}")
+
+
+def test_edge_values_explicit():
+    # +max of a group -> code +8 clipped to 7; -max -> -8 exactly
+    w = torch.zeros(1, 32, dtype=torch.float32)
+    w[0, 0], w[0, 1], w[0, 2] = 1.0, -1.0, 0.5
+    out = aq.fake_quant_fp8_int4(w, 32)
+    codes, scales, zeros = aq.quantize_int4(w, 32, scheme="fp8_int4")
+    assert codes[0, 0].item() == 15 and codes[0, 1].item() == 0 and codes[0, 2].item() == 12
+    assert scales[0, 0].item() == 0.125 and out[0, 0].item() == 0.875 and out[0, 1].item() == -1.0
+    # all-zero group: eps scales, zero output, code 8 / zero 8 (no NaN)
+    z = torch.zeros(2, 64)
+    assert torch.equal(aq.fake_quant_fp8_int4(z, 32), z)
+    assert torch.equal(aq.fake_quant_int4_asym(z, 32), z)
+    c, s, zz = aq.quantize_int4(z, 32, scheme="int4_asym", mode="awq")
+    assert torch.all(c == 0) and torch.all(zz == 0)
+    assert torch.equal(s, torch.full_like(s, 1e-6 / 15).to(torch.float16))
+
+
+@pytest.mark.parametrize("scheme", list(OPS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_forward_awq_mode_matches_reference(scheme, dtype):
+    for g in (32, 128):
+        w = make_weight(16, 512, dtype, g, seed=3)
+        theirs = ref_fq(w, g, scheme, awq=True)
+        theirs = zero_torchao_nans(theirs, scheme, dtype)
+        assert_bits_equal(OPS[scheme](w, g, mode="awq"), theirs, f"awq {scheme} {dtype} g{g}")
+
+
+@pytest.mark.parametrize("scheme", list(OPS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_division_semantics_emulated(scheme, dtype):
+    """The kernel path that reproduces torchao-on-CUDA (tensor / scalar done as
+    a reciprocal multiply), run on the CPU against the emulating reference."""
+    w = make_weight(16, 256, dtype, 64, seed=5)
+    ours = torch.ops.ao_awq.fq_weight(w, 64, aq.SCHEMES[scheme], False, False, 1)
+    theirs = zero_torchao_nans(ref_fq(w, 64, scheme, cuda=True), scheme, dtype)
+    assert_bits_equal(ours, theirs, f"cuda-semantics {scheme} {dtype}")
+
+
+def test_noncontiguous_input():
+    w = make_weight(64, 256, torch.bfloat16, 64, seed=1)
+    wt = w.t().contiguous().t()  # same values, transposed strides
+    assert not wt.is_contiguous()
+    for scheme, fn in OPS.items():
+        assert_bits_equal(fn(wt, 64), fn(w, 64), f"non-contiguous {scheme}")
+    assert_bits_equal(aq.fake_quant_fp8_rows(wt), aq.fake_quant_fp8_rows(w), "rows non-contiguous")
+
+
+def test_nonfinite_propagates_per_group():
+    w = make_weight(4, 128, torch.float32, 32, seed=2, special=False)
+    w[0, 5] = float("nan")
+    w[2, 40] = float("inf")
+    out = aq.fake_quant_int4_asym(w, 32)
+    assert out[0, :32].isnan().all() and out[2, 32:64].isnan().all()
+    assert torch.isfinite(out[0, 32:]).all() and torch.isfinite(out[1]).all()
+    assert_bits_equal(out, torchao_fq(w, 32, "int4_asym"), "nan policy int4_asym")
+    out = aq.fake_quant_fp8_int4(w, 32)
+    assert out[0].isnan().all() and out[2].isnan().all() and torch.isfinite(out[1]).all()
+
+
+# ---------------------------------------------------------------------------
+# fp8 activation rows
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fp8_rows_matches_torchao(dtype):
+    x = (torch.randn(3, 5, 96) * 4).to(dtype)
+    x[0, 1] = 0.0
+    theirs = Float8FakeQuantizer(Float8FakeQuantizeConfig(torch.float8_e4m3fn, PerRow()))(x)
+    ours = aq.fake_quant_fp8_rows(x)
+    assert theirs[0, 1].isnan().all()          # torchao: no eps, 0/0
+    assert torch.equal(ours[0, 1], torch.zeros_like(ours[0, 1]))
+    keep = ~theirs.isnan()
+    assert torch.equal(bits(ours)[keep], bits(theirs)[keep])
+    assert_bits_equal(ours, zero_torchao_nans(ref.fp8_rows(x), "fp8_int4", dtype),
+                      f"fp8 rows vs reference {dtype}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fp8_rows_grad(dtype):
+    gen = torch.Generator().manual_seed(11)
+    x = (torch.randn(16, 200, generator=gen) * 2).to(dtype)
+    g = (torch.randn(16, 200, generator=gen) * 100).to(dtype)  # the fp8 gradient cast keeps some
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    aq.fake_quant_fp8_rows(x1).backward(g)
+    ref.fp8_rows(x2).backward(g)
+    # fp16 only: where the row-scale gradient overflows fp16, torch's amax
+    # backward computes inf * 0 = NaN over the whole row; we compare the rest
+    fin = torch.isfinite(x2.grad).all(-1)
+    assert fin.sum() >= 8
+    gx1, gx2, xx = x1.grad[fin], x2.grad[fin], x[fin]
+    assert (gx2 != 0).any()
+    ext = xx.abs() == xx.abs().amax(-1, keepdim=True)
+    assert torch.equal(gx1[~ext], gx2[~ext])
+    eps = torch.finfo(dtype).eps
+    tol = 64 * eps * torch.maximum(gx1.abs(), gx2.abs()).float().amax(-1, keepdim=True)
+    assert ((gx1.float() - gx2.float()).abs() <= tol)[ext].all()
+
+
+# ---------------------------------------------------------------------------
+# backward
+# ---------------------------------------------------------------------------
+def _grads(fn, w, gout):
+    w = w.clone().requires_grad_()
+    fn(w).backward(gout)
+    return w.grad
+
+
+@pytest.mark.parametrize("scheme", list(OPS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("g", [32, 128])
+def test_grad_matches_torchao(scheme, dtype, g):
+    for i, (n, k) in enumerate([(1, 256), (9, 512), (64, 1024)]):
+        w = make_weight(n, k, dtype, g, seed=10 + i)
+        # scale 1e3: the fp8 path casts the gradient to float8 (as torchao does),
+        # so small upstream gradients would all vanish and test nothing
+        gout = (torch.randn(n, k, generator=torch.Generator().manual_seed(i)) * 1e3).to(dtype)
+        ours = _grads(lambda t: OPS[scheme](t, g), w, gout)
+        theirs = _grads(lambda t: torchao_fq(t, g, scheme), w, gout)
+        indep = _grads(lambda t: ref_fq(t, g, scheme), w, gout)
+        assert torch.equal(indep.nan_to_num(), theirs.nan_to_num())
+        if scheme == "fp8_int4" and dtype == torch.float16:
+            nanrows = theirs.isnan().any(-1)
+            ours, theirs, w2 = ours[~nanrows], theirs[~nanrows], w[~nanrows]
+        else:
+            w2 = w
+        assert theirs.numel() == 0 or (theirs != 0).float().mean() > 0.05
+        check_grads(ours, theirs, w2, g, scheme, f"grad {scheme} {dtype} {n}x{k} g{g}")
+
+
+@pytest.mark.parametrize("scheme", list(OPS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_grad_awq_mode_matches_reference(scheme, dtype):
+    g = 64
+    w = make_weight(16, 512, dtype, g, seed=21)
+    gout = (torch.randn(16, 512, generator=torch.Generator().manual_seed(2)) * 1e3).to(dtype)
+    ours = _grads(lambda t: OPS[scheme](t, g, mode="awq"), w, gout)
+    theirs = _grads(lambda t: ref_fq(t, g, scheme, awq=True), w, gout)
+    check_grads(ours, theirs, w, g, scheme, f"awq grad {scheme} {dtype}")
+
+
+def test_grad_4096():
+    w = make_weight(4096, 4096, torch.bfloat16, 128, seed=4)
+    gout = (torch.randn(4096, 4096) * 1e3).to(torch.bfloat16)
+    for scheme in OPS:
+        ours = _grads(lambda t: OPS[scheme](t, 128), w, gout)
+        theirs = _grads(lambda t: torchao_fq(t, 128, scheme), w, gout)
+        check_grads(ours, theirs, w, 128, scheme, f"grad 4096 {scheme}")
+
+
+@pytest.mark.parametrize("scheme", list(OPS))
+def test_pure_ste(scheme):
+    w = make_weight(8, 256, torch.bfloat16, 64, seed=6)
+    gout = torch.randn_like(w)
+    got = _grads(lambda t: OPS[scheme](t, 64, ste="pure"), w, gout)
+    assert torch.equal(got, gout)
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    assert torch.equal(_grads(lambda t: aq.fake_quant_fp8_rows(t, ste="pure"), x, gout[:4, :64]),
+                       gout[:4, :64])
+
+
+# ---------------------------------------------------------------------------
+# quantize_int4 round trip and AWQ invariants
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("scheme", list(OPS))
+@pytest.mark.parametrize("mode", ["torchao", "awq"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_quantize_roundtrip(scheme, mode, dtype):
+    g = 64
+    w = make_weight(24, 512, dtype, g, seed=8)
+    if dtype == torch.float16 and scheme == "fp8_int4":
+        w[1] = 1.0  # no fp16 scale underflow rows here: torchao itself gives NaN there
+    codes, scales, zeros = aq.quantize_int4(w, g, scheme=scheme, mode=mode)
+    assert codes.dtype == torch.uint8 and codes.shape == w.shape
+    assert int(codes.max()) <= 15
+    deq = aq.dequantize_int4(codes, scales, zeros, scheme=scheme, mode=mode, dtype=dtype)
+    assert_bits_equal(deq, OPS[scheme](w, g, mode=mode), f"roundtrip {scheme} {mode} {dtype}")
+    rc, rs, rz = ref.codes_scales_zeros(w, g, scheme, mode == "awq")
+    assert torch.equal(codes, rc)
+    assert torch.equal(scales.float(), rs.float())
+    assert torch.equal(zeros.float(), rz.float())
+    # independent dequantize: (q - z) * s in fp32 for the integer-zero modes
+    if not (scheme == "int4_asym" and mode == "torchao"):
+        q = codes.float().view(24, -1, g)
+        mine = ((q - zeros.float().unsqueeze(-1)) * scales.float().unsqueeze(-1)).view_as(w).to(dtype)
+        assert_bits_equal(mine, OPS[scheme](w, g, mode=mode), "independent dequant")
+    if mode == "awq":
+        assert scales.dtype == torch.float16 and zeros.dtype == torch.uint8
+        assert int(zeros.max()) <= 15
+        if scheme == "fp8_int4":
+            assert torch.all(zeros == 8)
+
+
+def test_quantize_rejects_overflow_and_nonfinite():
+    w = torch.randn(8, 64)
+    w[0, 0] = 2e6  # int4_asym: range / 15 > 65504
+    with pytest.raises(ValueError, match="overflows float16"):
+        aq.quantize_int4(w, 32, scheme="int4_asym", mode="awq")
+    w[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        aq.quantize_int4(w, 32)
+
+
+def test_pack_awq_order():
+    codes = torch.arange(8, dtype=torch.uint8).view(8, 1)  # channels 0..7 of column k=0
+    assert torch.ops.ao_awq.pack_awq(codes).item() == 0x75316420
+    packed = aq.pack_awq(codes.repeat(2, 3))  # N=16, K=3
+    assert packed.shape == (3, 2) and torch.all(packed == 0x75316420)
+    c = torch.randint(0, 16, (64, 40), dtype=torch.uint8)
+    p = aq.pack_awq(c)
+    # independent unpack
+    order = [0, 4, 1, 5, 2, 6, 3, 7]
+    un = torch.stack([(p >> (4 * order[j])) & 0xF for j in range(8)], -1)  # [K, N/8, 8]
+    assert torch.equal(un.reshape(40, 64).t().to(torch.uint8), c)
+
+
+# ---------------------------------------------------------------------------
+# rejected input
+# ---------------------------------------------------------------------------
+BAD = [
+    (lambda: aq.fake_quant_fp8_int4(torch.randn(8, 128, dtype=torch.float64)), TypeError, "dtype"),
+    (lambda: aq.fake_quant_fp8_int4(torch.randn(128)), ValueError, "2-D"),
+    (lambda: aq.fake_quant_int4_asym(torch.randn(2, 8, 128)), ValueError, "2-D"),
+    (lambda: aq.fake_quant_fp8_int4(torch.randn(8, 100)), ValueError, "multiple of group_size"),
+    (lambda: aq.fake_quant_fp8_int4(torch.randn(8, 96), 48), ValueError, "group_size must be one of"),
+    (lambda: aq.fake_quant_fp8_int4(torch.randn(0, 128)), ValueError, "empty"),
+    (lambda: aq.fake_quant_fp8_int4(torch.randn(8, 128), mode="gptq"), ValueError, "mode"),
+    (lambda: aq.fake_quant_fp8_int4(torch.randn(8, 128), ste="lsq"), ValueError, "ste"),
+    (lambda: aq.fake_quant_fp8_int4([[1.0]]), TypeError, "torch.Tensor"),
+    (lambda: aq.fake_quant_fp8_int4(torch.randn(8, 128), 128.0), TypeError, "group_size"),
+    (lambda: aq.quantize_int4(torch.randn(8, 128), scheme="nf4"), ValueError, "scheme"),
+    (lambda: aq.fake_quant_fp8_rows(torch.randn(4, 8).to(torch.int32)), TypeError, "dtype"),
+    (lambda: aq.pack_awq(torch.zeros(12, 4, dtype=torch.uint8)), ValueError, "multiple of 8"),
+    (lambda: aq.pack_awq(torch.zeros(8, 4, dtype=torch.int32)), TypeError, "uint8"),
+]
+
+
+@pytest.mark.parametrize("i", range(len(BAD)))
+def test_rejected_input(i):
+    fn, exc, msg = BAD[i]
+    with pytest.raises(exc, match=msg):
+        fn()
+
+
+def test_op_level_checks_raise_not_crash():
+    # the C layer re-checks what Python checks: a RuntimeError, never a crash
+    with pytest.raises(RuntimeError, match="multiple of group_size"):
+        torch.ops.ao_awq.fq_weight(torch.randn(4, 100), 64, 0, False)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        torch.ops.ao_awq.fq_weight(torch.randn(128, 64).t(), 64, 0, False)
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        torch.ops.ao_awq.fq_weight(torch.randn(4, 64, dtype=torch.float64), 64, 0, False)
+
+
+# ---------------------------------------------------------------------------
+# registration: opcheck, compile, export
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_opcheck(dtype):
+    for n, k, g in [(8, 128, 32), (5, 256, 128)]:
+        w = torch.randn(n, k, dtype=dtype) * 0.1
+        for scheme in (0, 1):
+            for awq in (False, True):
+                for pure in (False, True):
+                    torch.library.opcheck(torch.ops.ao_awq.fq_weight,
+                                          (w.clone().requires_grad_(), g, scheme, awq, pure))
+                torch.library.opcheck(torch.ops.ao_awq.quantize, (w, g, scheme, awq))
+                torch.library.opcheck(torch.ops.ao_awq.fq_weight_backward,
+                                      (torch.randn_like(w), w, g, scheme, awq))
+        x = torch.randn(3, n, k, dtype=dtype)
+        torch.library.opcheck(torch.ops.ao_awq.fp8_rows, (x.clone().requires_grad_(), False))
+        torch.library.opcheck(torch.ops.ao_awq.fp8_rows_backward, (torch.randn_like(x), x))
+    torch.library.opcheck(torch.ops.ao_awq.pack_awq,
+                          (torch.randint(0, 16, (16, 24), dtype=torch.uint8),))
+
+
+def test_compile_fullgraph():
+    torch._dynamo.reset()
+
+    def f(w, x):
+        wq = aq.fake_quant_fp8_int4(w, 64) + aq.fake_quant_int4_asym(w, 64, mode="awq")
+        return torch.nn.functional.linear(aq.fake_quant_fp8_rows(x), wq)
+
+    w = torch.randn(32, 128, requires_grad=True)
+    x = torch.randn(4, 128)
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out = cf(w, x)
+    assert torch.equal(out, f(w, x))
+    out.sum().backward()
+    assert w.grad is not None and torch.isfinite(w.grad).all()
+
+
+def test_torch_export_captures_ops():
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(16, 64))
+
+        def forward(self, x):
+            return x @ aq.fake_quant_int4_asym(self.w, 32, mode="awq").t()
+
+    ep = torch.export.export(M(), (torch.randn(2, 64),))
+    assert "ao_awq.fq_weight" in str(ep.graph)

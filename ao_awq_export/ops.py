@@ -29,6 +29,7 @@ MODES = ("torchao", "awq")
 STES = ("autograd", "pure")
 _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _ops = torch.ops.ao_awq
+HAS_CUDA = bool(_C.built_with_cuda())  # a constant, so torch.compile never calls into _C
 
 
 # --------------------------------------------------------------------------
@@ -46,7 +47,7 @@ def _check_tensor(name, t, *, dims=None):
         raise ValueError(f"{name} must not be empty, got shape {tuple(t.shape)}")
     if t.device.type not in ("cpu", "cuda", "meta"):
         raise ValueError(f"{name} must be on a cpu or cuda device, got {t.device}")
-    if t.device.type == "cuda" and not _C.built_with_cuda():
+    if t.device.type == "cuda" and not HAS_CUDA:
         raise ValueError(f"{name} is on {t.device} but ao_awq_export was built without CUDA "
                          "kernels (rebuild with nvcc and a CUDA torch present)")
 
@@ -257,6 +258,6 @@ def pack_awq(codes: torch.Tensor) -> torch.Tensor:
     if codes.shape[0] % 8:
         raise ValueError(f"codes.shape[0] (N = {codes.shape[0]}) must be a multiple of 8 "
                          "(AWQ packs 8 output channels per int32)")
-    if codes.device.type == "cuda" and not _C.built_with_cuda():
+    if codes.device.type == "cuda" and not HAS_CUDA:
         raise ValueError("codes is on cuda but ao_awq_export was built without CUDA kernels")
     return _ops.pack_awq(codes.contiguous())

@@ -26,6 +26,9 @@ enum { AOQ_F32 = 0, AOQ_F16 = 1, AOQ_BF16 = 2 };
 /* scheme / mode flags */
 enum { AOQ_SCHEME_FP8_INT4 = 0, AOQ_SCHEME_INT4_ASYM = 1 };
 
+/* warps per row-block of the CUDA kernels; fixes the canonical sum order */
+#define AOQ_NW 8
+
 /* status codes returned by launchers */
 enum { AOQ_OK = 0, AOQ_ERR_ARG = 1, AOQ_ERR_CUDA = 2, AOQ_ERR_NOMEM = 3 };
 

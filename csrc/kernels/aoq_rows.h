@@ -19,6 +19,11 @@
 /* Stage 1 of fp8-int4 (also the whole fp8 activation fake quant):
  * per-row fp8 scale and the fp8 round trip, wd = D(fp32(e4m3(x/s)) * s).
  * Returns s_row (0 when the row scale underflows: then wd = 0). */
+AOQ_HD float aoq_fp8_scale_from_amax(float a, int dt, int cs) {
+  a = aoq_clamp_min(a, aoq_eps_in(1e-12f, dt));
+  return aoq_round_to(aoq_div_scalar(a, AOQ_FP8_MAX, cs), dt);
+}
+
 AOQ_HD float aoq_fp8_row_scale(const float *x, int64_t K, int dt, int cs, float *amax_out) {
   float a = 0.f;
   int nan = 0;
@@ -29,8 +34,7 @@ AOQ_HD float aoq_fp8_row_scale(const float *x, int64_t K, int dt, int cs, float 
   }
   if (nan) a = aoq_u2f(0x7fc00000u);
   if (amax_out) *amax_out = a;
-  a = aoq_clamp_min(a, aoq_eps_in(1e-12f, dt));
-  return aoq_round_to(aoq_div_scalar(a, AOQ_FP8_MAX, cs), dt);
+  return aoq_fp8_scale_from_amax(a, dt, cs);
 }
 
 AOQ_HD float aoq_fp8_rt(float x, float s_row, int dt) {
@@ -52,8 +56,18 @@ typedef struct {
   float m8;   /* D(m / 8) before the eps clamp */
 } aoq_sym_group;
 
-AOQ_HD aoq_sym_group aoq_sym_group_params(const float *wd, int64_t g, int dt, int awq) {
+/* from the group's amax |wd| (NaN if the group has a NaN) */
+AOQ_HD aoq_sym_group aoq_sym_group_from_max(float m, int dt, int awq) {
   aoq_sym_group p;
+  p.m = m;
+  p.m8 = aoq_round_to(m * 0.125f, dt); /* /8 is exact in any rounding mode */
+  p.sg = aoq_clamp_min(p.m8, aoq_eps_in(1e-6f, dt));
+  p.rcp = aoq_round_to(1.0f / p.sg, dt);
+  p.sdq = awq ? aoq_f16_bits_to_f32(aoq_f32_to_f16_bits(p.sg)) : p.sg;
+  return p;
+}
+
+AOQ_HD aoq_sym_group aoq_sym_group_params(const float *wd, int64_t g, int dt, int awq) {
   float m = 0.f;
   int nan = 0;
   for (int64_t k = 0; k < g; k++) {
@@ -62,12 +76,7 @@ AOQ_HD aoq_sym_group aoq_sym_group_params(const float *wd, int64_t g, int dt, in
     m = v > m ? v : m;
   }
   if (nan) m = aoq_u2f(0x7fc00000u);
-  p.m = m;
-  p.m8 = aoq_round_to(m * 0.125f, dt); /* /8 is exact in any rounding mode */
-  p.sg = aoq_clamp_min(p.m8, aoq_eps_in(1e-6f, dt));
-  p.rcp = aoq_round_to(1.0f / p.sg, dt);
-  p.sdq = awq ? aoq_f16_bits_to_f32(aoq_f32_to_f16_bits(p.sg)) : p.sg;
-  return p;
+  return aoq_sym_group_from_max(m, dt, awq);
 }
 
 /* signed code in [-8, 7] (as float; NaN propagates), before/after clamp */
@@ -89,16 +98,9 @@ typedef struct {
   float s16, zi;
 } aoq_asym_group;
 
-AOQ_HD aoq_asym_group aoq_asym_group_params(const float *x, int64_t g, int awq, int cs) {
+/* from the group's max and min (both NaN if the group has a NaN) */
+AOQ_HD aoq_asym_group aoq_asym_group_from_minmax(float mx, float mn, int awq, int cs) {
   aoq_asym_group p;
-  float mx = x[0], mn = x[0];
-  int nan = 0;
-  for (int64_t k = 0; k < g; k++) {
-    nan |= aoq_isnan(x[k]);
-    mx = x[k] > mx ? x[k] : mx;
-    mn = x[k] < mn ? x[k] : mn;
-  }
-  if (nan) mx = mn = aoq_u2f(0x7fc00000u);
   p.mx = mx;
   p.mn = mn;
   p.d = mx - mn;
@@ -115,6 +117,18 @@ AOQ_HD aoq_asym_group aoq_asym_group_params(const float *x, int64_t g, int awq, 
     p.zi = 0.f;
   }
   return p;
+}
+
+AOQ_HD aoq_asym_group aoq_asym_group_params(const float *x, int64_t g, int awq, int cs) {
+  float mx = x[0], mn = x[0];
+  int nan = 0;
+  for (int64_t k = 0; k < g; k++) {
+    nan |= aoq_isnan(x[k]);
+    mx = x[k] > mx ? x[k] : mx;
+    mn = x[k] < mn ? x[k] : mn;
+  }
+  if (nan) mx = mn = aoq_u2f(0x7fc00000u);
+  return aoq_asym_group_from_minmax(mx, mn, awq, cs);
 }
 
 /* unclamped code (float) */

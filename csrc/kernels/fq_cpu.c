@@ -3,11 +3,16 @@
  * Rows run in parallel on OpenMP threads; inner loops are simple counted
  * loops over contiguous floats.  Numerics: aoq_rows.h / aoq_math.h.
  *
- * Reductions (sums) in the backward use one canonical order, shared with the
- * CUDA kernel so the two agree bit for bit:
- *   group sums: 32 lanes, lane l adds elements l, l+32, ... in order, then a
- *               halving tree (l += l + off, off = 16, 8, 4, 2, 1);
- *   row sums:   the same with 256 lanes (off = 128 ... 1).
+ * Reductions (sums) in the backward use one canonical order, the natural one
+ * of the CUDA kernel (fq_cuda.cu: a block of AOQ_NW warps per row), so the
+ * CPU and GPU gradients agree bit for bit:
+ *   group sum (g elements, E = g/32 per lane): lane l adds its contiguous
+ *     chunk l*E .. l*E+E-1 in order, then a halving tree over the 32 lanes
+ *     (lane l += lane l+off, off = 16, 8, 4, 2, 1);
+ *   row sum over groups: warp w takes groups w, w+NW, ... in order, its lane l
+ *     adding its chunk of each; halving tree in each warp, then over warps;
+ *   row sum of an activation row (any K): thread t of NW*32 adds elements
+ *     t, t+NW*32, ... in order; halving tree in each warp, then over warps.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -18,17 +23,51 @@
 #include "aoq_kernels.h"
 #include "aoq_rows.h"
 
-#define GL 32  /* lanes of a group sum */
-#define RL 256 /* lanes of a row sum */
+#define NW AOQ_NW
 
-/* canonical sum of v[0..n) with L lanes (L a power of two) */
-static float canon_sum(const float *v, int64_t n, int L) {
-  float lane[RL];
-  for (int l = 0; l < L; l++) lane[l] = 0.f;
-  for (int64_t i = 0; i < n; i++) lane[i % L] += v[i];
-  for (int off = L / 2; off >= 1; off >>= 1)
+static void tree32(float *lane) {
+  for (int off = 16; off >= 1; off >>= 1)
     for (int l = 0; l < off; l++) lane[l] += lane[l + off];
+}
+
+static float tree_block(float acc[NW][32]) {
+  float ws[NW];
+  for (int w = 0; w < NW; w++) {
+    tree32(acc[w]);
+    ws[w] = acc[w][0];
+  }
+  for (int off = NW / 2; off >= 1; off >>= 1)
+    for (int w = 0; w < off; w++) ws[w] += ws[w + off];
+  return ws[0];
+}
+
+static float group_sum(const float *v, int64_t g) {
+  float lane[32];
+  const int64_t E = g / 32;
+  for (int l = 0; l < 32; l++) {
+    float a = 0.f;
+    for (int64_t e = 0; e < E; e++) a += v[l * E + e];
+    lane[l] = a;
+  }
+  tree32(lane);
   return lane[0];
+}
+
+static float row_sum_grouped(const float *v, int64_t K, int64_t g) {
+  float acc[NW][32];
+  const int64_t E = g / 32, G = K / g;
+  memset(acc, 0, sizeof acc);
+  for (int64_t j = 0; j < G; j++)
+    for (int l = 0; l < 32; l++)
+      for (int64_t e = 0; e < E; e++) acc[j % NW][l] += v[j * g + l * E + e];
+  return tree_block(acc);
+}
+
+static float row_sum_strided(const float *v, int64_t K) {
+  float acc[NW][32];
+  memset(acc, 0, sizeof acc);
+  for (int64_t k = 0; k < K; k++) acc[(k / 32) % NW][k % 32] += v[k];
+  return tree_block(acc);
 }
 
 static void load_row(const void *p, int64_t off, float *dst, int64_t K, int dt) {
@@ -121,8 +160,13 @@ int aoq_cpu_fq_fwd(const void *w, void *out, uint8_t *codes, float *scales, floa
 /* as fp32, writes gx (values of D) into gw.  Also the whole backward   */
 /* of the fp8 activation fake quant.  tmp: K floats.                    */
 /* ------------------------------------------------------------------ */
-static void fp8_row_bwd(const float *x, const float *gh, float *gw, float *tmp, int64_t K, int dt,
-                        int cs) {
+static float row_sum(const float *v, int64_t K, int64_t g) {
+  return g > 0 ? row_sum_grouped(v, K, g) : row_sum_strided(v, K);
+}
+
+/* g: group size of the weight row (sum order), 0 for an activation row */
+static void fp8_row_bwd(const float *x, const float *gh, float *gw, float *tmp, int64_t K, int64_t g,
+                        int dt, int cs) {
   float a0;
   float s_row = aoq_fp8_row_scale(x, K, dt, cs, &a0);
   if (s_row == 0.f) { /* scale underflow (fp16): forward gave 0, torchao NaN */
@@ -134,7 +178,7 @@ static void fp8_row_bwd(const float *x, const float *gh, float *gw, float *tmp, 
     float t = aoq_clamp(x[k] / s_row, -AOQ_FP8_MAX, AOQ_FP8_MAX);
     tmp[k] = gh[k] * aoq_fp8_e4m3_round(t);
   }
-  float sum_a = canon_sum(tmp, K, RL);
+  float sum_a = row_sum(tmp, K, g);
   for (int64_t k = 0; k < K; k++) {
     float t = x[k] / s_row;
     /* gradient of `fp8_tensor.to(float32)`: cast back to float8 (torchao) */
@@ -143,7 +187,7 @@ static void fp8_row_bwd(const float *x, const float *gh, float *gw, float *tmp, 
     gw[k] = gt / s_row;
     tmp[k] = -gt * (t / s_row);
   }
-  float sum_b = canon_sum(tmp, K, RL);
+  float sum_b = row_sum(tmp, K, g);
   float g_sD = aoq_round_to(sum_a + sum_b, dt);
   float g_a = aoq_round_to(aoq_div_scalar(g_sD, AOQ_FP8_MAX, cs), dt);
   if (!(a0 >= aoq_eps_in(1e-12f, dt))) g_a = 0.f;
@@ -165,7 +209,7 @@ static void sym_group_bwd(const float *wd, const float *G, float *gwd, float *tm
     float qc = aoq_clamp(aoq_sym_code_raw(wd[k], &p, dt), -8.f, 7.f);
     tmp[k] = awq ? G[k] * qc : aoq_round_to(G[k] * qc, dt);
   }
-  float g_sg_a = aoq_round_to(canon_sum(tmp, g, GL), dt);
+  float g_sg_a = aoq_round_to(group_sum(tmp, g), dt);
   for (int64_t k = 0; k < g; k++) {
     float q2 = aoq_sym_code_raw(wd[k], &p, dt);
     float gd = aoq_round_to(G[k] * (awq ? p.sdq : p.sg), dt);
@@ -173,7 +217,7 @@ static void sym_group_bwd(const float *wd, const float *G, float *gwd, float *tm
     gwd[k] = aoq_round_to(gq * p.rcp, dt);
     tmp[k] = aoq_round_to(gq * wd[k], dt);
   }
-  float g_r = aoq_round_to(canon_sum(tmp, g, GL), dt);
+  float g_r = aoq_round_to(group_sum(tmp, g), dt);
   float g_sg_b = aoq_round_to(-g_r * aoq_round_to(p.rcp * p.rcp, dt), dt);
   float g_sg = aoq_round_to(g_sg_a + g_sg_b, dt);
   if (!(p.m8 >= aoq_eps_in(1e-6f, dt))) g_sg = 0.f;
@@ -192,10 +236,10 @@ static void asym_group_bwd(const float *x, const float *G, float *gx, float *tmp
   aoq_asym_group p = aoq_asym_group_params(x, g, awq, cs);
   float g_s, g_mn;
   if (!awq) {
-    float g_z = canon_sum(G, g, GL);
+    float g_z = group_sum(G, g);
     for (int64_t k = 0; k < g; k++)
       tmp[k] = G[k] * (aoq_clamp(aoq_asym_code_raw(x[k], &p, 0), 0.f, 15.f) - 8.f);
-    float g_s_a = canon_sum(tmp, g, GL);
+    float g_s_a = group_sum(tmp, g);
     for (int64_t k = 0; k < g; k++) {
       float u = (x[k] - p.mn) / p.s;
       float q = aoq_rint(u);
@@ -203,8 +247,8 @@ static void asym_group_bwd(const float *x, const float *G, float *gx, float *tmp
       gx[k] = gq / p.s;
       tmp[k] = -gq * (u / p.s);
     }
-    float g_s_b = canon_sum(tmp, g, GL);
-    float g_mn_a = -canon_sum(gx, g, GL);
+    float g_s_b = group_sum(tmp, g);
+    float g_mn_a = -group_sum(gx, g);
     g_s = (g_s_a + g_s_b) + g_z * 8.0f;
     float g_d = aoq_div_scalar(g_s, 15.0f, cs);
     if (!(p.d >= 1e-6f)) g_d = 0.f;
@@ -212,22 +256,22 @@ static void asym_group_bwd(const float *x, const float *G, float *gx, float *tmp
     g_mn = (g_mn_a + g_z) - g_d;
   } else {
     for (int64_t k = 0; k < g; k++) tmp[k] = G[k] * p.s16;
-    float g_z_a = -canon_sum(tmp, g, GL);
+    float g_z_a = -group_sum(tmp, g);
     for (int64_t k = 0; k < g; k++)
       tmp[k] = G[k] * (aoq_clamp(aoq_asym_code_raw(x[k], &p, 1), 0.f, 15.f) - p.zi);
-    float g_s_a = canon_sum(tmp, g, GL);
+    float g_s_a = group_sum(tmp, g);
     for (int64_t k = 0; k < g; k++) {
       float v = aoq_asym_code_raw(x[k], &p, 1);
       float gv = (v >= 0.f && v <= 15.f) ? G[k] * p.s16 : 0.f;
       gx[k] = gv / p.s16;
       tmp[k] = -gv * ((x[k] / p.s16) / p.s16);
     }
-    float g_s_b = canon_sum(tmp, g, GL);
+    float g_s_b = group_sum(tmp, g);
     for (int64_t k = 0; k < g; k++) {
       float v = aoq_asym_code_raw(x[k], &p, 1);
       tmp[k] = (v >= 0.f && v <= 15.f) ? G[k] * p.s16 : 0.f;
     }
-    float g_z_b = canon_sum(tmp, g, GL);
+    float g_z_b = group_sum(tmp, g);
     float g_z = g_z_a + g_z_b;
     float zr = aoq_rint(-p.mn / p.s16);
     if (!(zr >= 0.f && zr <= 15.f)) g_z = 0.f;
@@ -272,7 +316,7 @@ int aoq_cpu_fq_bwd(const void *grad, const void *w, void *gw, int64_t N, int64_t
           for (int64_t k = 0; k < K; k++) wd[k] = aoq_fp8_rt(x[k], s_row, dt);
           for (int64_t j = 0; j < K / g; j++)
             sym_group_bwd(wd + j * g, G + j * g, gg + j * g, tmp, g, dt, awq);
-          fp8_row_bwd(x, gg, wd, tmp, K, dt, cs); /* wd := gw (D values) */
+          fp8_row_bwd(x, gg, wd, tmp, K, g, dt, cs); /* wd := gw (D values) */
           store_row(gw, n * K, wd, K, dt);
         } else {
           for (int64_t j = 0; j < K / g; j++)
@@ -328,7 +372,7 @@ int aoq_cpu_fp8_rows_bwd(const void *grad, const void *x, void *gx, int64_t R, i
       for (int64_t r = 0; r < R; r++) {
         load_row(x, r * K, xr, K, dt);
         load_row(grad, r * K, G, K, dt);
-        fp8_row_bwd(xr, G, o, tmp, K, dt, cs);
+        fp8_row_bwd(xr, G, o, tmp, K, 0, dt, cs);
         store_row(gx, r * K, o, K, dt);
       }
       free(buf);

@@ -1,0 +1,119 @@
+"""Fake-quant speed: our C/CUDA ops vs torchao eager vs torch.compile(torchao),
+measured in the same process, medians, printed as ratios.
+
+    python benchmarks/bench_fake_quant.py                 # CPU, 4096^2 and 8192^2 bf16
+    python benchmarks/bench_fake_quant.py --device cuda   # + 8192x28672, bandwidth vs copy
+    python benchmarks/bench_fake_quant.py --quick         # 4096^2 only, fewer reps
+
+Targets (issue 2 / 3): CPU >= 5x torchao eager; CUDA forward >= 85 % of
+device-to-device copy bandwidth, >= 10x torchao eager, >= 1.5x compiled
+torchao, backward <= 1.2x forward time.
+"""
+import argparse
+import statistics
+import time
+import warnings
+
+import torch
+
+warnings.filterwarnings("ignore")
+import ao_awq_export as aq  # noqa: E402
+from torchao.quantization.qat.fake_quantize_config import Int4WeightFakeQuantizeConfig  # noqa: E402
+from torchao.quantization.qat.fake_quantizer import Int4WeightFakeQuantizer  # noqa: E402
+
+ACT = {"fp8_int4": torch.float8_e4m3fn, "int4_asym": torch.bfloat16}
+OURS = {"fp8_int4": aq.fake_quant_fp8_int4, "int4_asym": aq.fake_quant_int4_asym}
+SCH = {"fp8_int4": 0, "int4_asym": 1}
+
+
+def timeit(fn, device, reps, warmup=2):
+    for _ in range(warmup):
+        fn()
+    ts = []
+    if device == "cuda":
+        torch.cuda.synchronize()
+        for _ in range(reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            ts.append(a.elapsed_time(b) / 1e3)
+    else:
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def fwd_bwd(fn, w, gout):
+    def run():
+        x = w.detach().requires_grad_()
+        fn(x).backward(gout)
+        return x.grad
+    return run
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-compile", action="store_true")
+    args = ap.parse_args()
+    dev = args.device
+    shapes = [(4096, 4096)] if args.quick else [(4096, 4096), (8192, 8192)]
+    if dev == "cuda" and not args.quick:
+        shapes.append((8192, 28672))
+    reps = (5 if args.quick else 10) if dev == "cpu" else 50
+    name = torch.cuda.get_device_name() if dev == "cuda" else f"CPU x{torch.get_num_threads()} threads"
+    print(f"# device: {name}; torch {torch.__version__}; bf16 weights, group 128; median of {reps}")
+    hdr = "| shape | op | ours ms | torchao eager ms | compiled torchao ms | x eager | x compiled |"
+    if dev == "cuda":
+        hdr += " GB/s | % of copy |"
+    print(hdr)
+    print("|" + "---|" * (hdr.count("|") - 1))
+    for n, k in shapes:
+        w = (torch.randn(n, k, device=dev) * 0.02).to(torch.bfloat16)
+        gout = torch.randn_like(w)
+        nbytes = w.numel() * w.element_size()
+        copy_t = timeit(lambda: torch.empty_like(w).copy_(w), dev, reps) if dev == "cuda" else None
+        for scheme in ("fp8_int4", "int4_asym"):
+            tao = Int4WeightFakeQuantizer(Int4WeightFakeQuantizeConfig(group_size=128, activation_dtype=ACT[scheme]))
+            ours = lambda x, s=scheme: OURS[s](x, 128)  # noqa: E731
+            comp = None if args.no_compile else torch.compile(tao)
+            rows = [
+                ("fwd", lambda: ours(w), lambda: tao(w), (lambda: comp(w)) if comp is not None else None, 2 * nbytes),
+                ("fwd+bwd", fwd_bwd(ours, w, gout), fwd_bwd(tao, w, gout),
+                 fwd_bwd(comp, w, gout) if comp is not None else None, 5 * nbytes),
+                ("bwd kernel", lambda: torch.ops.ao_awq.fq_weight_backward(gout, w, 128, SCH[scheme], False),
+                 None, None, 3 * nbytes),
+            ]
+            t_fwd = None
+            for op, f_ours, f_tao, f_comp, bts in rows:
+                t_o = timeit(f_ours, dev, reps)
+                t_e = timeit(f_tao, dev, max(3, reps // 3)) if f_tao else None
+                t_c = None
+                if f_comp:
+                    try:
+                        t_c = timeit(f_comp, dev, max(3, reps // 3), warmup=3)
+                    except Exception as e:  # noqa: BLE001
+                        print(f"# torch.compile(torchao) failed: {type(e).__name__}: {e}")
+                if op == "fwd":
+                    t_fwd = t_o
+                fmt = lambda t: f"{t * 1e3:.3f}" if t else "-"  # noqa: E731
+                rat = lambda t: f"{t / t_o:.1f}x" if t else "-"  # noqa: E731
+                line = f"| {n}x{k} | {scheme} {op} | {fmt(t_o)} | {fmt(t_e)} | {fmt(t_c)} | {rat(t_e)} | {rat(t_c)} |"
+                if dev == "cuda":
+                    gbs = bts / t_o / 1e9
+                    copy_bw = 2 * nbytes / copy_t / 1e9
+                    line += f" {gbs:.0f} | {100 * gbs / copy_bw:.0f}% |"
+                if op == "bwd kernel":
+                    line += f" (bwd/fwd = {t_o / t_fwd:.2f})"
+                print(line, flush=True)
+        if dev == "cuda":
+            print(f"# device-to-device copy of {nbytes / 1e6:.0f} MB: {2 * nbytes / copy_t / 1e9:.0f} GB/s (read+write)")
+
+
+if __name__ == "__main__":
+    main()

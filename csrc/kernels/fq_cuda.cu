@@ -1,0 +1,573 @@
+// CUDA kernels for every ao_awq op, behind plain extern "C" launchers over
+// pointers, sizes, a device index and a stream (no torch types).
+//
+// Layout: one block of AOQ_NW warps per row.  A warp owns whole groups
+// (groups w, w+NW, ... of its row), each lane a contiguous chunk of E = g/32
+// elements loaded with one vector access.  The per-element math is the
+// aoq_rows.h / aoq_math.h code the CPU kernel runs, and every sum follows the
+// canonical order documented in fq_cpu.c, so outputs and gradients are bit
+// identical to the CPU kernels.  Build with --fmad=false (no FMA contraction).
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "aoq_kernels.h"
+#include "aoq_rows.h"
+
+#define TPB (AOQ_NW * 32)
+#define FULL 0xffffffffu
+
+namespace {
+
+__device__ __forceinline__ float nanmax(float a, float b) { return (a != a || a > b) ? a : b; }
+__device__ __forceinline__ float nanmin(float a, float b) { return (a != a || a < b) ? a : b; }
+
+__device__ __forceinline__ float warp_max(float v) {
+  for (int off = 16; off >= 1; off >>= 1) v = nanmax(v, __shfl_xor_sync(FULL, v, off));
+  return v;
+}
+__device__ __forceinline__ float warp_min(float v) {
+  for (int off = 16; off >= 1; off >>= 1) v = nanmin(v, __shfl_xor_sync(FULL, v, off));
+  return v;
+}
+// canonical halving tree: lane l += lane l+off, result broadcast from lane 0
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int off = 16; off >= 1; off >>= 1) v += __shfl_down_sync(FULL, v, off);
+  return __shfl_sync(FULL, v, 0);
+}
+__device__ __forceinline__ int warp_isum(int v) {
+  for (int off = 16; off >= 1; off >>= 1) v += __shfl_xor_sync(FULL, v, off);
+  return v;
+}
+
+// block reductions over the NW warps (canonical order: tree over warps)
+__device__ float block_sum(float v, float *sh) {
+  v = warp_sum(v);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();
+  if (lane == 0) sh[warp] = v;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int off = AOQ_NW / 2; off >= 1; off >>= 1)
+      for (int w = 0; w < off; w++) sh[w] += sh[w + off];
+  }
+  __syncthreads();
+  return sh[0];
+}
+__device__ float block_max(float v, float *sh) {
+  v = warp_max(v);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();
+  if (lane == 0) sh[warp] = v;
+  __syncthreads();
+  float r = sh[0];
+  for (int w = 1; w < AOQ_NW; w++) r = nanmax(r, sh[w]);
+  return r;
+}
+__device__ int block_isum(int v, int *sh) {
+  v = warp_isum(v);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();
+  if (lane == 0) sh[warp] = v;
+  __syncthreads();
+  int r = 0;
+  for (int w = 0; w < AOQ_NW; w++) r += sh[w];
+  return r;
+}
+
+// ---- chunk loads / stores (E elements of dtype DT, vectorized if aligned) --
+template <int DT>
+struct Elt {
+  typedef uint16_t T;
+};
+template <>
+struct Elt<AOQ_F32> {
+  typedef float T;
+};
+
+template <int DT, int E, bool VEC>
+__device__ __forceinline__ void load_chunk(const void *p, int64_t idx, float *v) {
+  typedef typename Elt<DT>::T T;
+  const T *src = reinterpret_cast<const T *>(p) + idx;
+  T raw[E];
+  constexpr int NB = (int)sizeof(T) * E;
+  if (VEC && NB >= 4 && NB <= 16) {
+    if (NB == 16)
+      *reinterpret_cast<uint4 *>(raw) = *reinterpret_cast<const uint4 *>(src);
+    else if (NB == 8)
+      *reinterpret_cast<uint2 *>(raw) = *reinterpret_cast<const uint2 *>(src);
+    else
+      *reinterpret_cast<uint32_t *>(raw) = *reinterpret_cast<const uint32_t *>(src);
+  } else if (VEC && NB == 32) {
+    reinterpret_cast<uint4 *>(raw)[0] = reinterpret_cast<const uint4 *>(src)[0];
+    reinterpret_cast<uint4 *>(raw)[1] = reinterpret_cast<const uint4 *>(src)[1];
+  } else {
+#pragma unroll
+    for (int e = 0; e < E; e++) raw[e] = src[e];
+  }
+#pragma unroll
+  for (int e = 0; e < E; e++) {
+    if (DT == AOQ_F32)
+      v[e] = (float)raw[e];
+    else
+      v[e] = aoq_load(raw, e, DT);
+  }
+}
+
+template <int DT, int E, bool VEC>
+__device__ __forceinline__ void store_chunk(void *p, int64_t idx, const float *v) {
+  typedef typename Elt<DT>::T T;
+  T *dst = reinterpret_cast<T *>(p) + idx;
+  T raw[E];
+#pragma unroll
+  for (int e = 0; e < E; e++) aoq_store(raw, e, v[e], DT);
+  constexpr int NB = (int)sizeof(T) * E;
+  if (VEC && NB >= 4 && NB <= 16) {
+    if (NB == 16)
+      *reinterpret_cast<uint4 *>(dst) = *reinterpret_cast<const uint4 *>(raw);
+    else if (NB == 8)
+      *reinterpret_cast<uint2 *>(dst) = *reinterpret_cast<const uint2 *>(raw);
+    else
+      *reinterpret_cast<uint32_t *>(dst) = *reinterpret_cast<const uint32_t *>(raw);
+  } else if (VEC && NB == 32) {
+    reinterpret_cast<uint4 *>(dst)[0] = reinterpret_cast<const uint4 *>(raw)[0];
+    reinterpret_cast<uint4 *>(dst)[1] = reinterpret_cast<const uint4 *>(raw)[1];
+  } else {
+#pragma unroll
+    for (int e = 0; e < E; e++) dst[e] = raw[e];
+  }
+}
+
+// row amax |x| over a whole row (strided by thread), NaN-propagating
+template <int DT>
+__device__ float row_amax(const void *w, int64_t base, int64_t K, float *sh) {
+  float a = 0.f;
+  for (int64_t k = threadIdx.x; k < K; k += TPB) {
+    float v = aoq_load(w, base + k, DT);
+    a = nanmax(a, v < 0.f ? -v : v);
+  }
+  return block_max(a, sh);
+}
+
+// ---------------------------------------------------------------------------
+// forward: out / codes / scales / zeros for one row per block
+// ---------------------------------------------------------------------------
+template <int DT, int E, bool VEC>
+__global__ void __launch_bounds__(TPB) fq_fwd_kernel(const void *__restrict__ w, void *__restrict__ out,
+                                                     uint8_t *__restrict__ codes, float *__restrict__ scales,
+                                                     float *__restrict__ zeros, int64_t K, int scheme, int awq,
+                                                     int cs) {
+  __shared__ float sh[AOQ_NW];
+  const int g = 32 * E;
+  const int64_t n = blockIdx.x, base = n * K, G = K / g;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  float s_row = 0.f;
+  if (scheme == AOQ_SCHEME_FP8_INT4) s_row = aoq_fp8_scale_from_amax(row_amax<DT>(w, base, K, sh), DT, cs);
+  for (int64_t j = warp; j < G; j += AOQ_NW) {
+    const int64_t idx = base + j * g + lane * E;
+    float v[E], y[E];
+    uint8_t q[E];
+    load_chunk<DT, E, VEC>(w, idx, v);
+    float sc, zr;
+    if (scheme == AOQ_SCHEME_FP8_INT4) {
+      float m = 0.f;
+#pragma unroll
+      for (int e = 0; e < E; e++) {
+        v[e] = aoq_fp8_rt(v[e], s_row, DT);
+        m = nanmax(m, v[e] < 0.f ? -v[e] : v[e]);
+      }
+      aoq_sym_group p = aoq_sym_group_from_max(warp_max(m), DT, awq);
+#pragma unroll
+      for (int e = 0; e < E; e++) {
+        float qc = aoq_clamp(aoq_sym_code_raw(v[e], &p, DT), -8.f, 7.f);
+        y[e] = aoq_sym_deq(qc, &p, DT);
+        q[e] = (uint8_t)(int)(qc + 8.f);
+      }
+      sc = p.sdq;
+      zr = 8.f;
+    } else {
+      float mx = v[0], mn = v[0];
+#pragma unroll
+      for (int e = 0; e < E; e++) {
+        mx = nanmax(mx, v[e]);
+        mn = nanmin(mn, v[e]);
+      }
+      aoq_asym_group p = aoq_asym_group_from_minmax(warp_max(mx), warp_min(mn), awq, cs);
+#pragma unroll
+      for (int e = 0; e < E; e++) {
+        float qc = aoq_clamp(aoq_asym_code_raw(v[e], &p, awq), 0.f, 15.f);
+        y[e] = aoq_asym_deq(qc, &p, awq);
+        q[e] = (uint8_t)(int)qc;
+      }
+      sc = awq ? p.s16 : p.s;
+      zr = awq ? p.zi : p.z;
+    }
+    if (out) store_chunk<DT, E, VEC>(out, idx, y);
+    if (codes) {
+#pragma unroll
+      for (int e = 0; e < E; e++) codes[idx + e] = q[e];
+    }
+    if (lane == 0) {
+      if (scales) scales[n * G + j] = sc;
+      if (zeros) zeros[n * G + j] = zr;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// backward, fp8-int4 (one row per block)
+// ---------------------------------------------------------------------------
+template <int DT, int E, bool VEC>
+__global__ void __launch_bounds__(TPB) fp8_int4_bwd_kernel(const void *__restrict__ grad,
+                                                           const void *__restrict__ w, void *__restrict__ gw,
+                                                           int64_t K, int awq, int cs) {
+  __shared__ float sh[AOQ_NW];
+  __shared__ int shi[AOQ_NW];
+  const int g = 32 * E;
+  const int64_t n = blockIdx.x, base = n * K, G = K / g;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const float a0 = row_amax<DT>(w, base, K, sh);
+  const float s_row = aoq_fp8_scale_from_amax(a0, DT, cs);
+  if (s_row == 0.f) {  // forward gave 0 (torchao: NaN)
+    for (int64_t k = threadIdx.x; k < K; k += TPB) aoq_store(gw, base + k, 0.f, DT);
+    return;
+  }
+  float acc_a = 0.f, acc_b = 0.f;
+  int cnt_row = 0;
+  for (int64_t j = warp; j < G; j += AOQ_NW) {
+    const int64_t idx = base + j * g + lane * E;
+    float x[E], Gv[E], wd[E], gwd[E], q2[E];
+    load_chunk<DT, E, VEC>(w, idx, x);
+    load_chunk<DT, E, VEC>(grad, idx, Gv);
+    float m = 0.f;
+#pragma unroll
+    for (int e = 0; e < E; e++) {
+      wd[e] = aoq_fp8_rt(x[e], s_row, DT);
+      m = nanmax(m, wd[e] < 0.f ? -wd[e] : wd[e]);
+    }
+    aoq_sym_group p = aoq_sym_group_from_max(warp_max(m), DT, awq);
+    float t1 = 0.f, t2 = 0.f;
+    int cnt = 0;
+#pragma unroll
+    for (int e = 0; e < E; e++) {
+      q2[e] = aoq_sym_code_raw(wd[e], &p, DT);
+      float qc = aoq_clamp(q2[e], -8.f, 7.f);
+      t1 += awq ? Gv[e] * qc : aoq_round_to(Gv[e] * qc, DT);
+    }
+    const float g_sg_a = aoq_round_to(warp_sum(t1), DT);
+#pragma unroll
+    for (int e = 0; e < E; e++) {
+      float gd = aoq_round_to(Gv[e] * (awq ? p.sdq : p.sg), DT);
+      float gq = (q2[e] >= -8.f && q2[e] <= 7.f) ? gd : 0.f;
+      gwd[e] = aoq_round_to(gq * p.rcp, DT);
+      t2 += aoq_round_to(gq * wd[e], DT);
+      cnt += ((wd[e] < 0.f ? -wd[e] : wd[e]) == p.m);
+    }
+    const float g_r = aoq_round_to(warp_sum(t2), DT);
+    const float g_sg_b = aoq_round_to(-g_r * aoq_round_to(p.rcp * p.rcp, DT), DT);
+    float g_sg = aoq_round_to(g_sg_a + g_sg_b, DT);
+    if (!(p.m8 >= aoq_eps_in(1e-6f, DT))) g_sg = 0.f;
+    const float g_m = aoq_round_to(g_sg * 0.125f, DT);
+    cnt = warp_isum(cnt);
+    const float each = cnt ? aoq_round_to(g_m / (float)cnt, DT) : 0.f;
+    float gx[E];
+#pragma unroll
+    for (int e = 0; e < E; e++) {
+      if ((wd[e] < 0.f ? -wd[e] : wd[e]) == p.m)
+        gwd[e] = aoq_round_to(gwd[e] + aoq_round_to(each * aoq_sgn(wd[e]), DT), DT);
+      // row stage
+      const float gh = gwd[e];
+      const float t = x[e] / s_row;
+      acc_a += gh * aoq_fp8_e4m3_round(aoq_clamp(t, -AOQ_FP8_MAX, AOQ_FP8_MAX));
+      float gt = aoq_fp8_e4m3_round(gh * s_row);
+      if (!(t >= -AOQ_FP8_MAX && t <= AOQ_FP8_MAX)) gt = 0.f;
+      gx[e] = gt / s_row;
+      acc_b += -gt * (t / s_row);
+      cnt_row += ((x[e] < 0.f ? -x[e] : x[e]) == a0);
+    }
+    store_chunk<DT, E, VEC>(gw, idx, gx);  // D(gx); row extremes fixed below
+  }
+  const float sum_a = block_sum(acc_a, sh);
+  const float sum_b = block_sum(acc_b, sh);
+  cnt_row = block_isum(cnt_row, shi);
+  float g_a = aoq_round_to(aoq_div_scalar(aoq_round_to(sum_a + sum_b, DT), AOQ_FP8_MAX, cs), DT);
+  if (!(a0 >= aoq_eps_in(1e-12f, DT))) g_a = 0.f;
+  const float each = cnt_row ? aoq_round_to(g_a / (float)cnt_row, DT) : 0.f;
+  __syncthreads();  // gw of this row, written above by other threads, is visible
+  for (int64_t k = threadIdx.x; k < K; k += TPB) {
+    float xv = aoq_load(w, base + k, DT);
+    if ((xv < 0.f ? -xv : xv) == a0) {
+      float ga = aoq_load(gw, base + k, DT);
+      aoq_store(gw, base + k, aoq_round_to(ga + aoq_round_to(each * aoq_sgn(xv), DT), DT), DT);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// backward, int4-asym (one row per block, everything per group)
+// ---------------------------------------------------------------------------
+template <int DT, int E, bool VEC>
+__global__ void __launch_bounds__(TPB) asym_bwd_kernel(const void *__restrict__ grad, const void *__restrict__ w,
+                                                       void *__restrict__ gw, int64_t K, int awq, int cs) {
+  const int g = 32 * E;
+  const int64_t n = blockIdx.x, base = n * K, G = K / g;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int64_t j = warp; j < G; j += AOQ_NW) {
+    const int64_t idx = base + j * g + lane * E;
+    float x[E], Gv[E], gx[E];
+    load_chunk<DT, E, VEC>(w, idx, x);
+    load_chunk<DT, E, VEC>(grad, idx, Gv);
+    float mx = x[0], mn = x[0];
+#pragma unroll
+    for (int e = 0; e < E; e++) {
+      mx = nanmax(mx, x[e]);
+      mn = nanmin(mn, x[e]);
+    }
+    aoq_asym_group p = aoq_asym_group_from_minmax(warp_max(mx), warp_min(mn), awq, cs);
+    float g_s, g_mn;
+    if (!awq) {
+      float a = 0.f, b = 0.f, c = 0.f, d = 0.f;
+#pragma unroll
+      for (int e = 0; e < E; e++) {
+        a += Gv[e];
+        b += Gv[e] * (aoq_clamp(aoq_asym_code_raw(x[e], &p, 0), 0.f, 15.f) - 8.f);
+      }
+      const float g_z = warp_sum(a), g_s_a = warp_sum(b);
+#pragma unroll
+      for (int e = 0; e < E; e++) {
+        float u = (x[e] - p.mn) / p.s;
+        float q = aoq_rint(u);
+        float gq = (q >= 0.f && q <= 15.f) ? Gv[e] * p.s : 0.f;
+        gx[e] = gq / p.s;
+        c += -gq * (u / p.s);
+        d += gx[e];
+      }
+      const float g_s_b = warp_sum(c), g_mn_a = -warp_sum(d);
+      g_s = (g_s_a + g_s_b) + g_z * 8.0f;
+      float g_d = aoq_div_scalar(g_s, 15.0f, cs);
+      if (!(p.d >= 1e-6f)) g_d = 0.f;
+      g_s = g_d;
+      g_mn = (g_mn_a + g_z) - g_d;
+    } else {
+      float a = 0.f, b = 0.f, c = 0.f, d = 0.f;
+#pragma unroll
+      for (int e = 0; e < E; e++) {
+        a += Gv[e] * p.s16;
+        b += Gv[e] * (aoq_clamp(aoq_asym_code_raw(x[e], &p, 1), 0.f, 15.f) - p.zi);
+      }
+      const float g_z_a = -warp_sum(a), g_s_a = warp_sum(b);
+#pragma unroll
+      for (int e = 0; e < E; e++) {
+        float v = aoq_asym_code_raw(x[e], &p, 1);
+        float gv = (v >= 0.f && v <= 15.f) ? Gv[e] * p.s16 : 0.f;
+        gx[e] = gv / p.s16;
+        c += -gv * ((x[e] / p.s16) / p.s16);
+        d += gv;
+      }
+      const float g_s_b = warp_sum(c), g_z_b = warp_sum(d);
+      float g_z = g_z_a + g_z_b;
+      const float zr = aoq_rint(-p.mn / p.s16);
+      if (!(zr >= 0.f && zr <= 15.f)) g_z = 0.f;
+      const float g_negmn = g_z / p.s16;
+      const float g_s_c = -g_z * ((-p.mn / p.s16) / p.s16);
+      g_s = (g_s_a + g_s_b) + g_s_c;
+      float g_d = g_s / 15.0f;
+      if (!(p.d >= 1e-6f)) g_d = 0.f;
+      g_s = g_d;
+      g_mn = -g_negmn - g_d;
+    }
+    int cx = 0, cn = 0;
+#pragma unroll
+    for (int e = 0; e < E; e++) {
+      cx += (x[e] == p.mx);
+      cn += (x[e] == p.mn);
+    }
+    cx = warp_isum(cx);
+    cn = warp_isum(cn);
+    const float ex = cx ? g_s / (float)cx : 0.f, en = cn ? g_mn / (float)cn : 0.f;
+#pragma unroll
+    for (int e = 0; e < E; e++) {
+      if (x[e] == p.mx) gx[e] += ex;
+      if (x[e] == p.mn) gx[e] += en;
+    }
+    store_chunk<DT, E, VEC>(gw, idx, gx);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// fp8 activation rows
+// ---------------------------------------------------------------------------
+template <int DT>
+__global__ void __launch_bounds__(TPB) fp8_rows_fwd_kernel(const void *__restrict__ x, void *__restrict__ out,
+                                                           int64_t K, int cs) {
+  __shared__ float sh[AOQ_NW];
+  const int64_t base = (int64_t)blockIdx.x * K;
+  const float s = aoq_fp8_scale_from_amax(row_amax<DT>(x, base, K, sh), DT, cs);
+  for (int64_t k = threadIdx.x; k < K; k += TPB)
+    aoq_store(out, base + k, aoq_fp8_rt(aoq_load(x, base + k, DT), s, DT), DT);
+}
+
+template <int DT>
+__global__ void __launch_bounds__(TPB) fp8_rows_bwd_kernel(const void *__restrict__ grad,
+                                                           const void *__restrict__ x, void *__restrict__ gx,
+                                                           int64_t K, int cs) {
+  __shared__ float sh[AOQ_NW];
+  __shared__ int shi[AOQ_NW];
+  const int64_t base = (int64_t)blockIdx.x * K;
+  const float a0 = row_amax<DT>(x, base, K, sh);
+  const float s_row = aoq_fp8_scale_from_amax(a0, DT, cs);
+  if (s_row == 0.f) {
+    for (int64_t k = threadIdx.x; k < K; k += TPB) aoq_store(gx, base + k, 0.f, DT);
+    return;
+  }
+  float acc_a = 0.f, acc_b = 0.f;
+  int cnt_row = 0;
+  for (int64_t k = threadIdx.x; k < K; k += TPB) {
+    const float xv = aoq_load(x, base + k, DT), gh = aoq_load(grad, base + k, DT);
+    const float t = xv / s_row;
+    acc_a += gh * aoq_fp8_e4m3_round(aoq_clamp(t, -AOQ_FP8_MAX, AOQ_FP8_MAX));
+    float gt = aoq_fp8_e4m3_round(gh * s_row);
+    if (!(t >= -AOQ_FP8_MAX && t <= AOQ_FP8_MAX)) gt = 0.f;
+    acc_b += -gt * (t / s_row);
+    cnt_row += ((xv < 0.f ? -xv : xv) == a0);
+    aoq_store(gx, base + k, gt / s_row, DT);
+  }
+  const float sum_a = block_sum(acc_a, sh);
+  const float sum_b = block_sum(acc_b, sh);
+  cnt_row = block_isum(cnt_row, shi);
+  float g_a = aoq_round_to(aoq_div_scalar(aoq_round_to(sum_a + sum_b, DT), AOQ_FP8_MAX, cs), DT);
+  if (!(a0 >= aoq_eps_in(1e-12f, DT))) g_a = 0.f;
+  const float each = cnt_row ? aoq_round_to(g_a / (float)cnt_row, DT) : 0.f;
+  __syncthreads();
+  for (int64_t k = threadIdx.x; k < K; k += TPB) {
+    const float xv = aoq_load(x, base + k, DT);
+    if ((xv < 0.f ? -xv : xv) == a0) {
+      float ga = aoq_load(gx, base + k, DT);
+      aoq_store(gx, base + k, aoq_round_to(ga + aoq_round_to(each * aoq_sgn(xv), DT), DT), DT);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// AWQ pack: codes [R, C] -> int32 [C, R/8]
+// ---------------------------------------------------------------------------
+__global__ void pack_awq_kernel(const uint8_t *__restrict__ codes, int32_t *__restrict__ packed, int64_t R,
+                                int64_t C) {
+  const int64_t W = R / 8;
+  const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;  // over C * W, c fastest
+  if (i >= C * W) return;
+  const int64_t c = i % C, wi = i / C;
+  const int order[8] = {0, 4, 1, 5, 2, 6, 3, 7};
+  uint32_t word = 0;
+#pragma unroll
+  for (int j = 0; j < 8; j++) word |= ((uint32_t)(codes[(wi * 8 + j) * C + c] & 0xF)) << (4 * order[j]);
+  packed[c * W + wi] = (int32_t)word;
+}
+
+// ---------------------------------------------------------------------------
+// launch helpers
+// ---------------------------------------------------------------------------
+struct DeviceGuard {
+  int prev;
+  bool ok;
+  explicit DeviceGuard(int dev) : prev(-1), ok(true) {
+    if (cudaGetDevice(&prev) != cudaSuccess) prev = -1;
+    if (prev != dev) ok = cudaSetDevice(dev) == cudaSuccess;
+  }
+  ~DeviceGuard() {
+    if (prev >= 0) cudaSetDevice(prev);
+  }
+};
+
+bool aligned16(const void *p) { return ((uintptr_t)p & 15u) == 0; }
+
+int finish() { return cudaGetLastError() == cudaSuccess ? AOQ_OK : AOQ_ERR_CUDA; }
+
+#define AOQ_DISPATCH_E(g, ...)                    \
+  switch (g) {                                    \
+    case 32: { constexpr int E = 1; __VA_ARGS__; } break; \
+    case 64: { constexpr int E = 2; __VA_ARGS__; } break; \
+    case 128: { constexpr int E = 4; __VA_ARGS__; } break; \
+    case 256: { constexpr int E = 8; __VA_ARGS__; } break; \
+    default: return AOQ_ERR_ARG;                  \
+  }
+#define AOQ_DISPATCH_DT(dt, ...)                  \
+  switch (dt) {                                   \
+    case AOQ_BF16: { constexpr int DT = AOQ_BF16; __VA_ARGS__; } break; \
+    case AOQ_F16: { constexpr int DT = AOQ_F16; __VA_ARGS__; } break; \
+    case AOQ_F32: { constexpr int DT = AOQ_F32; __VA_ARGS__; } break; \
+    default: return AOQ_ERR_ARG;                  \
+  }
+
+}  // namespace
+
+extern "C" int aoq_cuda_fq_fwd(const void *w, void *out, uint8_t *codes, float *scales, float *zeros,
+                               int64_t N, int64_t K, int64_t g, int dt, int scheme, int awq, int cs,
+                               int device, void *stream) {
+  if (N <= 0 || K <= 0 || K % g || N > 0x7fffffff) return AOQ_ERR_ARG;
+  DeviceGuard guard(device);
+  if (!guard.ok) return AOQ_ERR_CUDA;
+  cudaStream_t st = (cudaStream_t)stream;
+  const bool vec = aligned16(w) && (!out || aligned16(out));
+  AOQ_DISPATCH_DT(dt, AOQ_DISPATCH_E(g, {
+    if (vec)
+      fq_fwd_kernel<DT, E, true><<<(unsigned)N, TPB, 0, st>>>(w, out, codes, scales, zeros, K, scheme, awq, cs);
+    else
+      fq_fwd_kernel<DT, E, false><<<(unsigned)N, TPB, 0, st>>>(w, out, codes, scales, zeros, K, scheme, awq, cs);
+  }));
+  return finish();
+}
+
+extern "C" int aoq_cuda_fq_bwd(const void *grad, const void *w, void *gw, int64_t N, int64_t K, int64_t g,
+                               int dt, int scheme, int awq, int cs, int device, void *stream) {
+  if (N <= 0 || K <= 0 || K % g || N > 0x7fffffff) return AOQ_ERR_ARG;
+  DeviceGuard guard(device);
+  if (!guard.ok) return AOQ_ERR_CUDA;
+  cudaStream_t st = (cudaStream_t)stream;
+  const bool vec = aligned16(w) && aligned16(grad) && aligned16(gw);
+  AOQ_DISPATCH_DT(dt, AOQ_DISPATCH_E(g, {
+    if (scheme == AOQ_SCHEME_FP8_INT4) {
+      if (vec)
+        fp8_int4_bwd_kernel<DT, E, true><<<(unsigned)N, TPB, 0, st>>>(grad, w, gw, K, awq, cs);
+      else
+        fp8_int4_bwd_kernel<DT, E, false><<<(unsigned)N, TPB, 0, st>>>(grad, w, gw, K, awq, cs);
+    } else {
+      if (vec)
+        asym_bwd_kernel<DT, E, true><<<(unsigned)N, TPB, 0, st>>>(grad, w, gw, K, awq, cs);
+      else
+        asym_bwd_kernel<DT, E, false><<<(unsigned)N, TPB, 0, st>>>(grad, w, gw, K, awq, cs);
+    }
+  }));
+  return finish();
+}
+
+extern "C" int aoq_cuda_fp8_rows_fwd(const void *x, void *out, int64_t R, int64_t K, int dt, int cs, int device,
+                                     void *stream) {
+  if (R <= 0 || K <= 0 || R > 0x7fffffff) return AOQ_ERR_ARG;
+  DeviceGuard guard(device);
+  if (!guard.ok) return AOQ_ERR_CUDA;
+  AOQ_DISPATCH_DT(dt, fp8_rows_fwd_kernel<DT><<<(unsigned)R, TPB, 0, (cudaStream_t)stream>>>(x, out, K, cs));
+  return finish();
+}
+
+extern "C" int aoq_cuda_fp8_rows_bwd(const void *grad, const void *x, void *gx, int64_t R, int64_t K, int dt,
+                                     int cs, int device, void *stream) {
+  if (R <= 0 || K <= 0 || R > 0x7fffffff) return AOQ_ERR_ARG;
+  DeviceGuard guard(device);
+  if (!guard.ok) return AOQ_ERR_CUDA;
+  AOQ_DISPATCH_DT(dt,
+                  fp8_rows_bwd_kernel<DT><<<(unsigned)R, TPB, 0, (cudaStream_t)stream>>>(grad, x, gx, K, cs));
+  return finish();
+}
+
+extern "C" int aoq_cuda_pack_awq(const uint8_t *codes, int32_t *packed, int64_t R, int64_t C, int device,
+                                 void *stream) {
+  if (R < 0 || C < 0 || R % 8) return AOQ_ERR_ARG;
+  const int64_t total = C * (R / 8);
+  if (total == 0) return AOQ_OK;
+  DeviceGuard guard(device);
+  if (!guard.ok) return AOQ_ERR_CUDA;
+  const int threads = 256;
+  pack_awq_kernel<<<(unsigned)((total + threads - 1) / threads), threads, 0, (cudaStream_t)stream>>>(
+      codes, packed, R, C);
+  return finish();
+}

@@ -1,0 +1,145 @@
+"""CUDA kernels: bit-identical to the CPU kernels and to torchao run on the
+same GPU.  Skipped (cleanly) where no GPU or no CUDA build is present.
+
+Division semantics: torch on CUDA evaluates `tensor / python_scalar` as a
+multiplication by the float reciprocal, on the CPU as a division.  torchao's
+formulas contain such divisions (amax / 448, range / 15), so in torchao mode
+the GPU kernel follows the GPU rule and is compared bit for bit with the CPU
+kernel run under the same rule (div_mode=1) and with torchao on the GPU.  AWQ
+modes use true division everywhere and match the default CPU kernel exactly.
+"""
+import pytest
+import torch
+
+import ao_awq_export as aq
+from ao_awq_export import _C
+from tests.test_fake_quant import (OPS, assert_bits_equal, check_grads, make_weight, torchao_fq,
+                                   zero_torchao_nans)
+
+pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and _C.built_with_cuda()),
+                                reason="needs a CUDA GPU and a CUDA build of ao_awq_export")
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+SCH = {"fp8_int4": 0, "int4_asym": 1}
+
+
+def cpu_fwd(w, g, scheme, mode):
+    return torch.ops.ao_awq.fq_weight(w.cpu(), g, SCH[scheme], mode == "awq", False,
+                                      1 if mode == "torchao" else 0)
+
+
+def cpu_bwd(grad, w, g, scheme, mode):
+    return torch.ops.ao_awq.fq_weight_backward(grad.cpu(), w.cpu(), g, SCH[scheme], mode == "awq",
+                                               1 if mode == "torchao" else 0)
+
+
+def gpu_grad(fn, w, gout):
+    w = w.clone().requires_grad_()
+    fn(w).backward(gout)
+    return w.grad
+
+
+@pytest.mark.parametrize("scheme", list(OPS))
+@pytest.mark.parametrize("mode", ["torchao", "awq"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("g", [32, 64, 128, 256])
+def test_gpu_forward_and_grad_equal_cpu(scheme, mode, dtype, g):
+    for i, (n, k) in enumerate([(1, 256), (9, 512), (64, 1024), (33, 2048)]):
+        w = make_weight(n, k, dtype, g, seed=i).cuda()
+        out = OPS[scheme](w, g, mode=mode)
+        assert_bits_equal(out.cpu(), cpu_fwd(w, g, scheme, mode), f"gpu vs cpu {scheme} {mode}")
+        gout = (torch.randn(n, k, generator=torch.Generator().manual_seed(i)) * 1e3).to(dtype).cuda()
+        gw = gpu_grad(lambda t: OPS[scheme](t, g, mode=mode), w, gout)
+        assert_bits_equal(gw.cpu(), cpu_bwd(gout, w, g, scheme, mode), f"grad gpu vs cpu {scheme} {mode}")
+        codes, scales, zeros = aq.quantize_int4(w, g, scheme=scheme, mode=mode) if not (
+            dtype == torch.float16 and scheme == "fp8_int4") else (None, None, None)
+        if codes is not None:
+            c2, s2, z2 = torch.ops.ao_awq.quantize(w.cpu(), g, SCH[scheme], mode == "awq",
+                                                   1 if mode == "torchao" else 0)
+            assert torch.equal(codes.cpu(), c2)
+            assert torch.equal(scales.float().cpu(), s2) and torch.equal(zeros.float().cpu(), z2)
+
+
+@pytest.mark.parametrize("scheme", list(OPS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gpu_matches_torchao_on_gpu(scheme, dtype):
+    for g in (32, 128):
+        w = make_weight(64, 1024, dtype, g, seed=3).cuda()
+        theirs = zero_torchao_nans(torchao_fq(w, g, scheme), scheme, dtype)
+        assert_bits_equal(OPS[scheme](w, g).cpu(), theirs.cpu(), f"gpu vs torchao-gpu {scheme}")
+        gout = (torch.randn(64, 1024, generator=torch.Generator().manual_seed(1)) * 1e3).to(dtype).cuda()
+        ours = gpu_grad(lambda t: OPS[scheme](t, g), w, gout)
+        ref = gpu_grad(lambda t: torchao_fq(t, g, scheme), w, gout)
+        fin = torch.isfinite(ref).all(-1)
+        check_grads(ours[fin].cpu(), ref[fin].cpu(), w[fin].cpu(), g, scheme, f"grad gpu {scheme}")
+
+
+@pytest.mark.parametrize("scheme", list(OPS))
+def test_gpu_large_8192x28672(scheme):
+    w = (torch.randn(8192, 28672, device="cuda") * 0.02).to(torch.bfloat16)
+    out = OPS[scheme](w, 128)
+    assert_bits_equal(out, torchao_fq(w, 128, scheme), f"8192x28672 {scheme}")
+    gout = torch.randn_like(w) * 1e3
+    ours = gpu_grad(lambda t: OPS[scheme](t, 128), w, gout)
+    theirs = gpu_grad(lambda t: torchao_fq(t, 128, scheme), w, gout)
+    rows = slice(0, 256)  # CPU comparison of the full tensor is slow; rows are independent
+    assert_bits_equal(ours[rows].cpu(), cpu_bwd(gout[rows], w[rows], 128, scheme, "torchao"), "grad cpu")
+    check_grads(ours.cpu(), theirs.cpu(), w.cpu(), 128, scheme, "grad 8192x28672")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gpu_fp8_rows(dtype):
+    x = (torch.randn(5, 7, 300) * 3).to(dtype).cuda()
+    x[0, 0] = 0
+    out = aq.fake_quant_fp8_rows(x)
+    cpu = torch.ops.ao_awq.fp8_rows(x.cpu(), False, 1)
+    assert_bits_equal(out.cpu(), cpu, "rows gpu vs cpu")
+    g = (torch.randn_like(x) * 100)
+    xr = x.clone().requires_grad_()
+    aq.fake_quant_fp8_rows(xr).backward(g)
+    assert_bits_equal(xr.grad.cpu(), torch.ops.ao_awq.fp8_rows_backward(g.cpu(), x.cpu(), 1), "rows grad")
+
+
+def test_gpu_pack():
+    c = torch.randint(0, 16, (4096, 512), dtype=torch.uint8)
+    assert torch.equal(aq.pack_awq(c.cuda()).cpu(), aq.pack_awq(c))
+
+
+def test_non_default_stream_and_graph_capture():
+    w = make_weight(256, 1024, torch.bfloat16, 128, seed=9).cuda()
+    ref = aq.fake_quant_int4_asym(w, 128, mode="awq")
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        out = aq.fake_quant_int4_asym(w, 128, mode="awq")
+    s.synchronize()
+    assert torch.equal(out, ref)
+    # CUDA graph capture and replay
+    static_w = w.clone()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        static_out = aq.fake_quant_fp8_int4(static_w, 128)
+    static_w.copy_(make_weight(256, 1024, torch.bfloat16, 128, seed=10).cuda())
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(static_out, aq.fake_quant_fp8_int4(static_w, 128))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second GPU")
+def test_device_index_1():
+    w = make_weight(64, 512, torch.bfloat16, 64, seed=1)
+    assert torch.equal(aq.fake_quant_fp8_int4(w.to("cuda:1"), 64).cpu(), aq.fake_quant_fp8_int4(w.cuda(), 64).cpu())
+
+
+def test_gpu_compile_fullgraph():
+    torch._dynamo.reset()
+    w = torch.randn(128, 256, device="cuda", requires_grad=True)
+    x = torch.randn(8, 256, device="cuda")
+
+    def f(w, x):
+        return torch.nn.functional.linear(aq.fake_quant_fp8_rows(x), aq.fake_quant_fp8_int4(w, 64))
+
+    out = torch.compile(f, fullgraph=True)(w, x)
+    assert torch.allclose(out, f(w, x), rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    assert torch.isfinite(w.grad).all()

@@ -62,7 +62,7 @@ WITH_CUDA = want == "1" or (want == "auto" and TORCH_CUDA is not None and NVCC i
 if WITH_CUDA and (NVCC is None or TORCH_CUDA is None):
     sys.exit("ao_awq_export: AOQ_CUDA=1 needs nvcc and a CUDA build of torch")
 
-CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fexceptions",
+CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fexceptions",
           "-fvisibility=hidden", "-Wall", "-Wno-unknown-pragmas"]
 DEFINES = [("AOQ_WITH_CUDA", "1")] if WITH_CUDA else []
 LIBS = ["torch_cpu", "c10", "gomp"]

@@ -60,21 +60,19 @@ AOQ_HD float aoq_rint(float x) {
   return rintf(x);
 #else
   /* (|x| + 2^23) - 2^23 rounds half to even in the default rounding mode;
-   * portable (no SSE4.1 roundps needed) and vectorizable. */
+   * portable (no SSE4.1 roundps needed), branch-free, vectorizable. */
   uint32_t u = aoq_f2u(x);
   float ax = aoq_u2f(u & 0x7fffffffu);
-  if (!(ax < 8388608.0f)) return x; /* already integral, inf or NaN */
-  float r = (ax + 8388608.0f) - 8388608.0f;
-  return aoq_u2f(aoq_f2u(r) | (u & 0x80000000u));
+  float r = aoq_u2f(aoq_f2u((ax + 8388608.0f) - 8388608.0f) | (u & 0x80000000u));
+  return ax < 8388608.0f ? r : x; /* already integral, inf or NaN */
 #endif
 }
 
 /* ---- bf16 ---------------------------------------------------------------- */
 AOQ_HD uint16_t aoq_f32_to_bf16_bits(float f) {
-  if (aoq_isnan(f)) return 0x7FC0;
   uint32_t u = aoq_f2u(f);
-  u += ((u >> 16) & 1u) + 0x7FFFu;
-  return (uint16_t)(u >> 16);
+  uint16_t r = (uint16_t)((u + ((u >> 16) & 1u) + 0x7FFFu) >> 16);
+  return f != f ? (uint16_t)0x7FC0 : r;
 }
 AOQ_HD float aoq_bf16_bits_to_f32(uint16_t h) { return aoq_u2f(((uint32_t)h) << 16); }
 
@@ -106,10 +104,30 @@ AOQ_HD float aoq_f16_bits_to_f32(uint16_t h) {
   return aoq_u2f(sign | ((e + 112u) << 23) | (m << 13));
 }
 
+/* Value of bf16(x) / fp16(x) as float, branch-free (vectorizable). */
+AOQ_HD float aoq_bf16_round(float x) {
+  uint32_t u = aoq_f2u(x);
+  float r = aoq_u2f((u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u);
+  return x != x ? x : r;
+}
+AOQ_HD float aoq_f16_round(float x) {
+  uint32_t u = aoq_f2u(x);
+  uint32_t sign = u & 0x80000000u, a = u ^ sign;
+  float ax = aoq_u2f(a);
+  /* normal range: round the mantissa to 10 bits */
+  float rn = aoq_u2f((a + 0xfffu + ((a >> 13) & 1u)) & 0xffffe000u);
+  /* below 2^-14: multiples of 2^-24; the float add rounds half to even */
+  float rs = (ax + 0.5f) - 0.5f;
+  float r = a < 0x38800000u ? rs : rn;
+  r = a >= 0x477ff000u ? aoq_u2f(0x7f800000u) : r; /* rounds to >= 65520: inf */
+  r = aoq_u2f(aoq_f2u(r) | sign);
+  return x != x ? x : r;
+}
+
 /* Round a float to the value the dtype holds, returned as float. */
 AOQ_HD float aoq_round_to(float x, int dt) {
-  if (dt == AOQ_BF16) return aoq_bf16_bits_to_f32(aoq_f32_to_bf16_bits(x));
-  if (dt == AOQ_F16) return aoq_f16_bits_to_f32(aoq_f32_to_f16_bits(x));
+  if (dt == AOQ_BF16) return aoq_bf16_round(x);
+  if (dt == AOQ_F16) return aoq_f16_round(x);
   return x;
 }
 
@@ -133,23 +151,18 @@ AOQ_HD void aoq_store(void *p, int64_t i, float x, int dt) {
 /* Value of float8_e4m3fn(x) as float: round-to-nearest-even, saturating
  * finite overflow to +-448 (torch >= 2.12 eager cast), NaN stays NaN. */
 AOQ_HD float aoq_fp8_e4m3_round(float x) {
-  if (aoq_isnan(x)) return x;
   uint32_t u = aoq_f2u(x);
-  uint32_t sign = u & 0x80000000u;
-  uint32_t a = u ^ sign;
-  if (a >= (1087u << 20)) { /* >= 480 or inf: saturate */
-    a = 0x43e00000u;        /* 448 */
-  } else if (a < (121u << 23)) {
-    /* below 2^-6: subnormal grid of 2^-9; the float add rounds RNE */
-    float r = aoq_u2f(a) + aoq_u2f(141u << 23);
-    a = aoq_f2u(r) - (141u << 23); /* multiple of 2^-9, as integer count */
-    a = aoq_f2u((float)a * 0.001953125f);
-  } else {
-    a += 0x7ffffu + ((a >> 20) & 1u);
-    a &= 0xfff00000u;
-    if (a > 0x43e00000u) a = 0x43e00000u; /* carried into the NaN code: saturate */
-  }
-  return aoq_u2f(a | sign);
+  uint32_t sign = u & 0x80000000u, a = u ^ sign;
+  float ax = aoq_u2f(a);
+  /* normal: round the mantissa to 3 bits, saturating at 448 (0x7e) */
+  uint32_t n = (a + 0x7ffffu + ((a >> 20) & 1u)) & 0xfff00000u;
+  n = n > 0x43e00000u ? 0x43e00000u : n;
+  /* below 2^-6: multiples of 2^-9; the float add rounds half to even */
+  float rs = (ax + 16384.0f) - 16384.0f;
+  float r = a < (121u << 23) ? rs : aoq_u2f(n);
+  r = a >= (1087u << 20) ? 448.0f : r; /* >= 480 or inf: saturate */
+  r = aoq_u2f(aoq_f2u(r) | sign);
+  return x != x ? x : r;
 }
 
 /* Constants as torch sees them after casting a Python scalar to dtype D. */

@@ -15,6 +15,17 @@
 
 #define AOQ_FP8_MAX 448.0f
 
+/* vectorization hints for the host compiler (ignored by nvcc) */
+#if defined(__CUDACC__) || !defined(_OPENMP)
+#define AOQ_SIMD_MAX_OR(m, f)
+#define AOQ_SIMD_MAXMIN_OR(a, b, f)
+#else
+#define AOQ_PRAGMA(x) _Pragma(#x)
+#define AOQ_SIMD_MAX_OR(m, f) AOQ_PRAGMA(omp simd reduction(max : m) reduction(| : f))
+#define AOQ_SIMD_MAXMIN_OR(a, b, f) \
+  AOQ_PRAGMA(omp simd reduction(max : a) reduction(min : b) reduction(| : f))
+#endif
+
 /* ---------------------------------------------------------------------- */
 /* Stage 1 of fp8-int4 (also the whole fp8 activation fake quant):
  * per-row fp8 scale and the fp8 round trip, wd = D(fp32(e4m3(x/s)) * s).
@@ -27,6 +38,7 @@ AOQ_HD float aoq_fp8_scale_from_amax(float a, int dt, int cs) {
 AOQ_HD float aoq_fp8_row_scale(const float *x, int64_t K, int dt, int cs, float *amax_out) {
   float a = 0.f;
   int nan = 0;
+  AOQ_SIMD_MAX_OR(a, nan)
   for (int64_t k = 0; k < K; k++) {
     float v = x[k] < 0.f ? -x[k] : x[k];
     nan |= aoq_isnan(v);
@@ -38,9 +50,9 @@ AOQ_HD float aoq_fp8_row_scale(const float *x, int64_t K, int dt, int cs, float 
 }
 
 AOQ_HD float aoq_fp8_rt(float x, float s_row, int dt) {
-  if (s_row == 0.f) return 0.f; /* torchao gives NaN here (fp16 rows of zeros); we give 0 */
   float t = aoq_clamp(x / s_row, -AOQ_FP8_MAX, AOQ_FP8_MAX);
-  return aoq_round_to(aoq_fp8_e4m3_round(t) * s_row, dt);
+  float r = aoq_round_to(aoq_fp8_e4m3_round(t) * s_row, dt);
+  return s_row == 0.f ? 0.f : r; /* torchao gives NaN here (fp16 rows of zeros); we give 0 */
 }
 
 /* ---------------------------------------------------------------------- */
@@ -70,6 +82,7 @@ AOQ_HD aoq_sym_group aoq_sym_group_from_max(float m, int dt, int awq) {
 AOQ_HD aoq_sym_group aoq_sym_group_params(const float *wd, int64_t g, int dt, int awq) {
   float m = 0.f;
   int nan = 0;
+  AOQ_SIMD_MAX_OR(m, nan)
   for (int64_t k = 0; k < g; k++) {
     float v = wd[k] < 0.f ? -wd[k] : wd[k];
     nan |= aoq_isnan(v);
@@ -83,8 +96,8 @@ AOQ_HD aoq_sym_group aoq_sym_group_params(const float *wd, int64_t g, int dt, in
 AOQ_HD float aoq_sym_code_raw(float wd, const aoq_sym_group *p, int dt) {
   /* fp16: a scale below 1/65504 has an infinite reciprocal, and torchao's
    * 0 * inf gives NaN for the zeros of such a group; their code is 0. */
-  if (wd == 0.f) return 0.f;
-  return aoq_rint(aoq_round_to(wd * p->rcp, dt)) + 0.0f;
+  float r = aoq_rint(aoq_round_to(wd * p->rcp, dt)) + 0.0f;
+  return wd == 0.f ? 0.f : r;
 }
 AOQ_HD float aoq_sym_deq(float qc, const aoq_sym_group *p, int dt) {
   return aoq_round_to(qc * p->sdq, dt);
@@ -122,6 +135,7 @@ AOQ_HD aoq_asym_group aoq_asym_group_from_minmax(float mx, float mn, int awq, in
 AOQ_HD aoq_asym_group aoq_asym_group_params(const float *x, int64_t g, int awq, int cs) {
   float mx = x[0], mn = x[0];
   int nan = 0;
+  AOQ_SIMD_MAXMIN_OR(mx, mn, nan)
   for (int64_t k = 0; k < g; k++) {
     nan |= aoq_isnan(x[k]);
     mx = x[k] > mx ? x[k] : mx;

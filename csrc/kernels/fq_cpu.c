@@ -24,6 +24,22 @@
 #include "aoq_rows.h"
 
 #define NW AOQ_NW
+#define AOQ_INLINE static inline __attribute__((always_inline))
+
+#ifdef _OPENMP
+static int n_threads(void) { return omp_get_max_threads(); }
+static int thread_id(void) { return omp_get_thread_num(); }
+#else
+static int n_threads(void) { return 1; }
+static int thread_id(void) { return 0; }
+#endif
+
+/* per-thread scratch, allocated before the parallel region (so a failed
+ * allocation never leaves a thread out of a worksharing loop) */
+static float *scratch(int64_t per_thread, int *nt) {
+  *nt = n_threads();
+  return (float *)malloc((size_t)(*nt) * (size_t)per_thread * sizeof(float));
+}
 
 static void tree32(float *lane) {
   for (int off = 16; off >= 1; off >>= 1)
@@ -70,7 +86,7 @@ static float row_sum_strided(const float *v, int64_t K) {
   return tree_block(acc);
 }
 
-static void load_row(const void *p, int64_t off, float *dst, int64_t K, int dt) {
+AOQ_INLINE void load_row(const void *p, int64_t off, float *dst, int64_t K, int dt) {
   if (dt == AOQ_BF16) {
     const uint16_t *s = (const uint16_t *)p + off;
     for (int64_t k = 0; k < K; k++) dst[k] = aoq_bf16_bits_to_f32(s[k]);
@@ -82,7 +98,7 @@ static void load_row(const void *p, int64_t off, float *dst, int64_t K, int dt) 
   }
 }
 
-static void store_row(void *p, int64_t off, const float *src, int64_t K, int dt) {
+AOQ_INLINE void store_row(void *p, int64_t off, const float *src, int64_t K, int dt) {
   if (dt == AOQ_BF16) {
     uint16_t *d = (uint16_t *)p + off;
     for (int64_t k = 0; k < K; k++) d[k] = aoq_f32_to_bf16_bits(src[k]);
@@ -95,21 +111,33 @@ static void store_row(void *p, int64_t off, const float *src, int64_t K, int dt)
 }
 
 /* ------------------------------------------------------------------ */
-/* forward, one row                                                     */
+/* forward, one row.  Always inlined into a switch on dt so every dtype  */
+/* branch folds away and the element loops (branch-free math) vectorize. */
 /* ------------------------------------------------------------------ */
-static void fq_fwd_row(float *x, float *y, uint8_t *codes, float *scales, float *zeros, int64_t K,
-                       int64_t g, int dt, int scheme, int awq, int cs) {
+AOQ_INLINE void fq_fwd_row(float *x, float *y, float *qf, uint8_t *codes, float *scales,
+                           float *zeros, int64_t K, int64_t g, int dt, int scheme, int awq, int cs) {
   const int64_t G = K / g;
   if (scheme == AOQ_SCHEME_FP8_INT4) {
     float s_row = aoq_fp8_row_scale(x, K, dt, cs, NULL);
+#pragma omp simd
     for (int64_t k = 0; k < K; k++) x[k] = aoq_fp8_rt(x[k], s_row, dt); /* x := wd */
     for (int64_t j = 0; j < G; j++) {
       const float *wd = x + j * g;
-      aoq_sym_group p = aoq_sym_group_params(wd, g, dt, awq);
+      float *yj = y + j * g, *qj = qf + j * g;
+      float m = 0.f;
+      int nan = 0;
+#pragma omp simd reduction(max : m) reduction(| : nan)
+      for (int64_t k = 0; k < g; k++) {
+        float v = wd[k] < 0.f ? -wd[k] : wd[k];
+        nan |= v != v;
+        m = v > m ? v : m;
+      }
+      aoq_sym_group p = aoq_sym_group_from_max(nan ? aoq_u2f(0x7fc00000u) : m, dt, awq);
+#pragma omp simd
       for (int64_t k = 0; k < g; k++) {
         float qc = aoq_clamp(aoq_sym_code_raw(wd[k], &p, dt), -8.f, 7.f);
-        if (y) y[j * g + k] = aoq_sym_deq(qc, &p, dt);
-        if (codes) codes[j * g + k] = (uint8_t)(int)(qc + 8.f);
+        yj[k] = aoq_sym_deq(qc, &p, dt);
+        qj[k] = qc + 8.f;
       }
       if (scales) scales[j] = p.sdq;
       if (zeros) zeros[j] = 8.f;
@@ -117,42 +145,67 @@ static void fq_fwd_row(float *x, float *y, uint8_t *codes, float *scales, float 
   } else {
     for (int64_t j = 0; j < G; j++) {
       const float *xg = x + j * g;
-      aoq_asym_group p = aoq_asym_group_params(xg, g, awq, cs);
+      float *yj = y + j * g, *qj = qf + j * g;
+      float mx = xg[0], mn = xg[0];
+      int nan = 0;
+#pragma omp simd reduction(max : mx) reduction(min : mn) reduction(| : nan)
+      for (int64_t k = 0; k < g; k++) {
+        nan |= xg[k] != xg[k];
+        mx = xg[k] > mx ? xg[k] : mx;
+        mn = xg[k] < mn ? xg[k] : mn;
+      }
+      if (nan) mx = mn = aoq_u2f(0x7fc00000u);
+      aoq_asym_group p = aoq_asym_group_from_minmax(mx, mn, awq, cs);
+#pragma omp simd
       for (int64_t k = 0; k < g; k++) {
         float qc = aoq_clamp(aoq_asym_code_raw(xg[k], &p, awq), 0.f, 15.f);
-        if (y) y[j * g + k] = aoq_asym_deq(qc, &p, awq);
-        if (codes) codes[j * g + k] = (uint8_t)(int)qc;
+        yj[k] = aoq_asym_deq(qc, &p, awq);
+        qj[k] = qc;
       }
       if (scales) scales[j] = awq ? p.s16 : p.s;
       if (zeros) zeros[j] = awq ? p.zi : p.z;
     }
   }
+  if (codes)
+    for (int64_t k = 0; k < K; k++) codes[k] = (uint8_t)(int)qf[k];
+}
+
+AOQ_INLINE void fq_fwd_rows(const void *w, void *out, uint8_t *codes, float *scales, float *zeros,
+                            int64_t N, int64_t K, int64_t g, int dt, int scheme, int awq, int cs,
+                            float *x, float *y, float *qf) {
+#pragma omp for schedule(static)
+  for (int64_t n = 0; n < N; n++) {
+    load_row(w, n * K, x, K, dt);
+    fq_fwd_row(x, y, qf, codes ? codes + n * K : NULL, scales ? scales + n * (K / g) : NULL,
+               zeros ? zeros + n * (K / g) : NULL, K, g, dt, scheme, awq, cs);
+    if (out) store_row(out, n * K, y, K, dt);
+  }
+}
+
+__attribute__((target_clones("avx2", "default"))) static void fq_fwd_dispatch(
+    const void *w, void *out, uint8_t *codes, float *scales, float *zeros, int64_t N, int64_t K,
+    int64_t g, int dt, int scheme, int awq, int cs, float *x, float *y, float *qf) {
+  if (dt == AOQ_BF16)
+    fq_fwd_rows(w, out, codes, scales, zeros, N, K, g, AOQ_BF16, scheme, awq, cs, x, y, qf);
+  else if (dt == AOQ_F16)
+    fq_fwd_rows(w, out, codes, scales, zeros, N, K, g, AOQ_F16, scheme, awq, cs, x, y, qf);
+  else
+    fq_fwd_rows(w, out, codes, scales, zeros, N, K, g, AOQ_F32, scheme, awq, cs, x, y, qf);
 }
 
 int aoq_cpu_fq_fwd(const void *w, void *out, uint8_t *codes, float *scales, float *zeros,
                    int64_t N, int64_t K, int64_t g, int dt, int scheme, int awq, int cs) {
   if (N < 0 || K <= 0 || g <= 0 || K % g) return AOQ_ERR_ARG;
-  int err = 0;
-#pragma omp parallel
+  int nt;
+  float *buf = scratch(3 * K, &nt);
+  if (!buf) return AOQ_ERR_NOMEM;
+#pragma omp parallel num_threads(nt)
   {
-    float *buf = (float *)malloc((size_t)K * 2 * sizeof(float));
-    if (!buf) {
-#pragma omp atomic write
-      err = AOQ_ERR_NOMEM;
-    } else {
-      float *x = buf, *y = buf + K;
-#pragma omp for schedule(static)
-      for (int64_t n = 0; n < N; n++) {
-        load_row(w, n * K, x, K, dt);
-        fq_fwd_row(x, out ? y : NULL, codes ? codes + n * K : NULL,
-                   scales ? scales + n * (K / g) : NULL, zeros ? zeros + n * (K / g) : NULL, K, g,
-                   dt, scheme, awq, cs);
-        if (out) store_row(out, n * K, y, K, dt);
-      }
-      free(buf);
-    }
+    float *b = buf + (int64_t)thread_id() * 3 * K;
+    fq_fwd_dispatch(w, out, codes, scales, zeros, N, K, g, dt, scheme, awq, cs, b, b + K, b + 2 * K);
   }
-  return err;
+  free(buf);
+  return AOQ_OK;
 }
 
 /* ------------------------------------------------------------------ */
@@ -160,12 +213,12 @@ int aoq_cpu_fq_fwd(const void *w, void *out, uint8_t *codes, float *scales, floa
 /* as fp32, writes gx (values of D) into gw.  Also the whole backward   */
 /* of the fp8 activation fake quant.  tmp: K floats.                    */
 /* ------------------------------------------------------------------ */
-static float row_sum(const float *v, int64_t K, int64_t g) {
+AOQ_INLINE float row_sum(const float *v, int64_t K, int64_t g) {
   return g > 0 ? row_sum_grouped(v, K, g) : row_sum_strided(v, K);
 }
 
 /* g: group size of the weight row (sum order), 0 for an activation row */
-static void fp8_row_bwd(const float *x, const float *gh, float *gw, float *tmp, int64_t K, int64_t g,
+AOQ_INLINE void fp8_row_bwd(const float *x, const float *gh, float *gw, float *tmp, int64_t K, int64_t g,
                         int dt, int cs) {
   float a0;
   float s_row = aoq_fp8_row_scale(x, K, dt, cs, &a0);
@@ -174,11 +227,13 @@ static void fp8_row_bwd(const float *x, const float *gh, float *gw, float *tmp, 
     return;
   }
   /* d/ds_row of h = fp32(w8) * s_row  ->  sum g_h * w8 */
+  #pragma omp simd
   for (int64_t k = 0; k < K; k++) {
     float t = aoq_clamp(x[k] / s_row, -AOQ_FP8_MAX, AOQ_FP8_MAX);
     tmp[k] = gh[k] * aoq_fp8_e4m3_round(t);
   }
   float sum_a = row_sum(tmp, K, g);
+  #pragma omp simd
   for (int64_t k = 0; k < K; k++) {
     float t = x[k] / s_row;
     /* gradient of `fp8_tensor.to(float32)`: cast back to float8 (torchao) */
@@ -194,22 +249,25 @@ static void fp8_row_bwd(const float *x, const float *gh, float *gw, float *tmp, 
   int64_t cnt = 0;
   for (int64_t k = 0; k < K; k++) cnt += ((x[k] < 0.f ? -x[k] : x[k]) == a0);
   float each = cnt ? aoq_round_to(g_a / (float)cnt, dt) : 0.f;
+#pragma omp simd
   for (int64_t k = 0; k < K; k++) {
     float ga = aoq_round_to(gw[k], dt);
-    if ((x[k] < 0.f ? -x[k] : x[k]) == a0) ga = aoq_round_to(ga + aoq_round_to(each * aoq_sgn(x[k]), dt), dt);
-    gw[k] = ga;
+    float gb = aoq_round_to(ga + aoq_round_to(each * aoq_sgn(x[k]), dt), dt);
+    gw[k] = (x[k] < 0.f ? -x[k] : x[k]) == a0 ? gb : ga;
   }
 }
 
 /* backward of the fp8-int4 group stage: G (values of D), wd -> gwd (D) */
-static void sym_group_bwd(const float *wd, const float *G, float *gwd, float *tmp, int64_t g, int dt,
+AOQ_INLINE void sym_group_bwd(const float *wd, const float *G, float *gwd, float *tmp, int64_t g, int dt,
                           int awq) {
   aoq_sym_group p = aoq_sym_group_params(wd, g, dt, awq);
+  #pragma omp simd
   for (int64_t k = 0; k < g; k++) {
     float qc = aoq_clamp(aoq_sym_code_raw(wd[k], &p, dt), -8.f, 7.f);
     tmp[k] = awq ? G[k] * qc : aoq_round_to(G[k] * qc, dt);
   }
   float g_sg_a = aoq_round_to(group_sum(tmp, g), dt);
+  #pragma omp simd
   for (int64_t k = 0; k < g; k++) {
     float q2 = aoq_sym_code_raw(wd[k], &p, dt);
     float gd = aoq_round_to(G[k] * (awq ? p.sdq : p.sg), dt);
@@ -225,13 +283,15 @@ static void sym_group_bwd(const float *wd, const float *G, float *gwd, float *tm
   int64_t cnt = 0;
   for (int64_t k = 0; k < g; k++) cnt += ((wd[k] < 0.f ? -wd[k] : wd[k]) == p.m);
   float each = cnt ? aoq_round_to(g_m / (float)cnt, dt) : 0.f;
-  for (int64_t k = 0; k < g; k++)
-    if ((wd[k] < 0.f ? -wd[k] : wd[k]) == p.m)
-      gwd[k] = aoq_round_to(gwd[k] + aoq_round_to(each * aoq_sgn(wd[k]), dt), dt);
+#pragma omp simd
+  for (int64_t k = 0; k < g; k++) {
+    float gb = aoq_round_to(gwd[k] + aoq_round_to(each * aoq_sgn(wd[k]), dt), dt);
+    gwd[k] = (wd[k] < 0.f ? -wd[k] : wd[k]) == p.m ? gb : gwd[k];
+  }
 }
 
 /* backward of int4-asym over one group: x, G fp32 -> gx fp32 */
-static void asym_group_bwd(const float *x, const float *G, float *gx, float *tmp, int64_t g, int awq,
+AOQ_INLINE void asym_group_bwd(const float *x, const float *G, float *gx, float *tmp, int64_t g, int awq,
                            int cs) {
   aoq_asym_group p = aoq_asym_group_params(x, g, awq, cs);
   float g_s, g_mn;
@@ -240,6 +300,7 @@ static void asym_group_bwd(const float *x, const float *G, float *gx, float *tmp
     for (int64_t k = 0; k < g; k++)
       tmp[k] = G[k] * (aoq_clamp(aoq_asym_code_raw(x[k], &p, 0), 0.f, 15.f) - 8.f);
     float g_s_a = group_sum(tmp, g);
+    #pragma omp simd
     for (int64_t k = 0; k < g; k++) {
       float u = (x[k] - p.mn) / p.s;
       float q = aoq_rint(u);
@@ -260,6 +321,7 @@ static void asym_group_bwd(const float *x, const float *G, float *gx, float *tmp
     for (int64_t k = 0; k < g; k++)
       tmp[k] = G[k] * (aoq_clamp(aoq_asym_code_raw(x[k], &p, 1), 0.f, 15.f) - p.zi);
     float g_s_a = group_sum(tmp, g);
+    #pragma omp simd
     for (int64_t k = 0; k < g; k++) {
       float v = aoq_asym_code_raw(x[k], &p, 1);
       float gv = (v >= 0.f && v <= 15.f) ? G[k] * p.s16 : 0.f;
@@ -289,96 +351,108 @@ static void asym_group_bwd(const float *x, const float *G, float *gx, float *tmp
     cn += (x[k] == p.mn);
   }
   float ex = cx ? g_s / (float)cx : 0.f, en = cn ? g_mn / (float)cn : 0.f;
+#pragma omp simd
   for (int64_t k = 0; k < g; k++) {
-    if (x[k] == p.mx) gx[k] += ex;
-    if (x[k] == p.mn) gx[k] += en;
+    float a = x[k] == p.mx ? gx[k] + ex : gx[k];
+    gx[k] = x[k] == p.mn ? a + en : a;
   }
+}
+
+AOQ_INLINE void fq_bwd_rows(const void *grad, const void *w, void *gw, int64_t N, int64_t K,
+                            int64_t g, int dt, int scheme, int awq, int cs, float *b) {
+  float *x = b, *G = b + K, *wd = b + 2 * K, *gg = b + 3 * K, *tmp = b + 4 * K;
+#pragma omp for schedule(static)
+  for (int64_t n = 0; n < N; n++) {
+    load_row(w, n * K, x, K, dt);
+    load_row(grad, n * K, G, K, dt);
+    if (scheme == AOQ_SCHEME_FP8_INT4) {
+      float s_row = aoq_fp8_row_scale(x, K, dt, cs, NULL);
+#pragma omp simd
+      for (int64_t k = 0; k < K; k++) wd[k] = aoq_fp8_rt(x[k], s_row, dt);
+      for (int64_t j = 0; j < K / g; j++)
+        sym_group_bwd(wd + j * g, G + j * g, gg + j * g, tmp, g, dt, awq);
+      fp8_row_bwd(x, gg, wd, tmp, K, g, dt, cs); /* wd := gw (D values) */
+      store_row(gw, n * K, wd, K, dt);
+    } else {
+      for (int64_t j = 0; j < K / g; j++)
+        asym_group_bwd(x + j * g, G + j * g, gg + j * g, tmp, g, awq, cs);
+      store_row(gw, n * K, gg, K, dt);
+    }
+  }
+}
+
+__attribute__((target_clones("avx2", "default"))) static void fq_bwd_dispatch(
+    const void *grad, const void *w, void *gw, int64_t N, int64_t K, int64_t g, int dt, int scheme,
+    int awq, int cs, float *b) {
+  if (dt == AOQ_BF16)
+    fq_bwd_rows(grad, w, gw, N, K, g, AOQ_BF16, scheme, awq, cs, b);
+  else if (dt == AOQ_F16)
+    fq_bwd_rows(grad, w, gw, N, K, g, AOQ_F16, scheme, awq, cs, b);
+  else
+    fq_bwd_rows(grad, w, gw, N, K, g, AOQ_F32, scheme, awq, cs, b);
 }
 
 int aoq_cpu_fq_bwd(const void *grad, const void *w, void *gw, int64_t N, int64_t K, int64_t g,
                    int dt, int scheme, int awq, int cs) {
   if (N < 0 || K <= 0 || g <= 0 || K % g) return AOQ_ERR_ARG;
-  int err = 0;
-#pragma omp parallel
-  {
-    float *buf = (float *)malloc((size_t)K * 5 * sizeof(float));
-    if (!buf) {
-#pragma omp atomic write
-      err = AOQ_ERR_NOMEM;
-    } else {
-      float *x = buf, *G = buf + K, *wd = buf + 2 * K, *gg = buf + 3 * K, *tmp = buf + 4 * K;
-#pragma omp for schedule(static)
-      for (int64_t n = 0; n < N; n++) {
-        load_row(w, n * K, x, K, dt);
-        load_row(grad, n * K, G, K, dt);
-        if (scheme == AOQ_SCHEME_FP8_INT4) {
-          float s_row = aoq_fp8_row_scale(x, K, dt, cs, NULL);
-          for (int64_t k = 0; k < K; k++) wd[k] = aoq_fp8_rt(x[k], s_row, dt);
-          for (int64_t j = 0; j < K / g; j++)
-            sym_group_bwd(wd + j * g, G + j * g, gg + j * g, tmp, g, dt, awq);
-          fp8_row_bwd(x, gg, wd, tmp, K, g, dt, cs); /* wd := gw (D values) */
-          store_row(gw, n * K, wd, K, dt);
-        } else {
-          for (int64_t j = 0; j < K / g; j++)
-            asym_group_bwd(x + j * g, G + j * g, gg + j * g, tmp, g, awq, cs);
-          store_row(gw, n * K, gg, K, dt);
-        }
-      }
-      free(buf);
-    }
-  }
-  return err;
+  int nt;
+  float *buf = scratch(5 * K, &nt);
+  if (!buf) return AOQ_ERR_NOMEM;
+#pragma omp parallel num_threads(nt)
+  fq_bwd_dispatch(grad, w, gw, N, K, g, dt, scheme, awq, cs, buf + (int64_t)thread_id() * 5 * K);
+  free(buf);
+  return AOQ_OK;
 }
 
 /* ------------------------------------------------------------------ */
 /* fp8 per-row activation fake quant                                    */
 /* ------------------------------------------------------------------ */
-int aoq_cpu_fp8_rows_fwd(const void *x, void *out, int64_t R, int64_t K, int dt, int cs) {
-  if (R < 0 || K <= 0) return AOQ_ERR_ARG;
-  int err = 0;
-#pragma omp parallel
-  {
-    float *buf = (float *)malloc((size_t)K * sizeof(float));
-    if (!buf) {
-#pragma omp atomic write
-      err = AOQ_ERR_NOMEM;
-    } else {
+AOQ_INLINE void rows_rows(const void *grad, const void *x, void *out, int64_t R, int64_t K, int dt,
+                          int cs, float *b) {
+  float *xr = b, *G = b + K, *o = b + 2 * K, *tmp = b + 3 * K;
 #pragma omp for schedule(static)
-      for (int64_t r = 0; r < R; r++) {
-        load_row(x, r * K, buf, K, dt);
-        float s = aoq_fp8_row_scale(buf, K, dt, cs, NULL);
-        for (int64_t k = 0; k < K; k++) buf[k] = aoq_fp8_rt(buf[k], s, dt);
-        store_row(out, r * K, buf, K, dt);
-      }
-      free(buf);
+  for (int64_t r = 0; r < R; r++) {
+    load_row(x, r * K, xr, K, dt);
+    if (grad) {
+      load_row(grad, r * K, G, K, dt);
+      fp8_row_bwd(xr, G, o, tmp, K, 0, dt, cs);
+    } else {
+      float s = aoq_fp8_row_scale(xr, K, dt, cs, NULL);
+#pragma omp simd
+      for (int64_t k = 0; k < K; k++) o[k] = aoq_fp8_rt(xr[k], s, dt);
     }
+    store_row(out, r * K, o, K, dt);
   }
-  return err;
+}
+
+__attribute__((target_clones("avx2", "default"))) static void rows_dispatch(
+    const void *grad, const void *x, void *out, int64_t R, int64_t K, int dt, int cs, float *b) {
+  if (dt == AOQ_BF16)
+    rows_rows(grad, x, out, R, K, AOQ_BF16, cs, b);
+  else if (dt == AOQ_F16)
+    rows_rows(grad, x, out, R, K, AOQ_F16, cs, b);
+  else
+    rows_rows(grad, x, out, R, K, AOQ_F32, cs, b);
+}
+
+static int rows_run(const void *grad, const void *x, void *out, int64_t R, int64_t K, int dt, int cs) {
+  if (R < 0 || K <= 0) return AOQ_ERR_ARG;
+  int nt;
+  float *buf = scratch(4 * K, &nt);
+  if (!buf) return AOQ_ERR_NOMEM;
+#pragma omp parallel num_threads(nt)
+  rows_dispatch(grad, x, out, R, K, dt, cs, buf + (int64_t)thread_id() * 4 * K);
+  free(buf);
+  return AOQ_OK;
+}
+
+int aoq_cpu_fp8_rows_fwd(const void *x, void *out, int64_t R, int64_t K, int dt, int cs) {
+  return rows_run(NULL, x, out, R, K, dt, cs);
 }
 
 int aoq_cpu_fp8_rows_bwd(const void *grad, const void *x, void *gx, int64_t R, int64_t K, int dt,
                          int cs) {
-  if (R < 0 || K <= 0) return AOQ_ERR_ARG;
-  int err = 0;
-#pragma omp parallel
-  {
-    float *buf = (float *)malloc((size_t)K * 4 * sizeof(float));
-    if (!buf) {
-#pragma omp atomic write
-      err = AOQ_ERR_NOMEM;
-    } else {
-      float *xr = buf, *G = buf + K, *o = buf + 2 * K, *tmp = buf + 3 * K;
-#pragma omp for schedule(static)
-      for (int64_t r = 0; r < R; r++) {
-        load_row(x, r * K, xr, K, dt);
-        load_row(grad, r * K, G, K, dt);
-        fp8_row_bwd(xr, G, o, tmp, K, 0, dt, cs);
-        store_row(gx, r * K, o, K, dt);
-      }
-      free(buf);
-    }
-  }
-  return err;
+  return rows_run(grad, x, gx, R, K, dt, cs);
 }
 
 /* ------------------------------------------------------------------ */

@@ -32,6 +32,19 @@ _ops = torch.ops.ao_awq
 HAS_CUDA = bool(_C.built_with_cuda())  # a constant, so torch.compile never calls into _C
 
 
+def _clamp_backward_is_strict() -> bool:
+    """torch <= 2.13 passes clamp's gradient at the bounds (lo <= x <= hi);
+    torch 2.14 stopped (lo < x < hi).  "The gradient torch autograd computes
+    through torchao's formula" follows the running torch, so we ask it."""
+    x = torch.tensor([0.0, 1.0], requires_grad=True)
+    with torch.enable_grad():
+        x.clamp(0.0, 1.0).sum().backward()
+    return bool((x.grad == 0).all())
+
+
+CLAMP_STRICT = _clamp_backward_is_strict()
+
+
 # --------------------------------------------------------------------------
 # argument checks (Python exceptions naming the argument and the rule)
 # --------------------------------------------------------------------------
@@ -83,7 +96,7 @@ def _fq_weight_fake(w, group_size, scheme, awq, pure_ste=False, div_mode=-1):
 
 
 @torch.library.register_fake("ao_awq::fq_weight_backward")
-def _fq_weight_backward_fake(grad, w, group_size, scheme, awq, div_mode=-1):
+def _fq_weight_backward_fake(grad, w, group_size, scheme, awq, clamp_strict=False, div_mode=-1):
     return torch.empty_like(w, memory_format=torch.contiguous_format)
 
 
@@ -101,7 +114,7 @@ def _fp8_rows_fake(x, pure_ste=False, div_mode=-1):
 
 
 @torch.library.register_fake("ao_awq::fp8_rows_backward")
-def _fp8_rows_backward_fake(grad, x, div_mode=-1):
+def _fp8_rows_backward_fake(grad, x, clamp_strict=False, div_mode=-1):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
@@ -126,7 +139,8 @@ def _fq_backward(ctx, grad):
         gw = grad
     else:
         (w,) = ctx.saved_tensors
-        gw = _ops.fq_weight_backward(grad.contiguous(), w, group_size, scheme, awq, div_mode)
+        gw = _ops.fq_weight_backward(grad.contiguous(), w, group_size, scheme, awq, CLAMP_STRICT,
+                                     div_mode)
     return gw, None, None, None, None, None
 
 
@@ -144,7 +158,7 @@ def _rows_backward(ctx, grad):
     if pure_ste:
         return grad, None, None
     (x,) = ctx.saved_tensors
-    return _ops.fp8_rows_backward(grad.contiguous(), x, div_mode), None, None
+    return _ops.fp8_rows_backward(grad.contiguous(), x, CLAMP_STRICT, div_mode), None, None
 
 
 torch.library.register_autograd("ao_awq::fp8_rows", _rows_backward, setup_context=_rows_setup)

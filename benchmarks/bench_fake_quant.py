@@ -86,7 +86,7 @@ def main():
                 ("fwd", lambda: ours(w), lambda: tao(w), (lambda: comp(w)) if comp is not None else None, 2 * nbytes),
                 ("fwd+bwd", fwd_bwd(ours, w, gout), fwd_bwd(tao, w, gout),
                  fwd_bwd(comp, w, gout) if comp is not None else None, 5 * nbytes),
-                ("bwd kernel", lambda: torch.ops.ao_awq.fq_weight_backward(gout, w, 128, SCH[scheme], False),
+                ("bwd kernel", lambda: torch.ops.ao_awq.fq_weight_backward(gout, w, 128, SCH[scheme], False, aq.ops.CLAMP_STRICT),
                  None, None, 3 * nbytes),
             ]
             t_fwd = None

@@ -152,14 +152,15 @@ static void k_fq_weight(StableIValue *stack, uint64_t na, uint64_t no) {
   stack[0] = ret_tensor(own[1]);
 }
 
-/* fq_weight_backward(Tensor grad, Tensor w, int group_size, int scheme, bool awq, int div_mode) */
+/* fq_weight_backward(Tensor grad, Tensor w, int group_size, int scheme, bool awq,
+ *                    bool clamp_strict, int div_mode) */
 static void k_fq_weight_backward(StableIValue *stack, uint64_t na, uint64_t no) {
   (void)na;
   (void)no;
   AtenTensorHandle own[3] = {arg_tensor(stack[0]), arg_tensor(stack[1]), NULL};
   int64_t g = arg_int(stack[2]), scheme = arg_int(stack[3]);
-  int awq = arg_bool(stack[4]);
-  int64_t div_mode = arg_int(stack[5]);
+  int awq = arg_bool(stack[4]), st = arg_bool(stack[5]);
+  int64_t div_mode = arg_int(stack[6]);
   tinfo gr, w;
   if (describe(own[0], &gr) || describe(own[1], &w))
     fail("fq_weight_backward", "cannot read tensors", own, 2);
@@ -175,13 +176,13 @@ static void k_fq_weight_backward(StableIValue *stack, uint64_t na, uint64_t no) 
   if (is_cuda(&w)) {
 #ifdef AOQ_WITH_CUDA
     rc = aoq_cuda_fq_bwd(gr.data, w.data, data_of(own[2]), w.sizes[0], w.sizes[1], g, w.dt,
-                         (int)scheme, awq, cs, w.dev_index, stream_of(&w));
+                         (int)scheme, awq, cs, st, w.dev_index, stream_of(&w));
 #else
     rc = AOQ_ERR_CUDA;
 #endif
   } else {
     rc = aoq_cpu_fq_bwd(gr.data, w.data, data_of(own[2]), w.sizes[0], w.sizes[1], g, w.dt,
-                        (int)scheme, awq, cs);
+                        (int)scheme, awq, cs, st);
   }
   if (rc) fail("fq_weight_backward", "kernel failed", own, 3);
   aoti_torch_delete_tensor_object(own[0]);
@@ -265,12 +266,13 @@ static void k_fp8_rows(StableIValue *stack, uint64_t na, uint64_t no) {
   stack[0] = ret_tensor(own[1]);
 }
 
-/* fp8_rows_backward(Tensor grad, Tensor x, int div_mode) -> Tensor */
+/* fp8_rows_backward(Tensor grad, Tensor x, bool clamp_strict, int div_mode) -> Tensor */
 static void k_fp8_rows_backward(StableIValue *stack, uint64_t na, uint64_t no) {
   (void)na;
   (void)no;
   AtenTensorHandle own[3] = {arg_tensor(stack[0]), arg_tensor(stack[1]), NULL};
-  int64_t div_mode = arg_int(stack[2]);
+  int st = arg_bool(stack[2]);
+  int64_t div_mode = arg_int(stack[3]);
   tinfo gr, x;
   if (describe(own[0], &gr) || describe(own[1], &x))
     fail("fp8_rows_backward", "cannot read tensors", own, 2);
@@ -284,13 +286,13 @@ static void k_fp8_rows_backward(StableIValue *stack, uint64_t na, uint64_t no) {
   int cs = div_semantics(&x, 0, div_mode), rc;
   if (is_cuda(&x)) {
 #ifdef AOQ_WITH_CUDA
-    rc = aoq_cuda_fp8_rows_bwd(gr.data, x.data, data_of(own[2]), R, K, x.dt, cs, x.dev_index,
+    rc = aoq_cuda_fp8_rows_bwd(gr.data, x.data, data_of(own[2]), R, K, x.dt, cs, st, x.dev_index,
                                stream_of(&x));
 #else
     rc = AOQ_ERR_CUDA;
 #endif
   } else {
-    rc = aoq_cpu_fp8_rows_bwd(gr.data, x.data, data_of(own[2]), R, K, x.dt, cs);
+    rc = aoq_cpu_fp8_rows_bwd(gr.data, x.data, data_of(own[2]), R, K, x.dt, cs, st);
   }
   if (rc) fail("fp8_rows_backward", "kernel failed", own, 3);
   aoti_torch_delete_tensor_object(own[0]);
@@ -333,11 +335,11 @@ static const char *SCHEMAS[] = {
     "fq_weight(Tensor w, int group_size, int scheme, bool awq, bool pure_ste=False, "
     "int div_mode=-1) -> Tensor",
     "fq_weight_backward(Tensor grad, Tensor w, int group_size, int scheme, bool awq, "
-    "int div_mode=-1) -> Tensor",
+    "bool clamp_strict=False, int div_mode=-1) -> Tensor",
     "quantize(Tensor w, int group_size, int scheme, bool awq, int div_mode=-1) "
     "-> (Tensor, Tensor, Tensor)",
     "fp8_rows(Tensor x, bool pure_ste=False, int div_mode=-1) -> Tensor",
-    "fp8_rows_backward(Tensor grad, Tensor x, int div_mode=-1) -> Tensor",
+    "fp8_rows_backward(Tensor grad, Tensor x, bool clamp_strict=False, int div_mode=-1) -> Tensor",
     "pack_awq(Tensor codes) -> Tensor",
 };
 static const struct {

@@ -30,7 +30,7 @@ def cpu_fwd(w, g, scheme, mode):
 
 def cpu_bwd(grad, w, g, scheme, mode):
     return torch.ops.ao_awq.fq_weight_backward(grad.cpu(), w.cpu(), g, SCH[scheme], mode == "awq",
-                                               1 if mode == "torchao" else 0)
+                                               aq.ops.CLAMP_STRICT, 1 if mode == "torchao" else 0)
 
 
 def gpu_grad(fn, w, gout):
@@ -97,7 +97,7 @@ def test_gpu_fp8_rows(dtype):
     g = (torch.randn_like(x) * 100)
     xr = x.clone().requires_grad_()
     aq.fake_quant_fp8_rows(xr).backward(g)
-    assert_bits_equal(xr.grad.cpu(), torch.ops.ao_awq.fp8_rows_backward(g.cpu(), x.cpu(), 1), "rows grad")
+    assert_bits_equal(xr.grad.cpu(), torch.ops.ao_awq.fp8_rows_backward(g.cpu(), x.cpu(), aq.ops.CLAMP_STRICT, 1), "rows grad")
 
 
 def test_gpu_pack():

@@ -20,12 +20,13 @@ extern "C" {
  * cs: torch CUDA scalar-division semantics (1 only to emulate/verify the GPU). */
 int aoq_cpu_fq_fwd(const void *w, void *out, uint8_t *codes, float *scales, float *zeros,
                    int64_t N, int64_t K, int64_t g, int dt, int scheme, int awq, int cs);
+/* st: torch's clamp-backward convention, 1 = exclusive bounds (torch >= 2.14) */
 int aoq_cpu_fq_bwd(const void *grad, const void *w, void *gw, int64_t N, int64_t K, int64_t g,
-                   int dt, int scheme, int awq, int cs);
+                   int dt, int scheme, int awq, int cs, int st);
 /* fp8 per-row activation fake quant over rows of length K. */
 int aoq_cpu_fp8_rows_fwd(const void *x, void *out, int64_t R, int64_t K, int dt, int cs);
 int aoq_cpu_fp8_rows_bwd(const void *grad, const void *x, void *gx, int64_t R, int64_t K, int dt,
-                         int cs);
+                         int cs, int st);
 /* AWQ pack: codes uint8 [R, C] (row-major, values 0..15) -> int32 [C, R/8]
  * (transposed, 8 consecutive rows per word in AWQ order). R % 8 == 0. */
 int aoq_cpu_pack_awq(const uint8_t *codes, int32_t *packed, int64_t R, int64_t C);
@@ -35,11 +36,11 @@ int aoq_cuda_fq_fwd(const void *w, void *out, uint8_t *codes, float *scales, flo
                     int64_t N, int64_t K, int64_t g, int dt, int scheme, int awq, int cs,
                     int device, void *stream);
 int aoq_cuda_fq_bwd(const void *grad, const void *w, void *gw, int64_t N, int64_t K, int64_t g,
-                    int dt, int scheme, int awq, int cs, int device, void *stream);
+                    int dt, int scheme, int awq, int cs, int st, int device, void *stream);
 int aoq_cuda_fp8_rows_fwd(const void *x, void *out, int64_t R, int64_t K, int dt, int cs,
                           int device, void *stream);
 int aoq_cuda_fp8_rows_bwd(const void *grad, const void *x, void *gx, int64_t R, int64_t K,
-                          int dt, int cs, int device, void *stream);
+                          int dt, int cs, int st, int device, void *stream);
 int aoq_cuda_pack_awq(const uint8_t *codes, int32_t *packed, int64_t R, int64_t C, int device,
                       void *stream);
 #endif

@@ -26,6 +26,14 @@
   AOQ_PRAGMA(omp simd reduction(max : a) reduction(min : b) reduction(| : f))
 #endif
 
+/* Gradient masks of torch's clamp backward: inclusive bounds up to torch
+ * 2.13 (lo <= x <= hi), exclusive from torch 2.14 (lo < x < hi).  `st`
+ * selects the exclusive rule; ops.py detects which one the running torch uses. */
+AOQ_HD int aoq_in(float x, float lo, float hi, int st) {
+  return st ? (x > lo && x < hi) : (x >= lo && x <= hi);
+}
+AOQ_HD int aoq_ge(float x, float lo, int st) { return st ? x > lo : x >= lo; }
+
 /* ---------------------------------------------------------------------- */
 /* Stage 1 of fp8-int4 (also the whole fp8 activation fake quant):
  * per-row fp8 scale and the fp8 round trip, wd = D(fp32(e4m3(x/s)) * s).

@@ -219,7 +219,7 @@ AOQ_INLINE float row_sum(const float *v, int64_t K, int64_t g) {
 
 /* g: group size of the weight row (sum order), 0 for an activation row */
 AOQ_INLINE void fp8_row_bwd(const float *x, const float *gh, float *gw, float *tmp, int64_t K, int64_t g,
-                        int dt, int cs) {
+                        int dt, int cs, int st) {
   float a0;
   float s_row = aoq_fp8_row_scale(x, K, dt, cs, &a0);
   if (s_row == 0.f) { /* scale underflow (fp16): forward gave 0, torchao NaN */
@@ -238,14 +238,14 @@ AOQ_INLINE void fp8_row_bwd(const float *x, const float *gh, float *gw, float *t
     float t = x[k] / s_row;
     /* gradient of `fp8_tensor.to(float32)`: cast back to float8 (torchao) */
     float gt = aoq_fp8_e4m3_round(gh[k] * s_row);
-    if (!(t >= -AOQ_FP8_MAX && t <= AOQ_FP8_MAX)) gt = 0.f;
+    if (!aoq_in(t, -AOQ_FP8_MAX, AOQ_FP8_MAX, st)) gt = 0.f;
     gw[k] = gt / s_row;
     tmp[k] = -gt * (t / s_row);
   }
   float sum_b = row_sum(tmp, K, g);
   float g_sD = aoq_round_to(sum_a + sum_b, dt);
   float g_a = aoq_round_to(aoq_div_scalar(g_sD, AOQ_FP8_MAX, cs), dt);
-  if (!(a0 >= aoq_eps_in(1e-12f, dt))) g_a = 0.f;
+  if (!aoq_ge(a0, aoq_eps_in(1e-12f, dt), st)) g_a = 0.f;
   int64_t cnt = 0;
   for (int64_t k = 0; k < K; k++) cnt += ((x[k] < 0.f ? -x[k] : x[k]) == a0);
   float each = cnt ? aoq_round_to(g_a / (float)cnt, dt) : 0.f;
@@ -259,7 +259,7 @@ AOQ_INLINE void fp8_row_bwd(const float *x, const float *gh, float *gw, float *t
 
 /* backward of the fp8-int4 group stage: G (values of D), wd -> gwd (D) */
 AOQ_INLINE void sym_group_bwd(const float *wd, const float *G, float *gwd, float *tmp, int64_t g, int dt,
-                          int awq) {
+                          int awq, int st) {
   aoq_sym_group p = aoq_sym_group_params(wd, g, dt, awq);
   #pragma omp simd
   for (int64_t k = 0; k < g; k++) {
@@ -271,14 +271,14 @@ AOQ_INLINE void sym_group_bwd(const float *wd, const float *G, float *gwd, float
   for (int64_t k = 0; k < g; k++) {
     float q2 = aoq_sym_code_raw(wd[k], &p, dt);
     float gd = aoq_round_to(G[k] * (awq ? p.sdq : p.sg), dt);
-    float gq = (q2 >= -8.f && q2 <= 7.f) ? gd : 0.f;
+    float gq = aoq_in(q2, -8.f, 7.f, st) ? gd : 0.f;
     gwd[k] = aoq_round_to(gq * p.rcp, dt);
     tmp[k] = aoq_round_to(gq * wd[k], dt);
   }
   float g_r = aoq_round_to(group_sum(tmp, g), dt);
   float g_sg_b = aoq_round_to(-g_r * aoq_round_to(p.rcp * p.rcp, dt), dt);
   float g_sg = aoq_round_to(g_sg_a + g_sg_b, dt);
-  if (!(p.m8 >= aoq_eps_in(1e-6f, dt))) g_sg = 0.f;
+  if (!aoq_ge(p.m8, aoq_eps_in(1e-6f, dt), st)) g_sg = 0.f;
   float g_m = aoq_round_to(g_sg * 0.125f, dt);
   int64_t cnt = 0;
   for (int64_t k = 0; k < g; k++) cnt += ((wd[k] < 0.f ? -wd[k] : wd[k]) == p.m);
@@ -292,7 +292,7 @@ AOQ_INLINE void sym_group_bwd(const float *wd, const float *G, float *gwd, float
 
 /* backward of int4-asym over one group: x, G fp32 -> gx fp32 */
 AOQ_INLINE void asym_group_bwd(const float *x, const float *G, float *gx, float *tmp, int64_t g, int awq,
-                           int cs) {
+                           int cs, int st) {
   aoq_asym_group p = aoq_asym_group_params(x, g, awq, cs);
   float g_s, g_mn;
   if (!awq) {
@@ -304,7 +304,7 @@ AOQ_INLINE void asym_group_bwd(const float *x, const float *G, float *gx, float 
     for (int64_t k = 0; k < g; k++) {
       float u = (x[k] - p.mn) / p.s;
       float q = aoq_rint(u);
-      float gq = (q >= 0.f && q <= 15.f) ? G[k] * p.s : 0.f;
+      float gq = aoq_in(q, 0.f, 15.f, st) ? G[k] * p.s : 0.f;
       gx[k] = gq / p.s;
       tmp[k] = -gq * (u / p.s);
     }
@@ -312,7 +312,7 @@ AOQ_INLINE void asym_group_bwd(const float *x, const float *G, float *gx, float 
     float g_mn_a = -group_sum(gx, g);
     g_s = (g_s_a + g_s_b) + g_z * 8.0f;
     float g_d = aoq_div_scalar(g_s, 15.0f, cs);
-    if (!(p.d >= 1e-6f)) g_d = 0.f;
+    if (!aoq_ge(p.d, 1e-6f, st)) g_d = 0.f;
     g_s = g_d; /* reused below as g_mx */
     g_mn = (g_mn_a + g_z) - g_d;
   } else {
@@ -324,24 +324,24 @@ AOQ_INLINE void asym_group_bwd(const float *x, const float *G, float *gx, float 
     #pragma omp simd
     for (int64_t k = 0; k < g; k++) {
       float v = aoq_asym_code_raw(x[k], &p, 1);
-      float gv = (v >= 0.f && v <= 15.f) ? G[k] * p.s16 : 0.f;
+      float gv = aoq_in(v, 0.f, 15.f, st) ? G[k] * p.s16 : 0.f;
       gx[k] = gv / p.s16;
       tmp[k] = -gv * ((x[k] / p.s16) / p.s16);
     }
     float g_s_b = group_sum(tmp, g);
     for (int64_t k = 0; k < g; k++) {
       float v = aoq_asym_code_raw(x[k], &p, 1);
-      tmp[k] = (v >= 0.f && v <= 15.f) ? G[k] * p.s16 : 0.f;
+      tmp[k] = aoq_in(v, 0.f, 15.f, st) ? G[k] * p.s16 : 0.f;
     }
     float g_z_b = group_sum(tmp, g);
     float g_z = g_z_a + g_z_b;
     float zr = aoq_rint(-p.mn / p.s16);
-    if (!(zr >= 0.f && zr <= 15.f)) g_z = 0.f;
+    if (!aoq_in(zr, 0.f, 15.f, st)) g_z = 0.f;
     float g_negmn = g_z / p.s16;
     float g_s_c = -g_z * ((-p.mn / p.s16) / p.s16);
     g_s = (g_s_a + g_s_b) + g_s_c;
     float g_d = g_s / 15.0f;
-    if (!(p.d >= 1e-6f)) g_d = 0.f;
+    if (!aoq_ge(p.d, 1e-6f, st)) g_d = 0.f;
     g_s = g_d;
     g_mn = -g_negmn - g_d;
   }
@@ -359,7 +359,7 @@ AOQ_INLINE void asym_group_bwd(const float *x, const float *G, float *gx, float 
 }
 
 AOQ_INLINE void fq_bwd_rows(const void *grad, const void *w, void *gw, int64_t N, int64_t K,
-                            int64_t g, int dt, int scheme, int awq, int cs, float *b) {
+                            int64_t g, int dt, int scheme, int awq, int cs, int st, float *b) {
   float *x = b, *G = b + K, *wd = b + 2 * K, *gg = b + 3 * K, *tmp = b + 4 * K;
 #pragma omp for schedule(static)
   for (int64_t n = 0; n < N; n++) {
@@ -370,12 +370,12 @@ AOQ_INLINE void fq_bwd_rows(const void *grad, const void *w, void *gw, int64_t N
 #pragma omp simd
       for (int64_t k = 0; k < K; k++) wd[k] = aoq_fp8_rt(x[k], s_row, dt);
       for (int64_t j = 0; j < K / g; j++)
-        sym_group_bwd(wd + j * g, G + j * g, gg + j * g, tmp, g, dt, awq);
-      fp8_row_bwd(x, gg, wd, tmp, K, g, dt, cs); /* wd := gw (D values) */
+        sym_group_bwd(wd + j * g, G + j * g, gg + j * g, tmp, g, dt, awq, st);
+      fp8_row_bwd(x, gg, wd, tmp, K, g, dt, cs, st); /* wd := gw (D values) */
       store_row(gw, n * K, wd, K, dt);
     } else {
       for (int64_t j = 0; j < K / g; j++)
-        asym_group_bwd(x + j * g, G + j * g, gg + j * g, tmp, g, awq, cs);
+        asym_group_bwd(x + j * g, G + j * g, gg + j * g, tmp, g, awq, cs, st);
       store_row(gw, n * K, gg, K, dt);
     }
   }
@@ -383,23 +383,23 @@ AOQ_INLINE void fq_bwd_rows(const void *grad, const void *w, void *gw, int64_t N
 
 __attribute__((target_clones("avx2", "default"))) static void fq_bwd_dispatch(
     const void *grad, const void *w, void *gw, int64_t N, int64_t K, int64_t g, int dt, int scheme,
-    int awq, int cs, float *b) {
+    int awq, int cs, int st, float *b) {
   if (dt == AOQ_BF16)
-    fq_bwd_rows(grad, w, gw, N, K, g, AOQ_BF16, scheme, awq, cs, b);
+    fq_bwd_rows(grad, w, gw, N, K, g, AOQ_BF16, scheme, awq, cs, st, b);
   else if (dt == AOQ_F16)
-    fq_bwd_rows(grad, w, gw, N, K, g, AOQ_F16, scheme, awq, cs, b);
+    fq_bwd_rows(grad, w, gw, N, K, g, AOQ_F16, scheme, awq, cs, st, b);
   else
-    fq_bwd_rows(grad, w, gw, N, K, g, AOQ_F32, scheme, awq, cs, b);
+    fq_bwd_rows(grad, w, gw, N, K, g, AOQ_F32, scheme, awq, cs, st, b);
 }
 
 int aoq_cpu_fq_bwd(const void *grad, const void *w, void *gw, int64_t N, int64_t K, int64_t g,
-                   int dt, int scheme, int awq, int cs) {
+                   int dt, int scheme, int awq, int cs, int st) {
   if (N < 0 || K <= 0 || g <= 0 || K % g) return AOQ_ERR_ARG;
   int nt;
   float *buf = scratch(5 * K, &nt);
   if (!buf) return AOQ_ERR_NOMEM;
 #pragma omp parallel num_threads(nt)
-  fq_bwd_dispatch(grad, w, gw, N, K, g, dt, scheme, awq, cs, buf + (int64_t)thread_id() * 5 * K);
+  fq_bwd_dispatch(grad, w, gw, N, K, g, dt, scheme, awq, cs, st, buf + (int64_t)thread_id() * 5 * K);
   free(buf);
   return AOQ_OK;
 }
@@ -408,14 +408,14 @@ int aoq_cpu_fq_bwd(const void *grad, const void *w, void *gw, int64_t N, int64_t
 /* fp8 per-row activation fake quant                                    */
 /* ------------------------------------------------------------------ */
 AOQ_INLINE void rows_rows(const void *grad, const void *x, void *out, int64_t R, int64_t K, int dt,
-                          int cs, float *b) {
+                          int cs, int st, float *b) {
   float *xr = b, *G = b + K, *o = b + 2 * K, *tmp = b + 3 * K;
 #pragma omp for schedule(static)
   for (int64_t r = 0; r < R; r++) {
     load_row(x, r * K, xr, K, dt);
     if (grad) {
       load_row(grad, r * K, G, K, dt);
-      fp8_row_bwd(xr, G, o, tmp, K, 0, dt, cs);
+      fp8_row_bwd(xr, G, o, tmp, K, 0, dt, cs, st);
     } else {
       float s = aoq_fp8_row_scale(xr, K, dt, cs, NULL);
 #pragma omp simd
@@ -426,33 +426,35 @@ AOQ_INLINE void rows_rows(const void *grad, const void *x, void *out, int64_t R,
 }
 
 __attribute__((target_clones("avx2", "default"))) static void rows_dispatch(
-    const void *grad, const void *x, void *out, int64_t R, int64_t K, int dt, int cs, float *b) {
+    const void *grad, const void *x, void *out, int64_t R, int64_t K, int dt, int cs, int st,
+    float *b) {
   if (dt == AOQ_BF16)
-    rows_rows(grad, x, out, R, K, AOQ_BF16, cs, b);
+    rows_rows(grad, x, out, R, K, AOQ_BF16, cs, st, b);
   else if (dt == AOQ_F16)
-    rows_rows(grad, x, out, R, K, AOQ_F16, cs, b);
+    rows_rows(grad, x, out, R, K, AOQ_F16, cs, st, b);
   else
-    rows_rows(grad, x, out, R, K, AOQ_F32, cs, b);
+    rows_rows(grad, x, out, R, K, AOQ_F32, cs, st, b);
 }
 
-static int rows_run(const void *grad, const void *x, void *out, int64_t R, int64_t K, int dt, int cs) {
+static int rows_run(const void *grad, const void *x, void *out, int64_t R, int64_t K, int dt, int cs,
+                    int st) {
   if (R < 0 || K <= 0) return AOQ_ERR_ARG;
   int nt;
   float *buf = scratch(4 * K, &nt);
   if (!buf) return AOQ_ERR_NOMEM;
 #pragma omp parallel num_threads(nt)
-  rows_dispatch(grad, x, out, R, K, dt, cs, buf + (int64_t)thread_id() * 4 * K);
+  rows_dispatch(grad, x, out, R, K, dt, cs, st, buf + (int64_t)thread_id() * 4 * K);
   free(buf);
   return AOQ_OK;
 }
 
 int aoq_cpu_fp8_rows_fwd(const void *x, void *out, int64_t R, int64_t K, int dt, int cs) {
-  return rows_run(NULL, x, out, R, K, dt, cs);
+  return rows_run(NULL, x, out, R, K, dt, cs, 0);
 }
 
 int aoq_cpu_fp8_rows_bwd(const void *grad, const void *x, void *gx, int64_t R, int64_t K, int dt,
-                         int cs) {
-  return rows_run(grad, x, gx, R, K, dt, cs);
+                         int cs, int st) {
+  return rows_run(grad, x, gx, R, K, dt, cs, st);
 }
 
 /* ------------------------------------------------------------------ */

@@ -219,7 +219,7 @@ __global__ void __launch_bounds__(TPB) fq_fwd_kernel(const void *__restrict__ w,
 template <int DT, int E, bool VEC>
 __global__ void __launch_bounds__(TPB) fp8_int4_bwd_kernel(const void *__restrict__ grad,
                                                            const void *__restrict__ w, void *__restrict__ gw,
-                                                           int64_t K, int awq, int cs) {
+                                                           int64_t K, int awq, int cs, int st) {
   __shared__ float sh[AOQ_NW];
   __shared__ int shi[AOQ_NW];
   const int g = 32 * E;
@@ -257,7 +257,7 @@ __global__ void __launch_bounds__(TPB) fp8_int4_bwd_kernel(const void *__restric
 #pragma unroll
     for (int e = 0; e < E; e++) {
       float gd = aoq_round_to(Gv[e] * (awq ? p.sdq : p.sg), DT);
-      float gq = (q2[e] >= -8.f && q2[e] <= 7.f) ? gd : 0.f;
+      float gq = aoq_in(q2[e], -8.f, 7.f, st) ? gd : 0.f;
       gwd[e] = aoq_round_to(gq * p.rcp, DT);
       t2 += aoq_round_to(gq * wd[e], DT);
       cnt += ((wd[e] < 0.f ? -wd[e] : wd[e]) == p.m);
@@ -265,7 +265,7 @@ __global__ void __launch_bounds__(TPB) fp8_int4_bwd_kernel(const void *__restric
     const float g_r = aoq_round_to(warp_sum(t2), DT);
     const float g_sg_b = aoq_round_to(-g_r * aoq_round_to(p.rcp * p.rcp, DT), DT);
     float g_sg = aoq_round_to(g_sg_a + g_sg_b, DT);
-    if (!(p.m8 >= aoq_eps_in(1e-6f, DT))) g_sg = 0.f;
+    if (!aoq_ge(p.m8, aoq_eps_in(1e-6f, DT), st)) g_sg = 0.f;
     const float g_m = aoq_round_to(g_sg * 0.125f, DT);
     cnt = warp_isum(cnt);
     const float each = cnt ? aoq_round_to(g_m / (float)cnt, DT) : 0.f;
@@ -279,7 +279,7 @@ __global__ void __launch_bounds__(TPB) fp8_int4_bwd_kernel(const void *__restric
       const float t = x[e] / s_row;
       acc_a += gh * aoq_fp8_e4m3_round(aoq_clamp(t, -AOQ_FP8_MAX, AOQ_FP8_MAX));
       float gt = aoq_fp8_e4m3_round(gh * s_row);
-      if (!(t >= -AOQ_FP8_MAX && t <= AOQ_FP8_MAX)) gt = 0.f;
+      if (!aoq_in(t, -AOQ_FP8_MAX, AOQ_FP8_MAX, st)) gt = 0.f;
       gx[e] = gt / s_row;
       acc_b += -gt * (t / s_row);
       cnt_row += ((x[e] < 0.f ? -x[e] : x[e]) == a0);
@@ -290,7 +290,7 @@ __global__ void __launch_bounds__(TPB) fp8_int4_bwd_kernel(const void *__restric
   const float sum_b = block_sum(acc_b, sh);
   cnt_row = block_isum(cnt_row, shi);
   float g_a = aoq_round_to(aoq_div_scalar(aoq_round_to(sum_a + sum_b, DT), AOQ_FP8_MAX, cs), DT);
-  if (!(a0 >= aoq_eps_in(1e-12f, DT))) g_a = 0.f;
+  if (!aoq_ge(a0, aoq_eps_in(1e-12f, DT), st)) g_a = 0.f;
   const float each = cnt_row ? aoq_round_to(g_a / (float)cnt_row, DT) : 0.f;
   __syncthreads();  // gw of this row, written above by other threads, is visible
   for (int64_t k = threadIdx.x; k < K; k += TPB) {
@@ -307,7 +307,8 @@ __global__ void __launch_bounds__(TPB) fp8_int4_bwd_kernel(const void *__restric
 // ---------------------------------------------------------------------------
 template <int DT, int E, bool VEC>
 __global__ void __launch_bounds__(TPB) asym_bwd_kernel(const void *__restrict__ grad, const void *__restrict__ w,
-                                                       void *__restrict__ gw, int64_t K, int awq, int cs) {
+                                                       void *__restrict__ gw, int64_t K, int awq, int cs,
+                                                       int st) {
   const int g = 32 * E;
   const int64_t n = blockIdx.x, base = n * K, G = K / g;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -336,7 +337,7 @@ __global__ void __launch_bounds__(TPB) asym_bwd_kernel(const void *__restrict__ 
       for (int e = 0; e < E; e++) {
         float u = (x[e] - p.mn) / p.s;
         float q = aoq_rint(u);
-        float gq = (q >= 0.f && q <= 15.f) ? Gv[e] * p.s : 0.f;
+        float gq = aoq_in(q, 0.f, 15.f, st) ? Gv[e] * p.s : 0.f;
         gx[e] = gq / p.s;
         c += -gq * (u / p.s);
         d += gx[e];
@@ -344,7 +345,7 @@ __global__ void __launch_bounds__(TPB) asym_bwd_kernel(const void *__restrict__ 
       const float g_s_b = warp_sum(c), g_mn_a = -warp_sum(d);
       g_s = (g_s_a + g_s_b) + g_z * 8.0f;
       float g_d = aoq_div_scalar(g_s, 15.0f, cs);
-      if (!(p.d >= 1e-6f)) g_d = 0.f;
+      if (!aoq_ge(p.d, 1e-6f, st)) g_d = 0.f;
       g_s = g_d;
       g_mn = (g_mn_a + g_z) - g_d;
     } else {
@@ -358,7 +359,7 @@ __global__ void __launch_bounds__(TPB) asym_bwd_kernel(const void *__restrict__ 
 #pragma unroll
       for (int e = 0; e < E; e++) {
         float v = aoq_asym_code_raw(x[e], &p, 1);
-        float gv = (v >= 0.f && v <= 15.f) ? Gv[e] * p.s16 : 0.f;
+        float gv = aoq_in(v, 0.f, 15.f, st) ? Gv[e] * p.s16 : 0.f;
         gx[e] = gv / p.s16;
         c += -gv * ((x[e] / p.s16) / p.s16);
         d += gv;
@@ -366,12 +367,12 @@ __global__ void __launch_bounds__(TPB) asym_bwd_kernel(const void *__restrict__ 
       const float g_s_b = warp_sum(c), g_z_b = warp_sum(d);
       float g_z = g_z_a + g_z_b;
       const float zr = aoq_rint(-p.mn / p.s16);
-      if (!(zr >= 0.f && zr <= 15.f)) g_z = 0.f;
+      if (!aoq_in(zr, 0.f, 15.f, st)) g_z = 0.f;
       const float g_negmn = g_z / p.s16;
       const float g_s_c = -g_z * ((-p.mn / p.s16) / p.s16);
       g_s = (g_s_a + g_s_b) + g_s_c;
       float g_d = g_s / 15.0f;
-      if (!(p.d >= 1e-6f)) g_d = 0.f;
+      if (!aoq_ge(p.d, 1e-6f, st)) g_d = 0.f;
       g_s = g_d;
       g_mn = -g_negmn - g_d;
     }
@@ -409,7 +410,7 @@ __global__ void __launch_bounds__(TPB) fp8_rows_fwd_kernel(const void *__restric
 template <int DT>
 __global__ void __launch_bounds__(TPB) fp8_rows_bwd_kernel(const void *__restrict__ grad,
                                                            const void *__restrict__ x, void *__restrict__ gx,
-                                                           int64_t K, int cs) {
+                                                           int64_t K, int cs, int st) {
   __shared__ float sh[AOQ_NW];
   __shared__ int shi[AOQ_NW];
   const int64_t base = (int64_t)blockIdx.x * K;
@@ -426,7 +427,7 @@ __global__ void __launch_bounds__(TPB) fp8_rows_bwd_kernel(const void *__restric
     const float t = xv / s_row;
     acc_a += gh * aoq_fp8_e4m3_round(aoq_clamp(t, -AOQ_FP8_MAX, AOQ_FP8_MAX));
     float gt = aoq_fp8_e4m3_round(gh * s_row);
-    if (!(t >= -AOQ_FP8_MAX && t <= AOQ_FP8_MAX)) gt = 0.f;
+    if (!aoq_in(t, -AOQ_FP8_MAX, AOQ_FP8_MAX, st)) gt = 0.f;
     acc_b += -gt * (t / s_row);
     cnt_row += ((xv < 0.f ? -xv : xv) == a0);
     aoq_store(gx, base + k, gt / s_row, DT);
@@ -435,7 +436,7 @@ __global__ void __launch_bounds__(TPB) fp8_rows_bwd_kernel(const void *__restric
   const float sum_b = block_sum(acc_b, sh);
   cnt_row = block_isum(cnt_row, shi);
   float g_a = aoq_round_to(aoq_div_scalar(aoq_round_to(sum_a + sum_b, DT), AOQ_FP8_MAX, cs), DT);
-  if (!(a0 >= aoq_eps_in(1e-12f, DT))) g_a = 0.f;
+  if (!aoq_ge(a0, aoq_eps_in(1e-12f, DT), st)) g_a = 0.f;
   const float each = cnt_row ? aoq_round_to(g_a / (float)cnt_row, DT) : 0.f;
   __syncthreads();
   for (int64_t k = threadIdx.x; k < K; k += TPB) {
@@ -506,35 +507,35 @@ extern "C" int aoq_cuda_fq_fwd(const void *w, void *out, uint8_t *codes, float *
   if (N <= 0 || K <= 0 || K % g || N > 0x7fffffff) return AOQ_ERR_ARG;
   DeviceGuard guard(device);
   if (!guard.ok) return AOQ_ERR_CUDA;
-  cudaStream_t st = (cudaStream_t)stream;
+  cudaStream_t strm = (cudaStream_t)stream;
   const bool vec = aligned16(w) && (!out || aligned16(out));
   AOQ_DISPATCH_DT(dt, AOQ_DISPATCH_E(g, {
     if (vec)
-      fq_fwd_kernel<DT, E, true><<<(unsigned)N, TPB, 0, st>>>(w, out, codes, scales, zeros, K, scheme, awq, cs);
+      fq_fwd_kernel<DT, E, true><<<(unsigned)N, TPB, 0, strm>>>(w, out, codes, scales, zeros, K, scheme, awq, cs);
     else
-      fq_fwd_kernel<DT, E, false><<<(unsigned)N, TPB, 0, st>>>(w, out, codes, scales, zeros, K, scheme, awq, cs);
+      fq_fwd_kernel<DT, E, false><<<(unsigned)N, TPB, 0, strm>>>(w, out, codes, scales, zeros, K, scheme, awq, cs);
   }));
   return finish();
 }
 
 extern "C" int aoq_cuda_fq_bwd(const void *grad, const void *w, void *gw, int64_t N, int64_t K, int64_t g,
-                               int dt, int scheme, int awq, int cs, int device, void *stream) {
+                               int dt, int scheme, int awq, int cs, int st, int device, void *stream) {
   if (N <= 0 || K <= 0 || K % g || N > 0x7fffffff) return AOQ_ERR_ARG;
   DeviceGuard guard(device);
   if (!guard.ok) return AOQ_ERR_CUDA;
-  cudaStream_t st = (cudaStream_t)stream;
+  cudaStream_t strm = (cudaStream_t)stream;
   const bool vec = aligned16(w) && aligned16(grad) && aligned16(gw);
   AOQ_DISPATCH_DT(dt, AOQ_DISPATCH_E(g, {
     if (scheme == AOQ_SCHEME_FP8_INT4) {
       if (vec)
-        fp8_int4_bwd_kernel<DT, E, true><<<(unsigned)N, TPB, 0, st>>>(grad, w, gw, K, awq, cs);
+        fp8_int4_bwd_kernel<DT, E, true><<<(unsigned)N, TPB, 0, strm>>>(grad, w, gw, K, awq, cs, st);
       else
-        fp8_int4_bwd_kernel<DT, E, false><<<(unsigned)N, TPB, 0, st>>>(grad, w, gw, K, awq, cs);
+        fp8_int4_bwd_kernel<DT, E, false><<<(unsigned)N, TPB, 0, strm>>>(grad, w, gw, K, awq, cs, st);
     } else {
       if (vec)
-        asym_bwd_kernel<DT, E, true><<<(unsigned)N, TPB, 0, st>>>(grad, w, gw, K, awq, cs);
+        asym_bwd_kernel<DT, E, true><<<(unsigned)N, TPB, 0, strm>>>(grad, w, gw, K, awq, cs, st);
       else
-        asym_bwd_kernel<DT, E, false><<<(unsigned)N, TPB, 0, st>>>(grad, w, gw, K, awq, cs);
+        asym_bwd_kernel<DT, E, false><<<(unsigned)N, TPB, 0, strm>>>(grad, w, gw, K, awq, cs, st);
     }
   }));
   return finish();
@@ -550,12 +551,12 @@ extern "C" int aoq_cuda_fp8_rows_fwd(const void *x, void *out, int64_t R, int64_
 }
 
 extern "C" int aoq_cuda_fp8_rows_bwd(const void *grad, const void *x, void *gx, int64_t R, int64_t K, int dt,
-                                     int cs, int device, void *stream) {
+                                     int cs, int st, int device, void *stream) {
   if (R <= 0 || K <= 0 || R > 0x7fffffff) return AOQ_ERR_ARG;
   DeviceGuard guard(device);
   if (!guard.ok) return AOQ_ERR_CUDA;
   AOQ_DISPATCH_DT(dt,
-                  fp8_rows_bwd_kernel<DT><<<(unsigned)R, TPB, 0, (cudaStream_t)stream>>>(grad, x, gx, K, cs));
+                  fp8_rows_bwd_kernel<DT><<<(unsigned)R, TPB, 0, (cudaStream_t)stream>>>(grad, x, gx, K, cs, st));
   return finish();
 }
 

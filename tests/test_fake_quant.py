@@ -347,7 +347,7 @@ def test_quantize_roundtrip(scheme, mode, dtype):
 def test_quantize_rejects_overflow_and_nonfinite():
     w = torch.randn(8, 64)
     w[0, 0] = 2e6  # int4_asym: range / 15 > 65504
-    with pytest.raises(ValueError, match="overflows float16"):
+    with pytest.raises(ValueError, match="overflows"):
         aq.quantize_int4(w, 32, scheme="int4_asym", mode="awq")
     w[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN or Inf"):

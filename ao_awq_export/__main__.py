@@ -1,0 +1,82 @@
+"""Command line: python -m ao_awq_export export CHECKPOINT OUT_DIR [options]
+
+CHECKPOINT is a torch.save'd nn.Module (needs --allow-pickle: unpickling runs
+code from the file) or a state dict (with --hf-config DIR, built into the
+transformers model that config describes).  OUT_DIR must not exist or be
+empty.  Exit status 0 on success, 1 on an error (message on stderr), 3 when
+--strict refuses a layer.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ao_awq_export",
+                                description="Lossless AWQ int4 export of torchao QAT models.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("export", help="write an AWQ GEMM checkpoint (safetensors + config.json)")
+    e.add_argument("checkpoint", help="torch.save'd model or state dict")
+    e.add_argument("out_dir", help="new output directory (must not exist or be empty)")
+    e.add_argument("--scheme", default="int4_asym", choices=("int4_asym", "fp8_int4"),
+                   help="scheme for plain nn.Linear layers (default int4_asym)")
+    e.add_argument("--mode", default="awq", choices=("awq", "torchao"),
+                   help="numerics for plain nn.Linear layers (default awq: exact)")
+    e.add_argument("--group-size", type=int, default=128, choices=(32, 64, 128))
+    e.add_argument("--max-shard-size", default="5GB", help="e.g. 5GB (decimal), 2GiB")
+    e.add_argument("--hf-config", metavar="DIR",
+                   help="directory with the model's config.json (and generation_config.json)")
+    e.add_argument("--modules-to-not-convert", default="",
+                   help="comma-separated substrings of Linear names to keep in float16")
+    e.add_argument("--strict", action="store_true",
+                   help="fail if a layer's SQNR vs its fake-quant weight is below the threshold")
+    e.add_argument("--sqnr-threshold", type=float, default=None, help="dB (default 30)")
+    e.add_argument("--allow-pickle", action="store_true",
+                   help="allow loading a pickled nn.Module (executes code from the file)")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv=None) -> int:
+    args = _build_parser().parse_args(argv)
+    from .export import DEFAULT_SQNR_THRESHOLD, check_out_dir, export_awq, load_for_export
+
+    try:
+        check_out_dir(args.out_dir)  # before a possibly long load
+        try:
+            model = load_for_export(args.checkpoint, args.hf_config,
+                                    allow_pickle=args.allow_pickle)
+        except Exception as e:  # noqa: BLE001
+            import pickle
+
+            if isinstance(e, pickle.UnpicklingError) and not args.allow_pickle:
+                print(f"error: {args.checkpoint} holds pickled objects (a whole model?); "
+                      "re-run with --allow-pickle if you trust the file", file=sys.stderr)
+                return 1
+            raise
+        mods = [m for m in args.modules_to_not_convert.split(",") if m]
+        rep = export_awq(model, args.out_dir, scheme=args.scheme, mode=args.mode,
+                         group_size=args.group_size, max_shard_size=args.max_shard_size,
+                         modules_to_not_convert=mods or None, hf_config=args.hf_config,
+                         strict=args.strict,
+                         sqnr_threshold=(DEFAULT_SQNR_THRESHOLD if args.sqnr_threshold is None
+                                         else args.sqnr_threshold),
+                         progress=not args.no_progress)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3 if args.strict and "SQNR" in str(e) else 1
+    except (OSError, TypeError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    n_exact = sum(l.exact for l in rep.layers)
+    worst = rep.min_sqnr_db
+    print(f"wrote {rep.out_dir}: {len(rep.files)} files, {rep.total_size / 1e6:.1f} MB of tensors, "
+          f"{len(rep.layers)} quantized layers ({n_exact} bit-exact"
+          + ("" if math.isinf(worst) else f", lowest SQNR {worst:.2f} dB") + ")")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

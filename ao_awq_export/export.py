@@ -1,0 +1,833 @@
+"""Export of a (fake-)quantized model as an AWQ "GEMM" int4 checkpoint.
+
+`export_awq(model, out_dir)` writes safetensors shards (through the C writer
+in `_C.st_*`), `model.safetensors.index.json` when sharded, and config.json
+with an AWQ `quantization_config` (SPEC section 5).  Layers are quantized,
+packed and written one at a time, so memory stays at about one layer beyond
+the model itself; everything goes to a temporary directory that is renamed
+to `out_dir` only when complete, so a failure leaves nothing under out_dir.
+
+Which Linear becomes what:
+  * FakeQuantLinear: its own scheme / mode / group size (what training used);
+  * nn.Linear whose weight is a torchao Int4Tensor: its codes, scale and
+    float zero point (converted like int4_asym / torchao);
+  * plain nn.Linear: round-to-nearest with the keyword arguments;
+  * lm_head / output embeddings and `modules_to_not_convert` (substring
+    match): fp16 `.weight` (for a FakeQuantLinear: its fake-quant weight).
+
+Exactness (SPEC section 4): int4_asym and fp8_int4 in mode "awq", and fp8_int4
+in mode "torchao" with fp16/bf16 weights, write the very codes, integer zeros
+and fp16 scales of the fake quant: dequantizing the file reproduces the
+fake-quant weight bit for bit (checked per layer).  int4_asym in mode
+"torchao" has a float zero point that AWQ cannot store: per group the
+integer zero and fp16 scale minimizing the squared error to the fake-quant
+weight are chosen (codes re-rounded); the per-layer SQNR (dB) against the
+fake-quant weight is reported and `strict=True` refuses anything below
+`sqnr_threshold`.
+"""
+from __future__ import annotations
+
+import errno as _errno
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import _C
+from .ops import (
+    GROUP_SIZES,
+    MODES,
+    SCHEMES,
+    fake_quant_fp8_int4,
+    fake_quant_int4_asym,
+    pack_awq,
+    quantize_int4,
+)
+
+__all__ = [
+    "FakeQuantLinear",
+    "export_awq",
+    "ExportReport",
+    "LayerReport",
+    "AWQ_GROUP_SIZES",
+    "parse_size",
+]
+
+log = logging.getLogger(__name__)
+
+AWQ_GROUP_SIZES = (32, 64, 128)
+DEFAULT_SQNR_THRESHOLD = 30.0
+_EXACT = {("fp8_int4", "awq"), ("int4_asym", "awq"), ("fp8_int4", "torchao")}
+_ST_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL",
+}
+for _n, _s in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"), ("uint16", "U16"),
+               ("uint32", "U32"), ("uint64", "U64")):
+    if hasattr(torch, _n):
+        _ST_DTYPES[getattr(torch, _n)] = _s
+_CHUNK_ELEMS = 1 << 20  # rows are processed in chunks of about this many weights
+
+
+# --------------------------------------------------------------------------
+# the fake-quantized Linear
+# --------------------------------------------------------------------------
+class FakeQuantLinear(nn.Linear):
+    """nn.Linear whose forward uses the int4 fake-quantized weight.
+
+    scheme: "int4_asym" or "fp8_int4"; mode: "awq" (exactly exportable) or
+    "torchao" (bit-identical to torchao's fake quantizer); group_size along
+    in_features.  The parameters are those of nn.Linear (weight, bias), so a
+    state dict loads into either class.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 scheme: str = "int4_asym", mode: str = "awq", group_size: int = 128,
+                 device=None, dtype=None):
+        _check_scheme_mode(scheme, mode)
+        if group_size not in GROUP_SIZES:
+            raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {group_size!r}")
+        if in_features % group_size:
+            raise ValueError(f"in_features ({in_features}) must be a multiple of group_size "
+                             f"({group_size})")
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.scheme = scheme
+        self.mode = mode
+        self.group_size = group_size
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, scheme: str = "int4_asym", mode: str = "awq",
+                    group_size: int = 128) -> "FakeQuantLinear":
+        """A FakeQuantLinear sharing `linear`'s weight and bias parameters."""
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None, scheme=scheme,
+                mode=mode, group_size=group_size, device="meta")
+        m.weight = linear.weight
+        m.bias = linear.bias
+        return m
+
+    def fake_quant_weight(self) -> torch.Tensor:
+        fn = fake_quant_fp8_int4 if self.scheme == "fp8_int4" else fake_quant_int4_asym
+        return fn(self.weight, self.group_size, mode=self.mode)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.fake_quant_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return (super().extra_repr() + f", scheme={self.scheme}, mode={self.mode}, "
+                f"group_size={self.group_size}")
+
+
+def _check_scheme_mode(scheme, mode):
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme must be one of {tuple(SCHEMES)}, got {scheme!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+# --------------------------------------------------------------------------
+# report
+# --------------------------------------------------------------------------
+@dataclass
+class LayerReport:
+    name: str
+    source: str  # "fake_quant", "rtn" or "int4_tensor"
+    scheme: str
+    mode: str
+    group_size: int
+    shape: tuple
+    exact: bool = False
+    sqnr_db: float = float("nan")  # file dequant vs the fake-quant weight
+
+
+@dataclass
+class ExportReport:
+    out_dir: str
+    files: List[str] = field(default_factory=list)
+    total_size: int = 0
+    layers: List[LayerReport] = field(default_factory=list)
+    modules_to_not_convert: Optional[List[str]] = None
+    group_size: int = 0
+
+    @property
+    def min_sqnr_db(self) -> float:
+        return min((l.sqnr_db for l in self.layers), default=float("inf"))
+
+    @property
+    def all_exact(self) -> bool:
+        return all(l.exact for l in self.layers)
+
+
+# --------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size) -> int:
+    """Bytes from an int or a string such as "5GB" (decimal, as transformers)
+    or "2GiB" (binary)."""
+    if isinstance(size, bool):
+        raise TypeError("max_shard_size must be an int or a string like '5GB'")
+    if isinstance(size, int):
+        v = size
+    elif isinstance(size, str):
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", size)
+        if not m or m.group(2).upper() not in _SIZE_UNITS:
+            raise ValueError(f"cannot parse size {size!r} (use e.g. '5GB', '500MB', '2GiB')")
+        v = int(float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()])
+    else:
+        raise TypeError("max_shard_size must be an int or a string like '5GB'")
+    if v <= 0:
+        raise ValueError(f"max_shard_size must be positive, got {size!r}")
+    return v
+
+
+def _st_dtype(dt: torch.dtype) -> str:
+    try:
+        return _ST_DTYPES[dt]
+    except KeyError:
+        raise TypeError(f"dtype {dt} cannot be stored in safetensors") from None
+
+
+def _nbytes(shape, dt) -> int:
+    return math.prod(shape) * (torch.finfo(dt).bits if dt.is_floating_point else
+                               (8 if dt == torch.bool else torch.iinfo(dt).bits)) // 8
+
+
+def _to_fp16(name: str, t: torch.Tensor) -> torch.Tensor:
+    t = t.detach()
+    out = t.to(device="cpu", dtype=torch.float16)
+    if t.dtype != torch.float16 and not bool(torch.isfinite(out).all()):
+        if bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name}: values exceed the float16 range (|x| > 65504); "
+                             "the AWQ checkpoint stores unquantized tensors in float16")
+    return out
+
+
+def _is_int4_tensor(w) -> bool:
+    return (type(w).__name__ == "Int4Tensor" and all(hasattr(w, a) for a in
+                                                     ("qdata", "scale", "zero_point",
+                                                      "block_size")))
+
+
+def _sqnr(sig: float, err: float) -> float:
+    if err == 0.0:
+        return float("inf")
+    if sig == 0.0:
+        return float("-inf")
+    return 10.0 * math.log10(sig / err)
+
+
+def _row_chunks(n: int, k: int):
+    step = max(8, (_CHUNK_ELEMS // max(k, 1)) // 8 * 8)
+    for r0 in range(0, n, step):
+        yield r0, min(n, r0 + step)
+
+
+def _dequant_awq(codes, s16, z, g, dtype):
+    """D(fp32(q - z) * fp32(s16)) for codes [n,K] u8, s16 [n,G] f16, z [n,G] u8."""
+    n, k = codes.shape
+    q = codes.to(torch.float32).view(n, -1, g)
+    out = (q - z.to(torch.float32).unsqueeze(-1)) * s16.to(torch.float32).unsqueeze(-1)
+    return out.view(n, k).to(dtype)
+
+
+def _compare(codes, s16, z, g, target):
+    """(exact, sqnr_db) of the AWQ dequantization against `target` [N,K]:
+    a cheap bitwise pass first; the SQNR (float32 terms, float64 sums) only
+    when something differs."""
+    n, k = target.shape
+    exact = True
+    for r0, r1 in _row_chunks(n, k):
+        if not torch.equal(_dequant_awq(codes[r0:r1], s16[r0:r1], z[r0:r1], g, target.dtype),
+                           target[r0:r1]):
+            exact = False
+            break
+    if exact:
+        return True, float("inf")
+    sig = err = 0.0
+    for r0, r1 in _row_chunks(n, k):
+        rec = _dequant_awq(codes[r0:r1], s16[r0:r1], z[r0:r1], g, target.dtype).float()
+        t = target[r0:r1].float()
+        sig += float((t * t).sum(dtype=torch.float64))
+        rec -= t
+        err += float((rec * rec).sum(dtype=torch.float64))
+    return False, _sqnr(sig, err)
+
+
+def _fit_integer_zero(target: torch.Tensor, g: int, s_init: torch.Tensor, mn: torch.Tensor):
+    """Best AWQ representation (codes, fp16 scale, integer zero in [0,15])
+    of a weight on a float-zero grid (torchao int4_asym): per group, try the
+    integer zeros around -mn/s and, for each, the fp16 scale and its least-
+    squares refinement, re-rounding the codes; keep the smallest squared error
+    to `target`.  target [N,K] (fake-quant weight), s_init, mn [N,G] fp32."""
+    n, k = target.shape
+    G = k // g
+    codes = torch.empty((n, k), dtype=torch.uint8)
+    s_out = torch.empty((n, G), dtype=torch.float16)
+    z_out = torch.empty((n, G), dtype=torch.uint8)
+    for r0, r1 in _row_chunks(n, k):
+        t = target[r0:r1].to(torch.float32).view(r1 - r0, G, g)
+        s16 = s_init[r0:r1].to(torch.float16)
+        if not bool(torch.isfinite(s16).all()):
+            raise ValueError("a group scale overflows float16 (weights too large for AWQ)")
+        s16 = torch.where(s16 > 0, s16, torch.full_like(s16, 2.0 ** -24)).to(torch.float32)
+        zc = torch.floor(-mn[r0:r1] / s16)
+        best_err = torch.full(s16.shape, float("inf"))
+        best_s = s16.clone()
+        best_z = torch.zeros_like(s16)
+        best_q = None
+        for dz in (-1.0, 0.0, 1.0, 2.0):
+            z = (zc + dz).clamp(0, 15)
+            zz = z.unsqueeze(-1)
+            s = s16
+            for it in range(3):
+                ss = s.unsqueeze(-1)
+                q = torch.clamp(torch.round(t / ss) + zz, 0, 15)
+                e = (((q - zz) * ss - t) ** 2).sum(-1)
+                better = e < best_err
+                best_err = torch.where(better, e, best_err)
+                best_s = torch.where(better, s, best_s)
+                best_z = torch.where(better, z, best_z)
+                bq = better.unsqueeze(-1)
+                best_q = q if best_q is None else torch.where(bq, q, best_q)
+                if it == 2:
+                    break
+                # least-squares scale for these codes, rounded to fp16
+                d = q - zz
+                num = (d * t).sum(-1)
+                den = (d * d).sum(-1)
+                s_ls = torch.where(den > 0, num / den.clamp_min(1e-30), s)
+                s_ls = s_ls.to(torch.float16).to(torch.float32)
+                s = torch.where(torch.isfinite(s_ls) & (s_ls > 0), s_ls, s)
+        codes[r0:r1] = best_q.view(r1 - r0, k).to(torch.uint8)
+        s_out[r0:r1] = best_s.to(torch.float16)
+        z_out[r0:r1] = best_z.to(torch.uint8)
+    return codes, s_out, z_out
+
+
+def _int4_tensor_parts(w):
+    """(codes u8 [N,K] = signed code + 8, scale fp32 [N,G], zero fp32 [N,G],
+    group_size, dequantized weight [N,K]) of a torchao Int4Tensor (plain
+    format: qdata int8 [N, K/2], low nibble = even column)."""
+    qd = w.qdata.detach().to("cpu")
+    if qd.dim() != 2:
+        raise ValueError("only 2-D torchao Int4Tensor weights can be exported")
+    n = qd.shape[0]
+    b = qd.view(torch.uint8)
+    lo = (b & 0xF).to(torch.int16)
+    hi = ((b >> 4) & 0xF).to(torch.int16)
+    nib = torch.stack((lo, hi), dim=-1).view(n, -1)
+    signed = torch.where(nib >= 8, nib - 16, nib)
+    k = nib.shape[1]
+    g = int(w.block_size[-1])
+    if tuple(w.shape) != (n, k):
+        raise ValueError(f"Int4Tensor shape {tuple(w.shape)} does not match its qdata")
+    scale = w.scale.detach().to("cpu").t().contiguous()  # [N, G] in the weight dtype
+    zero = w.zero_point.detach().to("cpu").t().contiguous()
+    sf = scale.to(torch.float32)
+    zf = zero.to(torch.float32)
+    deq = (signed.to(torch.float32).view(n, -1, g) * sf.unsqueeze(-1) + zf.unsqueeze(-1))
+    deq = deq.view(n, k).to(scale.dtype)
+    return (signed + 8).to(torch.uint8), sf, zf, g, deq
+
+
+# --------------------------------------------------------------------------
+# the plan: items (one tensor, or the 3-4 tensors of a quantized Linear)
+# --------------------------------------------------------------------------
+@dataclass
+class _Item:
+    entries: list  # [(name, st dtype, shape, nbytes)]
+    produce: object  # () -> list of CPU tensors matching entries
+    nbytes: int = 0
+
+
+def _classify(model: nn.Module, modules_to_not_convert, scheme, mode, group_size):
+    """Returns (quant: {module name: spec dict}, fp16_linears: [names])."""
+    patterns = list(modules_to_not_convert or [])
+    out_emb = None
+    if hasattr(model, "get_output_embeddings"):
+        try:
+            out_emb = model.get_output_embeddings()
+        except Exception:  # noqa: BLE001  (models without one raise various errors)
+            out_emb = None
+    quant, fp16_linears = {}, []
+    seen = set()
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.Linear) or id(mod) in seen:
+            continue
+        seen.add(id(mod))
+        is_head = name == "lm_head" or name.endswith(".lm_head") or (out_emb is not None and
+                                                                    mod is out_emb)
+        excluded = is_head or any(p in name for p in patterns)
+        if excluded:
+            if not is_head:
+                fp16_linears.append(name)
+            continue
+        w = mod.weight
+        if isinstance(mod, FakeQuantLinear):
+            spec = dict(source="fake_quant", scheme=mod.scheme, mode=mod.mode,
+                        group_size=mod.group_size)
+        elif _is_int4_tensor(w):
+            if getattr(w, "act_pre_scale", None) is not None:
+                raise ValueError(f"{name}: Int4Tensor with act_pre_scale (AWQ-smoothed) cannot "
+                                 "be exported without folding the pre-scale")
+            spec = dict(source="int4_tensor", scheme="int4_asym", mode="torchao",
+                        group_size=int(w.block_size[-1]))
+        else:
+            spec = dict(source="rtn", scheme=scheme, mode=mode, group_size=group_size)
+        n_out, k_in = mod.out_features, mod.in_features
+        g = spec["group_size"]
+        if g not in AWQ_GROUP_SIZES:
+            raise ValueError(f"{name}: group size {g} cannot be exported to AWQ (consumers "
+                             f"accept {AWQ_GROUP_SIZES}); add it to modules_to_not_convert or "
+                             "quantize with another group size")
+        if k_in % g:
+            raise ValueError(f"{name}: in_features K={k_in} is not a multiple of the group "
+                             f"size {g}; add it to modules_to_not_convert")
+        if n_out % 8:
+            raise ValueError(f"{name}: out_features N={n_out} is not a multiple of 8 (AWQ packs "
+                             "8 output channels per int32); add it to modules_to_not_convert")
+        if w.device.type == "meta":
+            raise ValueError(f"{name}: weight is on the meta device (not materialized)")
+        spec.update(module=mod, N=n_out, K=k_in)
+        quant[name] = spec
+    # consumers (vLLM, AutoAWQ) match modules_to_not_convert by substring
+    for skip in fp16_linears:
+        for q in quant:
+            if skip in q:
+                raise ValueError(f"module {skip!r} is left in float16 but its name is a "
+                                 f"substring of the quantized module {q!r}: AWQ consumers would "
+                                 "skip both; rename it or quantize both")
+    groups = {s["group_size"] for s in quant.values()}
+    if len(groups) > 1:
+        raise ValueError(f"an AWQ checkpoint has one group size, but the quantized layers use "
+                         f"{sorted(groups)}")
+    return quant, fp16_linears
+
+
+def _quant_item(name, spec, report: ExportReport, strict, threshold, verify):
+    N, K, g = spec["N"], spec["K"], spec["group_size"]
+    mod = spec["module"]
+    G = K // g
+    has_bias = mod.bias is not None
+    pfx = f"{name}." if name else ""  # the model itself may be the Linear
+    entries = [(f"{pfx}qweight", "I32", [K, N // 8], K * N // 2),
+               (f"{pfx}qzeros", "I32", [G, N // 8], G * N // 2),
+               (f"{pfx}scales", "F16", [G, N], G * N * 2)]
+    if has_bias:
+        entries.append((f"{pfx}bias", "F16", [N], N * 2))
+
+    def produce():
+        scheme, mode, src = spec["scheme"], spec["mode"], spec["source"]
+        rep = LayerReport(name=name, source=src, scheme=scheme, mode=mode, group_size=g,
+                          shape=(N, K))
+        with torch.no_grad():
+            if src == "int4_tensor":
+                codes, sf, zf, g2, target = _int4_tensor_parts(mod.weight)
+                if bool((zf == 0).all()):  # symmetric (fp8 activation variant): z = 8
+                    s16 = sf.to(torch.float16)
+                    z = torch.full_like(codes[:, :G], 8)
+                else:
+                    mn = zf - 8.0 * sf
+                    codes, s16, z = _fit_integer_zero(target, g, sf, mn)
+            else:
+                w = mod.weight.detach()
+                if not w.is_floating_point():
+                    raise TypeError(f"{name}: weight dtype {w.dtype} is not floating point")
+                if (scheme, mode) in _EXACT:
+                    codes, scales, z = quantize_int4(w, g, scheme=scheme, mode=mode)
+                    s16 = scales.to(torch.float16)
+                    if not bool(torch.isfinite(s16).all()):
+                        raise ValueError(f"{name}: a group scale overflows float16")
+                    target = None
+                    # fp8_int4/torchao keeps s_g in the weight dtype: exact iff it is an fp16
+                    # value; if not, the SQNR is always measured
+                    if verify or not torch.equal(s16.to(scales.dtype), scales):
+                        fq = fake_quant_fp8_int4 if scheme == "fp8_int4" else fake_quant_int4_asym
+                        target = fq(w, g, mode=mode)
+                else:  # int4_asym / torchao: float zero point -> best integer zero
+                    target = fake_quant_int4_asym(w, g, mode="torchao")
+                    _, scales, zf = quantize_int4(w, g, scheme=scheme, mode=mode)
+                    sf = scales.to(torch.float32)
+                    mn = zf.to(torch.float32) - 8.0 * sf
+                    codes, s16, z = _fit_integer_zero(target.to("cpu"), g, sf.to("cpu"),
+                                                      mn.to("cpu"))
+            codes, s16, z = codes.to("cpu"), s16.to("cpu"), z.to("cpu")
+            if target is not None:
+                rep.exact, rep.sqnr_db = _compare(codes, s16, z, g, target.to("cpu"))
+            else:
+                rep.exact, rep.sqnr_db = True, float("inf")
+            if (scheme, mode) in _EXACT and src != "int4_tensor" and not rep.exact and \
+                    not (scheme == "fp8_int4" and mode == "torchao"):
+                raise RuntimeError(f"{name}: internal error: the {scheme}/{mode} export is not "
+                                   "bit-exact")
+            if strict and rep.sqnr_db < threshold:
+                raise ValueError(f"{name}: SQNR {rep.sqnr_db:.2f} dB of the AWQ weights against "
+                                 f"the fake-quant weights is below sqnr_threshold={threshold} dB "
+                                 f"({scheme}/{mode} cannot be exported exactly)")
+            report.layers.append(rep)
+            out = [pack_awq(codes), pack_awq(z), s16.t().contiguous()]
+            if has_bias:
+                out.append(_to_fp16(f"{pfx}bias", mod.bias))
+        return out
+
+    return _Item(entries=entries, produce=produce, nbytes=sum(e[3] for e in entries))
+
+
+def _plain_item(name, t: torch.Tensor):
+    if t.is_floating_point():
+        dt = torch.float16
+    else:
+        dt = t.dtype
+        _st_dtype(dt)
+    shape = list(t.shape)
+    nb = _nbytes(shape, dt)
+
+    def produce():
+        if t.is_floating_point():
+            return [_to_fp16(name, t).contiguous()]
+        return [t.detach().to("cpu").contiguous()]
+
+    return _Item(entries=[(name, _st_dtype(dt), shape, nb)], produce=produce, nbytes=nb)
+
+
+def _storage_key(t: torch.Tensor):
+    try:
+        return (t.device.type, t.untyped_storage().data_ptr(), t.storage_offset(),
+                tuple(t.shape), tuple(t.stride()), t.dtype)
+    except Exception:  # noqa: BLE001  (tensor subclasses without storage)
+        return ("id", id(t))
+
+
+def _plan(model, quant, report, strict, threshold, verify, tie_ok):
+    sd = model.state_dict(keep_vars=True)
+    owner = {}
+    for qn in quant:
+        owner[f"{qn}.weight" if qn else "weight"] = qn
+        owner[f"{qn}.bias" if qn else "bias"] = qn
+    items, done, seen = [], set(), {}
+    for key, t in sd.items():
+        if key in owner:
+            qn = owner[key]
+            if qn not in done:
+                done.add(qn)
+                items.append(_quant_item(qn, quant[qn], report, strict, threshold, verify))
+            continue
+        if t is None:
+            continue
+        if _is_int4_tensor(t):
+            # an excluded Linear (lm_head / modules_to_not_convert) holding an Int4Tensor
+            t = _int4_tensor_parts(t)[4]
+        elif t.device.type == "meta":
+            raise ValueError(f"{key}: tensor is on the meta device (not materialized)")
+        sk = _storage_key(t)
+        if sk in seen and tie_ok:
+            log.info("%s is tied to %s: written once", key, seen[sk])
+            continue
+        seen.setdefault(sk, key)
+        items.append(_plain_item(key, t))
+    return items
+
+
+def _fake_quant_fp16(mod: FakeQuantLinear):
+    """The weight an excluded FakeQuantLinear computed with."""
+    with torch.no_grad():
+        return mod.fake_quant_weight()
+
+
+def _shard(items: List[_Item], limit: int) -> List[List[_Item]]:
+    shards, cur, size = [], [], 0
+    for it in items:
+        if cur and size + it.nbytes > limit:
+            shards.append(cur)
+            cur, size = [], 0
+        cur.append(it)
+        size += it.nbytes
+    if cur:
+        shards.append(cur)
+    return shards
+
+
+def _config_dict(model, hf_config):
+    """(config dict or None, generation_config.json bytes or None)."""
+    gen = None
+    cfg = hf_config
+    if cfg is None:
+        cfg = getattr(model, "config", None)
+    if cfg is None:
+        return None, None
+    if isinstance(cfg, (str, os.PathLike)):
+        p = os.fspath(cfg)
+        if os.path.isdir(p):
+            gp = os.path.join(p, "generation_config.json")
+            if os.path.isfile(gp):
+                with open(gp, "rb") as f:
+                    gen = f.read()
+            p = os.path.join(p, "config.json")
+        with open(p, "r", encoding="utf-8") as f:
+            return json.load(f), gen
+    if isinstance(cfg, dict):
+        return json.loads(json.dumps(cfg)), gen
+    if hasattr(cfg, "to_dict"):
+        d = cfg.to_dict()
+        return json.loads(json.dumps(d, default=str)), gen
+    raise TypeError("hf_config must be a directory, a config.json path, a dict, a transformers "
+                    f"PretrainedConfig or None, got {type(cfg).__name__}")
+
+
+def _write_json(path, obj):
+    data = (json.dumps(obj, indent=2, sort_keys=False, ensure_ascii=False) + "\n").encode()
+    _write_bytes(path, data)
+
+
+def _write_bytes(path, data: bytes):
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+    try:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path):
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def check_out_dir(out_dir) -> str:
+    """Absolute out_dir; raises FileExistsError unless it is absent or an
+    empty directory."""
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    if os.path.lexists(out_dir):
+        if not os.path.isdir(out_dir) or os.path.islink(out_dir):
+            raise FileExistsError(_errno.EEXIST, "out_dir exists and is not a directory",
+                                  out_dir)
+        if os.listdir(out_dir):
+            raise FileExistsError(_errno.EEXIST, "out_dir exists and is not empty (refusing to "
+                                  "overwrite)", out_dir)
+    return out_dir
+
+
+def _prepare_out_dir(out_dir: str):
+    out_dir = check_out_dir(out_dir)
+    parent = os.path.dirname(out_dir)
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        raise type(e)(e.errno, f"cannot create the parent directory of out_dir: {e.strerror}",
+                      parent) from None
+    base = os.path.basename(out_dir)
+    for _ in range(100):
+        tmp = os.path.join(parent, f".{base[:100]}.tmp-{uuid.uuid4().hex[:12]}")
+        try:
+            os.mkdir(tmp, 0o777)
+            return out_dir, tmp
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise type(e)(e.errno, f"cannot write in the parent directory of out_dir: "
+                          f"{e.strerror}", parent) from None
+    raise FileExistsError(_errno.EEXIST, "cannot create a temporary directory", parent)
+
+
+# test hook: called with each open writer handle (fault injection)
+_writer_hook = None
+
+
+# --------------------------------------------------------------------------
+# export
+# --------------------------------------------------------------------------
+def export_awq(model: nn.Module, out_dir, *, scheme: str = "int4_asym", mode: str = "awq",
+               group_size: int = 128, max_shard_size="5GB",
+               modules_to_not_convert: Optional[Sequence[str]] = None, hf_config=None,
+               strict: bool = False, sqnr_threshold: float = DEFAULT_SQNR_THRESHOLD,
+               verify: bool = True, progress: bool = True) -> ExportReport:
+    """Write `model` as an AWQ GEMM int4 checkpoint in the new directory
+    `out_dir` (which must not exist or be empty).
+
+    scheme / mode / group_size: how plain nn.Linear layers are quantized
+    (round to nearest); FakeQuantLinear layers keep their own settings.
+    modules_to_not_convert: substrings of Linear names left in float16
+    (lm_head always is).  hf_config: a directory (config.json and, if present,
+    generation_config.json are used), a config.json path, a dict or a
+    PretrainedConfig; default `model.config`.  strict: raise if a layer's SQNR
+    against its fake-quant weight is below sqnr_threshold dB (only the
+    inexact int4_asym/torchao conversion can be).  verify: check each
+    exact layer bit for bit (costs a fake-quant pass).
+    Returns an ExportReport (files, per-layer exactness and SQNR).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_scheme_mode(scheme, mode)
+    if group_size not in AWQ_GROUP_SIZES:
+        raise ValueError(f"group_size must be one of {AWQ_GROUP_SIZES} for an AWQ checkpoint, "
+                         f"got {group_size!r}")
+    limit = parse_size(max_shard_size)
+    check_out_dir(out_dir)
+    if isinstance(modules_to_not_convert, str):
+        modules_to_not_convert = [modules_to_not_convert]
+    quant, fp16_linears = _classify(model, modules_to_not_convert, scheme, mode, group_size)
+    cfg, gen = _config_dict(model, hf_config)
+    tie_ok = not (cfg is not None and cfg.get("tie_word_embeddings") is False)
+    G = next(iter(quant.values()))["group_size"] if quant else group_size
+
+    out_dir, tmp = _prepare_out_dir(out_dir)
+    report = ExportReport(out_dir=out_dir, group_size=G,
+                          modules_to_not_convert=fp16_linears or None)
+    handle = None
+    try:
+        items = _plan(model, quant, report, strict, sqnr_threshold, verify, tie_ok)
+        # an excluded FakeQuantLinear keeps the weight it trained with
+        fq_excluded = {f"{n}.weight": m for n, m in model.named_modules()
+                       if isinstance(m, FakeQuantLinear) and n not in quant}
+        for it in items:
+            nm = it.entries[0][0]
+            if len(it.entries) == 1 and nm in fq_excluded:
+                m = fq_excluded[nm]
+                it.produce = (lambda m=m, nm=nm: [_to_fp16(nm, _fake_quant_fp16(m))])
+        shards = _shard(items, limit)
+        nsh = len(shards)
+        names = (["model.safetensors"] if nsh == 1 else
+                 [f"model-{i + 1:05d}-of-{nsh:05d}.safetensors" for i in range(nsh)])
+        weight_map: Dict[str, str] = {}
+        total = sum(it.nbytes for it in items)
+        try:
+            from tqdm import tqdm
+            bar = tqdm(total=total, unit="B", unit_scale=True, desc="AWQ export",
+                       disable=not progress)
+        except ImportError:  # pragma: no cover
+            bar = None
+        try:
+            for fname, shard in zip(names, shards):
+                entries = [(e[0], e[1], e[2]) for it in shard for e in it.entries]
+                handle = _C.st_open(os.path.join(tmp, fname), entries,
+                                    {"format": "pt"})
+                if _writer_hook is not None:
+                    _writer_hook(handle, fname)
+                idx = 0
+                for it in shard:
+                    tensors = it.produce()
+                    for e, t in zip(it.entries, tensors):
+                        if _st_dtype(t.dtype) != e[1] or list(t.shape) != list(e[2]):
+                            raise RuntimeError(f"internal error: {e[0]} produced "
+                                               f"{t.dtype}{list(t.shape)}, planned {e[1]}{e[2]}")
+                        t = t.contiguous()
+                        _C.st_write(handle, idx, t.data_ptr(), t.numel() * t.element_size())
+                        weight_map[e[0]] = fname
+                        idx += 1
+                    del tensors
+                    if bar is not None:
+                        bar.update(it.nbytes)
+                _C.st_close(handle)
+                handle = None
+                report.files.append(fname)
+        finally:
+            if bar is not None:
+                bar.close()
+        report.total_size = total
+        if nsh > 1:
+            _write_json(os.path.join(tmp, "model.safetensors.index.json"),
+                        {"metadata": {"total_size": total},
+                         "weight_map": dict(sorted(weight_map.items()))})
+            report.files.append("model.safetensors.index.json")
+        conf = dict(cfg or {})
+        conf.pop("quantization_config", None)
+        conf["torch_dtype"] = "float16"
+        if "dtype" in conf:
+            conf["dtype"] = "float16"
+        conf["quantization_config"] = {
+            "quant_method": "awq", "bits": 4, "group_size": G, "zero_point": True,
+            "version": "gemm", "modules_to_not_convert": fp16_linears or None,
+        }
+        _write_json(os.path.join(tmp, "config.json"), conf)
+        report.files.append("config.json")
+        if gen is not None:
+            _write_bytes(os.path.join(tmp, "generation_config.json"), gen)
+            report.files.append("generation_config.json")
+        _fsync_dir(tmp)
+        try:
+            os.rename(tmp, out_dir)
+        except OSError as e:
+            raise type(e)(e.errno, f"cannot move the finished export into place: {e.strerror}",
+                          out_dir) from None
+        tmp = None
+        _fsync_dir(os.path.dirname(out_dir))
+    except BaseException:
+        if handle is not None:
+            _C.st_abort(handle)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    inexact = [l for l in report.layers if not l.exact]
+    if inexact:
+        worst = min(inexact, key=lambda l: l.sqnr_db)
+        log.warning("AWQ export: %d of %d layers are not exact (lowest SQNR %.2f dB at %s)",
+                    len(inexact), len(report.layers), worst.sqnr_db, worst.name)
+    return report
+
+
+def load_for_export(checkpoint: str, hf_config: Optional[str] = None, *,
+                    allow_pickle: bool = False) -> nn.Module:
+    """Loads a `torch.save`d model, or a state dict built into the
+    transformers model described by `hf_config` (a directory)."""
+    kw = dict(map_location="cpu")
+    try:
+        obj = torch.load(checkpoint, weights_only=not allow_pickle, mmap=True, **kw)
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise
+        obj = torch.load(checkpoint, weights_only=not allow_pickle, **kw)
+    if isinstance(obj, nn.Module):
+        return obj
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model"):
+            if key in obj and isinstance(obj[key], (dict, nn.Module)):
+                obj = obj[key]
+                break
+    if isinstance(obj, nn.Module):
+        return obj
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{checkpoint}: expected a torch.save'd nn.Module or state dict")
+    if hf_config is None:
+        raise ValueError("a state dict needs --hf-config DIR (the model's config.json) to "
+                         "build the model")
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM
+    except ImportError as e:
+        raise ImportError("building a model from a state dict needs transformers "
+                          "(pip install transformers)") from e
+    config = AutoConfig.from_pretrained(hf_config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    missing, unexpected = model.load_state_dict(obj, strict=False, assign=True)
+    if unexpected:
+        raise ValueError(f"{checkpoint}: keys not in the model: {unexpected[:10]}")
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    meta = [n for n, p in model.state_dict().items() if p.device.type == "meta"]
+    if meta:
+        raise ValueError(f"{checkpoint}: tensors missing from the state dict: {meta[:10]}")
+    return model

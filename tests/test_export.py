@@ -1,0 +1,666 @@
+"""AWQ export (issue 4): format, exactness, sharding, atomicity, consumers.
+
+Every file is opened with the real `safetensors.safe_open`; the AWQ words are
+unpacked by code written here (not the project's), and `(q - z) * s` must
+give back the fake-quant weight bit for bit in the exact modes.  Consumers:
+AutoAWQ's own `dequantize_gemm`, and transformers' AWQ loader with the
+GPTQModel torch kernel on a tiny Llama (subprocess).  Those two need the
+packages below; they skip only outside CI when the packages are missing:
+    transformers==5.23.0 accelerate==1.15.0
+    gptqmodel==7.7.0 (--no-deps, + its import deps) autoawq==0.2.9 (--no-deps)
+"""
+import contextlib
+import errno
+import io
+import importlib.util
+import json
+import math
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+
+import ao_awq_export
+from ao_awq_export import _C, export as ex
+from ao_awq_export.export import FakeQuantLinear, export_awq
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+AWQ_SLOT = [0, 4, 1, 5, 2, 6, 3, 7]  # logical column j -> nibble index (SPEC section 5)
+EXACT = [("int4_asym", "awq"), ("fp8_int4", "awq"), ("fp8_int4", "torchao")]
+
+
+# ----------------------------------------------------------------------------
+# independent readers
+# ----------------------------------------------------------------------------
+def unpack_awq_words(qw: torch.Tensor) -> np.ndarray:
+    """int32 [R, C/8] -> codes [R, C], written from the SPEC: logical column j
+    of each pack of 8 sits at bits 4*AWQ_SLOT[j]."""
+    w = qw.numpy().view(np.uint32)
+    r, c8 = w.shape
+    out = np.empty((r, c8, 8), dtype=np.uint8)
+    for j in range(8):
+        out[:, :, j] = (w >> np.uint32(4 * AWQ_SLOT[j])) & np.uint32(0xF)
+    return out.reshape(r, c8 * 8)
+
+
+def raw_layout(path):
+    """Parse a safetensors file by hand and check the container rules."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    n = struct.unpack("<Q", raw[:8])[0]
+    assert n % 8 == 0 and n <= 100_000_000
+    hdr_bytes = raw[8:8 + n]
+    text = hdr_bytes.decode("utf-8")
+    assert text == text.rstrip(" ") + " " * (len(text) - len(text.rstrip(" ")))
+    hdr = json.loads(text)
+    assert hdr.pop("__metadata__") == {"format": "pt"}
+    sizes = {"I32": 4, "F16": 2, "BF16": 2, "F32": 4, "U8": 1, "I64": 8, "BOOL": 1}
+    spans = []
+    for name, e in hdr.items():
+        b, en = e["data_offsets"]
+        assert en - b == math.prod(e["shape"]) * sizes[e["dtype"]], name
+        assert b % sizes[e["dtype"]] == 0, f"{name} misaligned"
+        spans.append((b, en))
+    spans.sort()
+    pos = 0
+    for b, en in spans:
+        assert b == pos, "gap or overlap"
+        pos = en
+    assert len(raw) == 8 + n + pos, "trailing bytes"
+    return hdr
+
+
+def read_export(out_dir):
+    """{name: tensor}, {name: file} reading every shard with safe_open."""
+    files = sorted(f for f in os.listdir(out_dir) if f.endswith(".safetensors"))
+    idx = os.path.join(out_dir, "model.safetensors.index.json")
+    tensors, where = {}, {}
+    for f in files:
+        p = os.path.join(out_dir, f)
+        raw_layout(p)
+        with safe_open(p, framework="pt") as sf:
+            assert sf.metadata() == {"format": "pt"}
+            for k in sf.keys():
+                assert k not in tensors, f"{k} in two shards"
+                tensors[k] = sf.get_tensor(k)
+                where[k] = f
+    if os.path.exists(idx):
+        with open(idx) as fh:
+            index = json.load(fh)
+        assert index["weight_map"] == where
+        assert index["metadata"]["total_size"] == sum(
+            t.numel() * t.element_size() for t in tensors.values())
+    else:
+        assert files == ["model.safetensors"]
+    return tensors, where
+
+
+def awq_dequant(t, name, g, dtype):
+    """D(fp32(q - z) * fp32(s)) from the file tensors of layer `name`."""
+    q = torch.from_numpy(unpack_awq_words(t[f"{name}.qweight"])).T  # [N, K]
+    z = torch.from_numpy(unpack_awq_words(t[f"{name}.qzeros"])).T  # [N, G]
+    s = t[f"{name}.scales"].T  # [N, G]
+    n, k = q.shape
+    w = (q.float().view(n, -1, g) - z.float().unsqueeze(-1)) * s.float().unsqueeze(-1)
+    return w.view(n, k).to(dtype)
+
+
+def check_layer_format(t, name, n, k, g, bias):
+    assert t[f"{name}.qweight"].dtype == torch.int32
+    assert tuple(t[f"{name}.qweight"].shape) == (k, n // 8)
+    assert t[f"{name}.qzeros"].dtype == torch.int32
+    assert tuple(t[f"{name}.qzeros"].shape) == (k // g, n // 8)
+    assert t[f"{name}.scales"].dtype == torch.float16
+    assert tuple(t[f"{name}.scales"].shape) == (k // g, n)
+    assert f"{name}.weight" not in t
+    if bias:
+        assert t[f"{name}.bias"].dtype == torch.float16 and tuple(t[f"{name}.bias"].shape) == (n,)
+    else:
+        assert f"{name}.bias" not in t
+
+
+class Tiny(nn.Module):
+    """embed -> 2 blocks of Linear -> lm_head tied to embed."""
+
+    def __init__(self, d=128, h=256, vocab=96, dtype=torch.float32, lin=None, tie=True):
+        super().__init__()
+        lin = lin or (lambda i, o, b: nn.Linear(i, o, bias=b))
+        self.embed_tokens = nn.Embedding(vocab, d)
+        self.up = lin(d, h, True)
+        self.down = lin(h, d, False)
+        self.norm = nn.LayerNorm(d)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        if tie:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.register_buffer("step", torch.tensor([7], dtype=torch.int64))
+        self.to(dtype)
+
+    def forward(self, ids):
+        x = self.embed_tokens(ids)
+        return self.lm_head(self.norm(self.down(torch.relu(self.up(x)))))
+
+
+def fq_lin(scheme, mode, g):
+    return lambda i, o, b: FakeQuantLinear(i, o, b, scheme=scheme, mode=mode, group_size=g)
+
+
+@pytest.fixture
+def outdir(tmp_path):
+    return str(tmp_path / "awq")
+
+
+def leftovers(parent):
+    return sorted(os.listdir(parent))
+
+
+# ----------------------------------------------------------------------------
+# packing and the container
+# ----------------------------------------------------------------------------
+def test_pack_order_0x75316420():
+    codes = torch.arange(8, dtype=torch.uint8).view(8, 1)  # N=8 outputs, K=1
+    word = ao_awq_export.pack_awq(codes)
+    assert word.shape == (1, 1) and word.dtype == torch.int32
+    assert int(word.item()) & 0xFFFFFFFF == 0x75316420
+    assert unpack_awq_words(word).tolist() == [list(range(8))]
+    # top nibble >= 8 gives a negative int32: expected
+    w2 = ao_awq_export.pack_awq(torch.full((8, 1), 15, dtype=torch.uint8))
+    assert int(w2.item()) == -1
+
+
+@pytest.mark.parametrize("scheme,mode", EXACT)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("g", [32, 64, 128])
+def test_exact_modes_bit_for_bit(outdir, scheme, mode, dtype, g):
+    torch.manual_seed(hash((scheme, mode, g)) % 1000)
+    m = Tiny(dtype=dtype, lin=fq_lin(scheme, mode, g))
+    with torch.no_grad():
+        m.up.weight.mul_(torch.linspace(0.01, 3, 256, dtype=dtype).view(-1, 1))
+    rep = export_awq(m, outdir, progress=False, group_size=g)
+    t, _ = read_export(outdir)
+    check_layer_format(t, "up", 256, 128, g, bias=True)
+    check_layer_format(t, "down", 128, 256, g, bias=False)
+    inexact_ok = scheme == "fp8_int4" and mode == "torchao" and dtype == torch.float32
+    for name in ("up", "down"):
+        mod = getattr(m, name)
+        ref = mod.fake_quant_weight().detach()
+        got = awq_dequant(t, name, g, dtype)
+        lr = next(l for l in rep.layers if l.name == name)
+        if inexact_ok:  # fp32 scale rounded to fp16: the only error (SPEC section 4)
+            assert not lr.exact and lr.sqnr_db > 60
+            assert torch.allclose(got, ref, rtol=2e-3, atol=0)
+        else:
+            assert torch.equal(got, ref), f"{scheme}/{mode} {name} not bit-exact"
+            assert lr.exact and lr.sqnr_db == float("inf")
+        if scheme == "fp8_int4":  # symmetric: plain z = 8 (not z - 1)
+            assert (unpack_awq_words(t[f"{name}.qzeros"]) == 8).all()
+    assert torch.equal(t["up.bias"], m.up.bias.detach().half())
+    # unquantized tensors: fp16 .weight; tied embedding written once; int buffer kept
+    assert t["embed_tokens.weight"].dtype == torch.float16
+    assert torch.equal(t["embed_tokens.weight"], m.embed_tokens.weight.detach().half())
+    assert "lm_head.weight" not in t and "lm_head.qweight" not in t
+    assert t["norm.weight"].dtype == torch.float16 and t["step"].dtype == torch.int64
+    cfg = json.load(open(os.path.join(outdir, "config.json")))
+    assert cfg["torch_dtype"] == "float16"
+    assert cfg["quantization_config"] == {
+        "quant_method": "awq", "bits": 4, "group_size": g, "zero_point": True,
+        "version": "gemm", "modules_to_not_convert": None}
+
+
+def test_rtn_plain_linear_excludes_and_config(outdir, tmp_path):
+    torch.manual_seed(1)
+    m = Tiny(dtype=torch.bfloat16, tie=False)
+    m.extra = nn.Linear(128, 24)  # N % 8 == 0 but excluded by name
+    m.down_fq = FakeQuantLinear(256, 128, scheme="int4_asym", mode="awq", group_size=64)
+    m.down_fq.to(torch.bfloat16)
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"model_type": "tiny", "hidden_size": 128,
+                                                "quantization_config": {"old": 1},
+                                                "tie_word_embeddings": False}))
+    (hf / "generation_config.json").write_text('{"max_new_tokens": 5}')
+    rep = export_awq(m, outdir, scheme="int4_asym", mode="awq", group_size=64,
+                     modules_to_not_convert=["extra", "down_fq"], hf_config=str(hf),
+                     progress=False)
+    t, _ = read_export(outdir)
+    # RTN layers: the fake quant with the keyword args, exactly
+    ref = ao_awq_export.fake_quant_int4_asym(m.up.weight.detach(), 64, mode="awq")
+    assert torch.equal(awq_dequant(t, "up", 64, torch.bfloat16), ref)
+    assert {l.name: l.source for l in rep.layers} == {"up": "rtn", "down": "rtn"}
+    # excluded: fp16 .weight; the excluded FakeQuantLinear keeps its fake-quant weight
+    assert t["extra.weight"].dtype == torch.float16 and "extra.qweight" not in t
+    assert torch.equal(t["down_fq.weight"], m.down_fq.fake_quant_weight().detach().half())
+    assert torch.equal(t["lm_head.weight"], m.lm_head.weight.detach().half())  # untied
+    cfg = json.load(open(os.path.join(outdir, "config.json")))
+    assert cfg["model_type"] == "tiny" and cfg["torch_dtype"] == "float16"
+    assert cfg["quantization_config"]["modules_to_not_convert"] == ["extra", "down_fq"]
+    assert "old" not in cfg["quantization_config"]
+    assert json.load(open(os.path.join(outdir, "generation_config.json"))) == {"max_new_tokens": 5}
+    assert sorted(os.listdir(outdir)) == ["config.json", "generation_config.json",
+                                          "model.safetensors"]
+
+
+def test_torchao_float_zero_is_reported_and_strict(tmp_path):
+    torch.manual_seed(2)
+    m = Tiny(dtype=torch.bfloat16, lin=fq_lin("int4_asym", "torchao", 128))
+    rep = export_awq(m, str(tmp_path / "a"), progress=False)
+    t, _ = read_export(str(tmp_path / "a"))
+    for l in rep.layers:
+        ref = getattr(m, l.name).fake_quant_weight().detach().double()
+        got = awq_dequant(t, l.name, 128, torch.bfloat16).double()
+        sqnr = 10 * math.log10(float((ref ** 2).sum() / ((got - ref) ** 2).sum()))
+        assert not l.exact and abs(sqnr - l.sqnr_db) < 1e-6
+        assert 19 < l.sqnr_db < 40
+        # never worse than rounding the float zero to the nearest integer
+        z = torch.from_numpy(unpack_awq_words(t[f"{l.name}.qzeros"])).T
+        assert int(z.min()) >= 0 and int(z.max()) <= 15
+    with pytest.raises(ValueError, match="SQNR"):
+        export_awq(m, str(tmp_path / "b"), strict=True, progress=False)
+    assert not (tmp_path / "b").exists()
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []
+    rep = export_awq(m, str(tmp_path / "c"), strict=True, sqnr_threshold=15, progress=False)
+    assert len(rep.layers) == 2
+
+
+def test_sharding_and_index(outdir):
+    torch.manual_seed(3)
+    m = Tiny(dtype=torch.float16, lin=fq_lin("fp8_int4", "awq", 32))
+    m.big = nn.Embedding(200, 128).half()  # 51,200 bytes: over the limit -> own shard
+    rep = export_awq(m, outdir, max_shard_size="40KB", progress=False, group_size=32)
+    t, where = read_export(outdir)
+    files = sorted(set(where.values()))
+    assert len(files) >= 3
+    assert all(f == f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+               for i, f in enumerate(files))
+    assert sum(1 for v in where.values() if v == where["big.weight"]) == 1
+    for f in files:
+        size = sum(t[k].numel() * t[k].element_size() for k in t if where[k] == f)
+        assert size <= 40_000 or f == where["big.weight"]
+    # a quantized layer's tensors stay together
+    assert where["up.qweight"] == where["up.qzeros"] == where["up.scales"] == where["up.bias"]
+    assert rep.files[-2:] == ["model.safetensors.index.json", "config.json"]
+    ref = m.up.fake_quant_weight().detach()
+    assert torch.equal(awq_dequant(t, "up", 32, torch.float16), ref)
+
+
+def test_hostile_module_names(outdir):
+    names = ['q"uote', "back\\slash", "ünï€😀", "tab\tnl\n\x01"]
+    m = nn.Module()
+    for i, n in enumerate(names):
+        m.add_module(n, nn.Linear(64, 16, bias=True))
+    m.add_module('fp"16\\ü', nn.Linear(64, 16))
+    rep = export_awq(m, outdir, group_size=32, modules_to_not_convert=['fp"16\\ü'],
+                     progress=False)
+    t, _ = read_export(outdir)
+    for n in names:
+        check_layer_format(t, n, 16, 64, 32, bias=True)
+        ref = ao_awq_export.fake_quant_int4_asym(getattr(m, n).weight.detach(), 32, mode="awq")
+        assert torch.equal(awq_dequant(t, n, 32, torch.float32), ref)
+    assert 'fp"16\\ü.weight' in t
+    cfg = json.load(open(os.path.join(outdir, "config.json"), encoding="utf-8"))
+    assert cfg["quantization_config"]["modules_to_not_convert"] == ['fp"16\\ü']
+    assert len(rep.layers) == 4
+
+
+def test_int4_tensor_weights(outdir):
+    """A Linear holding a torchao Int4Tensor (what quantize_(Int4WeightOnlyConfig())
+    produces on CUDA; on CPU it needs mslk, so it is built here from the same
+    numerics: plain packing, low nibble = even column, scale/zero [K/g, N])."""
+    from torchao.quantization import Int4Tensor
+
+    torch.manual_seed(4)
+    lin = nn.Linear(256, 64, bias=False).to(torch.bfloat16)
+    w = lin.weight.detach()
+    codes, scale, zero = ao_awq_export.quantize_int4(w, 128, scheme="int4_asym", mode="torchao")
+    signed = codes.to(torch.int16) - 8
+    lo, hi = signed[:, 0::2] & 0xF, signed[:, 1::2] & 0xF
+    qdata = (lo | (hi << 4)).to(torch.uint8).view(torch.int8)
+    it = Int4Tensor(qdata, scale.t().contiguous().to(torch.bfloat16),
+                    zero.t().contiguous().to(torch.bfloat16), [1, 128], w.shape)
+    lin.weight = nn.Parameter(it, requires_grad=False)
+    m = nn.Sequential(lin)
+    rep = export_awq(m, outdir, progress=False)
+    (l,) = rep.layers
+    assert l.source == "int4_tensor" and not l.exact and l.sqnr_db > 19
+    t, _ = read_export(outdir)
+    check_layer_format(t, "0", 64, 256, 128, bias=False)
+    ref = (signed.float().view(64, -1, 128) * scale.to(torch.bfloat16).float().unsqueeze(-1)
+           + zero.to(torch.bfloat16).float().unsqueeze(-1)).view(64, 256)
+    got = awq_dequant(t, "0", 128, torch.float32)
+    sqnr = 10 * math.log10(float((ref ** 2).sum() / ((got - ref) ** 2).sum()))
+    assert sqnr > 19
+
+
+# ----------------------------------------------------------------------------
+# bad input
+# ----------------------------------------------------------------------------
+def test_bad_shapes_and_group_sizes(tmp_path):
+    out = str(tmp_path / "o")
+    with pytest.raises(ValueError, match="multiple of 8"):
+        export_awq(nn.Sequential(nn.Linear(64, 12)), out, group_size=32, progress=False)
+    with pytest.raises(ValueError, match="multiple of the group"):
+        export_awq(nn.Sequential(nn.Linear(96, 16)), out, group_size=64, progress=False)
+    for g in (16, 256, -1):
+        with pytest.raises(ValueError, match="group_size"):
+            export_awq(nn.Sequential(nn.Linear(256, 16)), out, group_size=g, progress=False)
+    fq = nn.Sequential(FakeQuantLinear(256, 16, scheme="int4_asym", mode="awq", group_size=256))
+    with pytest.raises(ValueError, match="group size 256"):
+        export_awq(fq, out, progress=False)
+    mixed = nn.Sequential(FakeQuantLinear(128, 16, group_size=32),
+                          FakeQuantLinear(128, 16, group_size=64))
+    with pytest.raises(ValueError, match="one group size"):
+        export_awq(mixed, out, progress=False)
+    big = nn.Sequential(nn.Linear(64, 16))
+    with torch.no_grad():
+        big[0].weight.uniform_(-4e6, 4e6)  # group range / 15 > 65504
+    with pytest.raises(ValueError, match="float16"):
+        export_awq(big, out, group_size=32, progress=False)
+    clash = nn.Module()
+    clash.add_module("a", nn.Linear(64, 16))
+    clash.add_module("ab", nn.Linear(64, 16))
+    clash.add_module("c", nn.Linear(64, 16))
+    # substring match, as AutoAWQ / vLLM read modules_to_not_convert: "a" skips "ab" too
+    rep = export_awq(clash, out, group_size=32, modules_to_not_convert=["a"], progress=False)
+    assert [l.name for l in rep.layers] == ["c"] and rep.modules_to_not_convert == ["a", "ab"]
+    shutil.rmtree(out)
+    with pytest.raises(ValueError, match="max_shard_size|parse"):
+        export_awq(nn.Sequential(nn.Linear(64, 16)), out, max_shard_size="5 parsecs")
+    assert os.listdir(tmp_path) == []
+
+
+def test_out_dir_rules(tmp_path):
+    m = nn.Sequential(nn.Linear(64, 16))
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="not empty"):
+        export_awq(m, str(full), group_size=32, progress=False)
+    assert os.listdir(full) == ["keep.txt"]
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(FileExistsError):
+        export_awq(m, str(tmp_path / "afile"), group_size=32, progress=False)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    export_awq(m, str(empty), group_size=32, progress=False)  # an empty dir is fine
+    assert sorted(os.listdir(empty)) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["afile", "empty", "full"]
+
+
+def _run(code, *, prefix=(), timeout=180):
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run(list(prefix) + [sys.executable, "-c", textwrap.dedent(code)],
+                          capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+
+
+def test_non_writable_parent(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    os.chmod(ro, 0o555)
+    prefix = ()
+    if os.geteuid() == 0:  # root ignores permissions unless DAC override is dropped
+        assert shutil.which("setpriv"), "setpriv (util-linux) is needed to test as root"
+        prefix = ("setpriv", "--inh-caps=-dac_override,-dac_read_search",
+                  "--bounding-set=-dac_override,-dac_read_search", "--")
+    try:
+        r = _run(f"""
+            import torch.nn as nn
+            from ao_awq_export.export import export_awq
+            try:
+                export_awq(nn.Sequential(nn.Linear(64, 16)), {str(ro / 'out')!r},
+                           group_size=32, progress=False)
+            except PermissionError as e:
+                print("PermissionError", e)
+            """, prefix=prefix)
+        assert "PermissionError" in r.stdout and "parent directory" in r.stdout, r.stdout + r.stderr
+        assert os.listdir(ro) == []
+    finally:
+        os.chmod(ro, 0o755)
+
+
+def test_write_failure_mid_shard_rlimit(tmp_path):
+    """A real EFBIG from RLIMIT_FSIZE in the middle of a shard: OSError naming
+    the tensor and the file, nothing left (no out_dir, no temporaries)."""
+    out = tmp_path / "out"
+    r = _run(f"""
+        import errno, resource, torch, torch.nn as nn
+        from ao_awq_export.export import export_awq
+        torch.manual_seed(0)
+        m = nn.Sequential(*[nn.Linear(256, 256) for _ in range(8)])  # ~0.4 MB of tensors
+        resource.setrlimit(resource.RLIMIT_FSIZE, (150_000, 150_000))
+        try:
+            export_awq(m, {str(out)!r}, group_size=64, progress=False)
+        except OSError as e:
+            print("ERRNO", e.errno == errno.EFBIG, e)
+        """)
+    assert "ERRNO True" in r.stdout, r.stdout + r.stderr
+    assert "writing tensor" in r.stdout and "model.safetensors" in r.stdout
+    assert os.listdir(tmp_path) == []
+
+
+def test_write_failure_injected_enospc(tmp_path, monkeypatch):
+    out = str(tmp_path / "out")
+    calls = []
+
+    def hook(handle, fname):
+        calls.append(fname)
+        if len(calls) == 2:  # second shard: disk full after 1000 bytes
+            _C.st_inject_fault(handle, 1000, errno.ENOSPC)
+
+    monkeypatch.setattr(ex, "_writer_hook", hook)
+    m = Tiny(lin=fq_lin("int4_asym", "awq", 32))
+    with pytest.raises(OSError) as ei:
+        export_awq(m, out, group_size=32, max_shard_size="20KB", progress=False)
+    assert ei.value.errno == errno.ENOSPC and "writing tensor" in str(ei.value)
+    assert len(calls) == 2 and os.listdir(tmp_path) == []
+
+
+def test_failure_in_quantization_leaves_nothing(tmp_path, monkeypatch):
+    real = ex.quantize_int4
+    n = {"i": 0}
+
+    def flaky(*a, **k):
+        n["i"] += 1
+        if n["i"] == 2:
+            raise RuntimeError("boom")
+        return real(*a, **k)
+
+    monkeypatch.setattr(ex, "quantize_int4", flaky)
+    with pytest.raises(RuntimeError, match="boom"):
+        export_awq(Tiny(), str(tmp_path / "o"), group_size=32, progress=False)
+    assert os.listdir(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------
+# the C writer directly
+# ----------------------------------------------------------------------------
+def test_st_writer_api(tmp_path):
+    p = str(tmp_path / "x.safetensors")
+    a = np.arange(6, dtype=np.float16).reshape(2, 3)
+    b = np.arange(5, dtype=np.int32)
+    h = _C.st_open(p, [("a", "F16", [2, 3]), ("b", "I32", [5]), ("c", "U8", [0])])
+    info = _C.st_info(h)
+    assert info["header_size"] % 8 == 0 and [s[0] for s in info["slots"]] == [1, 0, 2]
+    _C.st_write(h, 0, a[:1])  # chunked writes
+    _C.st_write(h, 0, a[1:])
+    with pytest.raises(ValueError, match="remain"):
+        _C.st_write(h, 0, a)
+    _C.st_write(h, 1, b.ctypes.data, b.nbytes)
+    assert not os.path.exists(p) and os.path.exists(info["temp_path"])
+    assert _C.st_close(h) == os.path.getsize(p)
+    with safe_open(p, "np") as f:
+        assert (f.get_tensor("a") == a).all() and (f.get_tensor("b") == b).all()
+        assert f.get_tensor("c").shape == (0,)
+    with pytest.raises(ValueError, match="closed"):
+        _C.st_write(h, 0, a)
+    # existing final file: refused, untouched
+    with pytest.raises(FileExistsError):
+        _C.st_open(p, [("a", "F16", [1])])
+    # incomplete -> ValueError, nothing under the final name, no temporary
+    q = str(tmp_path / "y.safetensors")
+    h = _C.st_open(q, [("a", "F16", [2, 3])])
+    _C.st_write(h, 0, a[:1])
+    with pytest.raises(ValueError, match="incomplete"):
+        _C.st_close(h)
+    for bad, msg in ([("a", "F16", [1]), ("a", "F16", [1])], "duplicate"), \
+                    ([("__metadata__", "F16", [1])], "metadata"), \
+                    ([("a", "Q4", [1])], "dtype"), ([("a", "F16", [-1])], "negative"), \
+                    ([("", "F16", [1])], "empty"):
+        with pytest.raises(ValueError, match=msg):
+            _C.st_open(q, bad)
+    # abort and garbage collection remove the temporary file
+    h = _C.st_open(q, [("a", "F16", [1])])
+    tmp = _C.st_info(h)["temp_path"]
+    _C.st_abort(h)
+    _C.st_abort(h)
+    assert not os.path.exists(tmp)
+    h = _C.st_open(q, [("a", "F16", [1])])
+    tmp = _C.st_info(h)["temp_path"]
+    del h
+    assert not os.path.exists(tmp)
+    with pytest.raises(FileNotFoundError):
+        _C.st_open(str(tmp_path / "nodir" / "z.safetensors"), [])
+    assert sorted(os.listdir(tmp_path)) == ["x.safetensors"]
+
+
+# ----------------------------------------------------------------------------
+# consumers
+# ----------------------------------------------------------------------------
+def _need(mod):
+    if importlib.util.find_spec(mod) is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{mod} is required in CI (see the module docstring for pins)")
+        pytest.skip(f"{mod} not installed")
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_autoawq_dequantize_and_packer(outdir):
+    """AutoAWQ's own unpack/reorder/dequantize (awq.utils.packing_utils,
+    autoawq 0.2.9) on our files == the fake-quant weight (fp16 model), and its
+    own packer (WQLinear_GEMM.from_linear) given the same weight, scales and
+    zeros produces our qweight/qzeros words."""
+    _need("awq")
+    with contextlib.redirect_stderr(io.StringIO()):  # AutoAWQ's deprecation banner
+        from awq.modules.linear.gemm import WQLinear_GEMM
+        from awq.utils.packing_utils import dequantize_gemm
+    torch.manual_seed(5)
+    m = Tiny(dtype=torch.float16, lin=fq_lin("int4_asym", "awq", 64))
+    m.up2 = FakeQuantLinear(128, 64, scheme="fp8_int4", mode="awq", group_size=64).half()
+    export_awq(m, outdir, progress=False, group_size=64)
+    t, _ = read_export(outdir)
+    for name in ("up", "down", "up2"):
+        w = dequantize_gemm(t[f"{name}.qweight"], t[f"{name}.qzeros"], t[f"{name}.scales"], 4, 64)
+        assert w.dtype == torch.float16
+        assert torch.equal(w.T, getattr(m, name).fake_quant_weight().detach())
+    lin = nn.Linear(128, 256, bias=True).half()
+    with torch.no_grad():
+        lin.weight.copy_(m.up.fake_quant_weight())
+        lin.bias.copy_(m.up.bias)
+    zeros = torch.from_numpy(unpack_awq_words(t["up.qzeros"])).to(torch.float16)  # [G, N]
+    ref = WQLinear_GEMM.from_linear(lin, 4, 64, scales=t["up.scales"], zeros=zeros)
+    assert torch.equal(ref.qweight, t["up.qweight"]) and torch.equal(ref.qzeros, t["up.qzeros"])
+    assert torch.equal(ref.scales, t["up.scales"]) and torch.equal(ref.bias, t["up.bias"])
+
+
+def test_transformers_gptqmodel_llama_cpu(tmp_path):
+    """transformers' AWQ loader (-> GPTQModel AwqTorchLinear, pure torch, CPU)
+    loads the export of a tiny Llama; logits match the fake-quant model."""
+    _need("transformers")
+    _need("gptqmodel")
+    r = _run(f"""
+        import json, torch, torch.nn as nn
+        from transformers import AutoModelForCausalLM, AwqConfig, LlamaConfig, LlamaForCausalLM
+        from ao_awq_export.export import FakeQuantLinear, export_awq
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                          max_position_embeddings=64, tie_word_embeddings=True)
+        m = LlamaForCausalLM(cfg).eval()
+        for name, mod in list(m.named_modules()):
+            for cn, c in list(mod.named_children()):
+                if isinstance(c, nn.Linear) and cn != "lm_head":
+                    setattr(mod, cn, FakeQuantLinear.from_linear(
+                        c, scheme="int4_asym" if "mlp" in name else "fp8_int4", mode="awq",
+                        group_size=32))
+        m = m.half()
+        out = {str(tmp_path / 'awq')!r}
+        rep = export_awq(m, out, group_size=32, progress=False)
+        assert rep.all_exact and len(rep.layers) == 14
+        ids = torch.randint(0, 256, (2, 12))
+        with torch.no_grad():
+            ref = m(ids).logits.float()
+        q = AutoModelForCausalLM.from_pretrained(
+            out, device_map="cpu", dtype=torch.float16,
+            quantization_config=AwqConfig(bits=4, group_size=32, backend="torch_awq"))
+        kern = type(q.model.layers[0].self_attn.q_proj).__name__
+        with torch.no_grad():
+            got = q(ids).logits.float()
+        print("RESULT", kern, float((got - ref).abs().max()), float(ref.abs().max()))
+        """, timeout=300)
+    line = [l for l in r.stdout.splitlines() if l.startswith("RESULT")]
+    assert line, r.stdout[-3000:] + r.stderr[-3000:]
+    _, kern, diff, scale = line[0].split()
+    assert kern == "AwqTorchLinear"
+    assert float(diff) <= 2e-3 * max(1.0, float(scale)), line
+
+
+# ----------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------
+def test_cli_state_dict_and_pickled_model(tmp_path):
+    _need("transformers")
+    r = _run(f"""
+        import torch, torch.nn as nn
+        from transformers import LlamaConfig, LlamaForCausalLM
+        from ao_awq_export.export import FakeQuantLinear
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)
+        m = LlamaForCausalLM(cfg)
+        cfg.save_pretrained({str(tmp_path / 'hf')!r})
+        torch.save(m.state_dict(), {str(tmp_path / 'sd.pt')!r})
+        m.model.layers[0].mlp.up_proj = FakeQuantLinear.from_linear(
+            m.model.layers[0].mlp.up_proj, scheme="fp8_int4", mode="awq", group_size=32)
+        torch.save(m, {str(tmp_path / 'model.pt')!r})
+        """)
+    assert r.returncode == 0, r.stderr
+    cli = [sys.executable, "-m", "ao_awq_export", "export"]
+    env = dict(os.environ, PYTHONPATH=REPO)
+    r = subprocess.run(cli + [str(tmp_path / "sd.pt"), str(tmp_path / "o1"), "--hf-config",
+                              str(tmp_path / "hf"), "--group-size", "32", "--no-progress"],
+                       capture_output=True, text=True, env=env, cwd=REPO, timeout=180)
+    assert r.returncode == 0, r.stderr
+    assert "7 quantized layers (7 bit-exact)" in r.stdout
+    t, _ = read_export(str(tmp_path / "o1"))
+    sd = torch.load(str(tmp_path / "sd.pt"))
+    w = sd["model.layers.0.self_attn.q_proj.weight"]
+    assert torch.equal(awq_dequant(t, "model.layers.0.self_attn.q_proj", 32, torch.float32),
+                       ao_awq_export.fake_quant_int4_asym(w, 32, mode="awq"))
+    cfg = json.load(open(tmp_path / "o1" / "config.json"))
+    assert cfg["model_type"] == "llama" and cfg["quantization_config"]["group_size"] == 32
+    # a pickled model needs --allow-pickle; FakeQuantLinear keeps its own scheme
+    r = subprocess.run(cli + [str(tmp_path / "model.pt"), str(tmp_path / "o2"), "--group-size",
+                              "32", "--no-progress"],
+                       capture_output=True, text=True, env=env, cwd=REPO, timeout=180)
+    assert r.returncode == 1 and "--allow-pickle" in r.stderr
+    assert not (tmp_path / "o2").exists()
+    r = subprocess.run(cli + [str(tmp_path / "model.pt"), str(tmp_path / "o2"), "--group-size",
+                              "32", "--no-progress", "--allow-pickle",
+                              "--max-shard-size", "20KB"],
+                       capture_output=True, text=True, env=env, cwd=REPO, timeout=180)
+    assert r.returncode == 0, r.stderr
+    t, _ = read_export(str(tmp_path / "o2"))
+    assert os.path.exists(tmp_path / "o2" / "model.safetensors.index.json")
+    z = unpack_awq_words(t["model.layers.0.mlp.up_proj.qzeros"])
+    assert (z == 8).all()  # fp8_int4 layer
+    # existing non-empty out_dir -> exit 1, message on stderr
+    r = subprocess.run(cli + [str(tmp_path / "sd.pt"), str(tmp_path / "o1"), "--hf-config",
+                              str(tmp_path / "hf"), "--no-progress"],
+                       capture_output=True, text=True, env=env, cwd=REPO, timeout=180)
+    assert r.returncode == 1 and "not empty" in r.stderr

@@ -57,26 +57,46 @@ static float tree_block(float acc[NW][32]) {
   return ws[0];
 }
 
-static float group_sum(const float *v, int64_t g) {
+/* lane l of 32 adds its E consecutive elements in order; E a constant here
+ * so the lanes vectorize (strided loads) */
+AOQ_INLINE float group_sum_e(const float *v, const int E) {
   float lane[32];
-  const int64_t E = g / 32;
-  for (int l = 0; l < 32; l++) {
-    float a = 0.f;
-    for (int64_t e = 0; e < E; e++) a += v[l * E + e];
-    lane[l] = a;
-  }
+  for (int l = 0; l < 32; l++) lane[l] = 0.f; /* 0 + v: as the GPU, -0 sums to +0 */
+  for (int e = 0; e < E; e++)
+    for (int l = 0; l < 32; l++) lane[l] += v[l * E + e];
   tree32(lane);
   return lane[0];
 }
 
-static float row_sum_grouped(const float *v, int64_t K, int64_t g) {
+static float group_sum(const float *v, int64_t g) {
+  switch (g) {
+    case 32: return group_sum_e(v, 1);
+    case 64: return group_sum_e(v, 2);
+    case 128: return group_sum_e(v, 4);
+    default: return group_sum_e(v, 8);
+  }
+}
+
+AOQ_INLINE float row_sum_grouped_e(const float *v, int64_t K, const int E) {
   float acc[NW][32];
-  const int64_t E = g / 32, G = K / g;
+  const int64_t g = 32 * E, G = K / g;
   memset(acc, 0, sizeof acc);
-  for (int64_t j = 0; j < G; j++)
-    for (int l = 0; l < 32; l++)
-      for (int64_t e = 0; e < E; e++) acc[j % NW][l] += v[j * g + l * E + e];
+  for (int64_t j = 0; j < G; j++) {
+    float *a = acc[j % NW];
+    const float *vj = v + j * g;
+    for (int e = 0; e < E; e++)
+      for (int l = 0; l < 32; l++) a[l] += vj[l * E + e];
+  }
   return tree_block(acc);
+}
+
+static float row_sum_grouped(const float *v, int64_t K, int64_t g) {
+  switch (g) {
+    case 32: return row_sum_grouped_e(v, K, 1);
+    case 64: return row_sum_grouped_e(v, K, 2);
+    case 128: return row_sum_grouped_e(v, K, 4);
+    default: return row_sum_grouped_e(v, K, 8);
+  }
 }
 
 static float row_sum_strided(const float *v, int64_t K) {

@@ -61,10 +61,18 @@ NVCC = find_nvcc()
 WITH_CUDA = want == "1" or (want == "auto" and TORCH_CUDA is not None and NVCC is not None)
 if WITH_CUDA and (NVCC is None or TORCH_CUDA is None):
     sys.exit("ao_awq_export: AOQ_CUDA=1 needs nvcc and a CUDA build of torch")
+if WITH_CUDA:
+    _nv = subprocess.run([NVCC, "--version"], capture_output=True, text=True).stdout
+    _m = re.search(r"release (\d+)\.", _nv)
+    if _m and _m.group(1) != TORCH_CUDA.split(".")[0]:
+        sys.exit(f"ao_awq_export: nvcc is CUDA {_m.group(1)} but torch was built with CUDA {TORCH_CUDA}; "
+                 "point CUDA_HOME at a matching toolkit or set AOQ_CUDA=0")
 
 CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fexceptions",
           "-fvisibility=hidden", "-Wall", "-Wno-unknown-pragmas"]
-DEFINES = [("AOQ_WITH_CUDA", "1")] if WITH_CUDA else []
+# USE_CUDA makes torch's shim.h declare the CUDA functions, so shim_check.cpp
+# also checks aoti_torch_get_current_cuda_stream's signature
+DEFINES = [("AOQ_WITH_CUDA", "1"), ("USE_CUDA", "1")] if WITH_CUDA else []
 LIBS = ["torch_cpu", "c10", "gomp"]
 if WITH_CUDA:
     LIBS += ["torch_cuda", "cudart"]
@@ -84,6 +92,8 @@ class BuildExt(build_ext):
                        "-Xcompiler", "-fPIC", "-DAOQ_WITH_CUDA=1", "-I" + os.path.join(HERE, "csrc")]
                 for a in archs:
                     cmd += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
+                # PTX of the newest target too, so newer GPUs can JIT it
+                cmd += ["-gencode", f"arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
                 print(" ".join(cmd))
                 subprocess.check_call(cmd)
                 ext.extra_objects.append(obj)

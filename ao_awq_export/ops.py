@@ -36,10 +36,10 @@ def _clamp_backward_is_strict() -> bool:
     """torch <= 2.13 passes clamp's gradient at the bounds (lo <= x <= hi);
     torch 2.14 stopped (lo < x < hi).  "The gradient torch autograd computes
     through torchao's formula" follows the running torch, so we ask it."""
-    x = torch.tensor([0.0, 1.0], requires_grad=True)
-    with torch.enable_grad():
-        x.clamp(0.0, 1.0).sum().backward()
-    return bool((x.grad == 0).all())
+    with torch.inference_mode(False), torch.enable_grad():
+        x = torch.tensor([0.0, 1.0], device="cpu", requires_grad=True)
+        (g,) = torch.autograd.grad(x.clamp(0.0, 1.0).sum(), x)
+    return bool((g == 0).all())
 
 
 CLAMP_STRICT = _clamp_backward_is_strict()
@@ -164,6 +164,15 @@ def _rows_backward(ctx, grad):
 torch.library.register_autograd("ao_awq::fp8_rows", _rows_backward, setup_context=_rows_setup)
 
 
+def _no_double_backward(ctx, grad):
+    raise NotImplementedError("ao_awq_export: double backward (gradient of a gradient) through the "
+                              "fake-quant ops is not supported")
+
+
+for _op in ("ao_awq::fq_weight_backward", "ao_awq::fp8_rows_backward"):
+    torch.library.register_autograd(_op, _no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
 # --------------------------------------------------------------------------
 # public API
 # --------------------------------------------------------------------------
@@ -201,7 +210,8 @@ def fake_quant_fp8_rows(x: torch.Tensor, *, ste: str = "autograd") -> torch.Tens
     if x.dim() < 1:
         raise ValueError("x must have at least 1 dimension")
     _check_choice("ste", ste, STES)
-    return _ops.fp8_rows(x.contiguous(), ste == "pure")
+    x2 = x.contiguous().reshape(-1, x.shape[-1])
+    return _ops.fp8_rows(x2, ste == "pure").view(x.shape)
 
 
 def _scale_dtype(scheme, mode, wdtype):
@@ -265,7 +275,8 @@ def dequantize_int4(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tens
 def pack_awq(codes: torch.Tensor) -> torch.Tensor:
     """Pack uint8 codes [N, K] (values 0..15) into AWQ's int32 [K, N/8]
     (transposed; 8 output channels per word in AWQ's order 0,2,4,6,1,3,5,7).
-    Also packs zeros [N, K/g] into qzeros [K/g, N/8]."""
+    Also packs zeros [N, K/g] into qzeros [K/g, N/8].  Only the low 4 bits
+    of each code are used."""
     if not isinstance(codes, torch.Tensor):
         raise TypeError(f"codes must be a torch.Tensor, got {type(codes).__name__}")
     if codes.dtype != torch.uint8:

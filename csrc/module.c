@@ -113,7 +113,8 @@ static const char *check_weight(const tinfo *w, int64_t g) {
   if (w->dim != 2) return "w must be 2-D [N, K]";
   if (!w->contig) return "w must be contiguous";
   if (w->numel == 0) return "w must not be empty";
-  if (g <= 0 || w->sizes[1] % g) return "K (w.shape[1]) must be a multiple of group_size";
+  if (g != 32 && g != 64 && g != 128 && g != 256) return "group_size must be 32, 64, 128 or 256";
+  if (w->sizes[1] % g) return "K (w.shape[1]) must be a multiple of group_size";
   return NULL;
 }
 
@@ -166,6 +167,8 @@ static void k_fq_weight_backward(StableIValue *stack, uint64_t na, uint64_t no) 
     fail("fq_weight_backward", "cannot read tensors", own, 2);
   const char *why = check_weight(&w, g);
   if (why) fail("fq_weight_backward", why, own, 2);
+  if (scheme != AOQ_SCHEME_FP8_INT4 && scheme != AOQ_SCHEME_INT4_ASYM)
+    fail("fq_weight_backward", "unknown scheme", own, 2);
   if (gr.dtype != w.dtype || gr.dim != 2 || gr.sizes[0] != w.sizes[0] ||
       gr.sizes[1] != w.sizes[1] || !gr.contig || gr.dev_type != w.dev_type ||
       gr.dev_index != w.dev_index)
@@ -203,6 +206,8 @@ static void k_quantize(StableIValue *stack, uint64_t na, uint64_t no) {
   if (describe(own[0], &w)) fail("quantize", "cannot read tensor w", own, 1);
   const char *why = check_weight(&w, g);
   if (why) fail("quantize", why, own, 1);
+  if (scheme != AOQ_SCHEME_FP8_INT4 && scheme != AOQ_SCHEME_INT4_ASYM)
+    fail("quantize", "unknown scheme", own, 1);
   int64_t qs[2] = {w.sizes[0], w.sizes[1] / g};
   own[1] = new_tensor(2, w.sizes, aoti_torch_dtype_uint8(), &w);
   own[2] = new_tensor(2, qs, aoti_torch_dtype_float32(), &w);
@@ -231,7 +236,7 @@ static void k_quantize(StableIValue *stack, uint64_t na, uint64_t no) {
 
 static const char *check_rows(const tinfo *x) {
   if (x->dt < 0) return "x must be bfloat16, float16 or float32";
-  if (x->dim < 1) return "x must have at least 1 dimension";
+  if (x->dim < 1 || x->dim > 8) return "x must have 1 to 8 dimensions";
   if (!x->contig) return "x must be contiguous";
   if (x->numel == 0) return "x must not be empty";
   return NULL;
@@ -278,8 +283,10 @@ static void k_fp8_rows_backward(StableIValue *stack, uint64_t na, uint64_t no) {
     fail("fp8_rows_backward", "cannot read tensors", own, 2);
   const char *why = check_rows(&x);
   if (why) fail("fp8_rows_backward", why, own, 2);
-  if (gr.dtype != x.dtype || gr.numel != x.numel || !gr.contig || gr.dev_type != x.dev_type)
-    fail("fp8_rows_backward", "grad must be a contiguous tensor like x", own, 2);
+  int same = gr.dtype == x.dtype && gr.dim == x.dim && gr.contig && gr.dev_type == x.dev_type &&
+             gr.dev_index == x.dev_index;
+  for (int64_t i = 0; same && i < x.dim; i++) same = gr.sizes[i] == x.sizes[i];
+  if (!same) fail("fp8_rows_backward", "grad must be a contiguous tensor like x", own, 2);
   int64_t K = x.sizes[x.dim - 1], R = x.numel / K;
   own[2] = new_tensor(x.dim, x.sizes, x.dtype, &x);
   if (!own[2]) fail("fp8_rows_backward", "allocation failed", own, 2);
@@ -357,8 +364,22 @@ static const struct {
 /* Library handles live for the whole process: deleting one unregisters. */
 static TorchLibraryHandle lib_def, lib_cpu, lib_cuda;
 
+static int register_ops_once(void);
+
 static int register_ops(void) {
-  if (lib_def) return 0;
+  static int done = 0;
+  if (done) return 0;
+  if (register_ops_once()) {
+    /* leave no half-registered state that a retried import would take as done
+     * (the handles are leaked on purpose: deleting may unregister) */
+    lib_def = lib_cpu = lib_cuda = NULL;
+    return -1;
+  }
+  done = 1;
+  return 0;
+}
+
+static int register_ops_once(void) {
   if (aoti_torch_library_init_fragment(NS, __FILE__, __LINE__, &lib_def)) return -1;
   for (size_t i = 0; i < sizeof SCHEMAS / sizeof *SCHEMAS; i++)
     if (aoti_torch_library_def(lib_def, SCHEMAS[i])) return -1;

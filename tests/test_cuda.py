@@ -143,3 +143,14 @@ def test_gpu_compile_fullgraph():
     assert torch.allclose(out, f(w, x), rtol=1e-5, atol=1e-5)
     out.sum().backward()
     assert torch.isfinite(w.grad).all()
+
+
+def test_unaligned_pointer_scalar_path():
+    """A contiguous view whose data pointer is not 16-byte aligned takes the
+    scalar-load path; results must not change."""
+    base = torch.empty(64 * 512 + 1, dtype=torch.bfloat16, device="cuda")
+    w = base[1:].view(64, 512)
+    w.copy_(make_weight(64, 512, torch.bfloat16, 128, seed=2).cuda())
+    assert w.data_ptr() % 16 != 0
+    for scheme in OPS:
+        assert torch.equal(OPS[scheme](w, 128), OPS[scheme](w.clone(), 128))

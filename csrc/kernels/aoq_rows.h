@@ -111,6 +111,32 @@ AOQ_HD float aoq_sym_deq(float qc, const aoq_sym_group *p, int dt) {
   return aoq_round_to(qc * p->sdq, dt);
 }
 
+/* ---- backward helpers ------------------------------------------------ */
+/* torch's amax/amin backward gives every element `each * mask` (then times
+ * sgn(x) for abs): the non-extremes get a signed zero, which decides the sign
+ * of zero gradients.  0 * inf (fp16 overflow of `each`) is taken as a signed
+ * 0, not NaN: where torch's gradient overflows we stay finite. */
+AOQ_HD float aoq_masked(float each, int mask) {
+  if (mask) return each;
+  return (aoq_isfinite(each) || aoq_isnan(each)) ? each * 0.0f : aoq_u2f(aoq_f2u(each) & 0x80000000u);
+}
+
+/* d/d wd of D(wd * rcp): torch's D(gq * rcp); when fp16's 1/sg overflowed
+ * (sg < 1/65504; torch: inf or 0*inf = NaN) the finite gq / sg. */
+AOQ_HD float aoq_sym_gwd(float gq, const aoq_sym_group *p, int dt) {
+  return aoq_isfinite(p->rcp) ? aoq_round_to(gq * p->rcp, dt) : aoq_round_to(gq * (1.0f / p->sg), dt);
+}
+
+/* gradient of the group scale: torch's D(g_sg_a + D(-g_r * D(rcp*rcp))), or,
+ * where that overflows fp16 (torch: inf/NaN), the same sum in fp32. */
+AOQ_HD float aoq_sym_gsg(float g_sg_a, float g_r, const aoq_sym_group *p, int dt) {
+  float b = aoq_round_to(-g_r * aoq_round_to(p->rcp * p->rcp, dt), dt);
+  float s = aoq_round_to(g_sg_a + b, dt);
+  if (aoq_isfinite(s) || !aoq_isfinite(g_sg_a) || !aoq_isfinite(g_r)) return s;
+  float r32 = 1.0f / p->sg;
+  return aoq_round_to(g_sg_a + (g_r == 0.f ? 0.f : -g_r * (r32 * r32)), dt);
+}
+
 /* ---------------------------------------------------------------------- */
 /* int4 asymmetric [0, 15], recentred to 8 (torchao, fp32 throughout). */
 typedef struct {

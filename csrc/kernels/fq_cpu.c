@@ -36,8 +36,9 @@ static int thread_id(void) { return 0; }
 
 /* per-thread scratch, allocated before the parallel region (so a failed
  * allocation never leaves a thread out of a worksharing loop) */
-static float *scratch(int64_t per_thread, int *nt) {
+static float *scratch(int64_t per_thread, int64_t rows, int *nt) {
   *nt = n_threads();
+  if (rows < *nt) *nt = rows > 0 ? (int)rows : 1;
   return (float *)malloc((size_t)(*nt) * (size_t)per_thread * sizeof(float));
 }
 
@@ -187,7 +188,7 @@ AOQ_INLINE void fq_fwd_row(float *x, float *y, float *qf, uint8_t *codes, float 
     }
   }
   if (codes)
-    for (int64_t k = 0; k < K; k++) codes[k] = (uint8_t)(int)qf[k];
+    for (int64_t k = 0; k < K; k++) codes[k] = qf[k] == qf[k] ? (uint8_t)(int)qf[k] : 0; /* NaN: 0 */
 }
 
 AOQ_INLINE void fq_fwd_rows(const void *w, void *out, uint8_t *codes, float *scales, float *zeros,
@@ -217,7 +218,7 @@ int aoq_cpu_fq_fwd(const void *w, void *out, uint8_t *codes, float *scales, floa
                    int64_t N, int64_t K, int64_t g, int dt, int scheme, int awq, int cs) {
   if (N < 0 || K <= 0 || g <= 0 || K % g) return AOQ_ERR_ARG;
   int nt;
-  float *buf = scratch(3 * K, &nt);
+  float *buf = scratch(3 * K, N, &nt);
   if (!buf) return AOQ_ERR_NOMEM;
 #pragma omp parallel num_threads(nt)
   {
@@ -272,8 +273,8 @@ AOQ_INLINE void fp8_row_bwd(const float *x, const float *gh, float *gw, float *t
 #pragma omp simd
   for (int64_t k = 0; k < K; k++) {
     float ga = aoq_round_to(gw[k], dt);
-    float gb = aoq_round_to(ga + aoq_round_to(each * aoq_sgn(x[k]), dt), dt);
-    gw[k] = (x[k] < 0.f ? -x[k] : x[k]) == a0 ? gb : ga;
+    float e = aoq_masked(each, (x[k] < 0.f ? -x[k] : x[k]) == a0);
+    gw[k] = aoq_round_to(ga + aoq_round_to(e * aoq_sgn(x[k]), dt), dt);
   }
 }
 
@@ -292,12 +293,11 @@ AOQ_INLINE void sym_group_bwd(const float *wd, const float *G, float *gwd, float
     float q2 = aoq_sym_code_raw(wd[k], &p, dt);
     float gd = aoq_round_to(G[k] * (awq ? p.sdq : p.sg), dt);
     float gq = aoq_in(q2, -8.f, 7.f, st) ? gd : 0.f;
-    gwd[k] = aoq_round_to(gq * p.rcp, dt);
+    gwd[k] = aoq_sym_gwd(gq, &p, dt);
     tmp[k] = aoq_round_to(gq * wd[k], dt);
   }
   float g_r = aoq_round_to(group_sum(tmp, g), dt);
-  float g_sg_b = aoq_round_to(-g_r * aoq_round_to(p.rcp * p.rcp, dt), dt);
-  float g_sg = aoq_round_to(g_sg_a + g_sg_b, dt);
+  float g_sg = aoq_sym_gsg(g_sg_a, g_r, &p, dt);
   if (!aoq_ge(p.m8, aoq_eps_in(1e-6f, dt), st)) g_sg = 0.f;
   float g_m = aoq_round_to(g_sg * 0.125f, dt);
   int64_t cnt = 0;
@@ -305,8 +305,8 @@ AOQ_INLINE void sym_group_bwd(const float *wd, const float *G, float *gwd, float
   float each = cnt ? aoq_round_to(g_m / (float)cnt, dt) : 0.f;
 #pragma omp simd
   for (int64_t k = 0; k < g; k++) {
-    float gb = aoq_round_to(gwd[k] + aoq_round_to(each * aoq_sgn(wd[k]), dt), dt);
-    gwd[k] = (wd[k] < 0.f ? -wd[k] : wd[k]) == p.m ? gb : gwd[k];
+    float e = aoq_masked(each, (wd[k] < 0.f ? -wd[k] : wd[k]) == p.m);
+    gwd[k] = aoq_round_to(gwd[k] + aoq_round_to(e * aoq_sgn(wd[k]), dt), dt);
   }
 }
 
@@ -372,10 +372,7 @@ AOQ_INLINE void asym_group_bwd(const float *x, const float *G, float *gx, float 
   }
   float ex = cx ? g_s / (float)cx : 0.f, en = cn ? g_mn / (float)cn : 0.f;
 #pragma omp simd
-  for (int64_t k = 0; k < g; k++) {
-    float a = x[k] == p.mx ? gx[k] + ex : gx[k];
-    gx[k] = x[k] == p.mn ? a + en : a;
-  }
+  for (int64_t k = 0; k < g; k++) gx[k] = (gx[k] + aoq_masked(ex, x[k] == p.mx)) + aoq_masked(en, x[k] == p.mn);
 }
 
 AOQ_INLINE void fq_bwd_rows(const void *grad, const void *w, void *gw, int64_t N, int64_t K,
@@ -416,7 +413,7 @@ int aoq_cpu_fq_bwd(const void *grad, const void *w, void *gw, int64_t N, int64_t
                    int dt, int scheme, int awq, int cs, int st) {
   if (N < 0 || K <= 0 || g <= 0 || K % g) return AOQ_ERR_ARG;
   int nt;
-  float *buf = scratch(5 * K, &nt);
+  float *buf = scratch(5 * K, N, &nt);
   if (!buf) return AOQ_ERR_NOMEM;
 #pragma omp parallel num_threads(nt)
   fq_bwd_dispatch(grad, w, gw, N, K, g, dt, scheme, awq, cs, st, buf + (int64_t)thread_id() * 5 * K);
@@ -460,7 +457,7 @@ static int rows_run(const void *grad, const void *x, void *out, int64_t R, int64
                     int st) {
   if (R < 0 || K <= 0) return AOQ_ERR_ARG;
   int nt;
-  float *buf = scratch(4 * K, &nt);
+  float *buf = scratch(4 * K, R, &nt);
   if (!buf) return AOQ_ERR_NOMEM;
 #pragma omp parallel num_threads(nt)
   rows_dispatch(grad, x, out, R, K, dt, cs, st, buf + (int64_t)thread_id() * 4 * K);

@@ -180,7 +180,7 @@ __global__ void __launch_bounds__(TPB) fq_fwd_kernel(const void *__restrict__ w,
       for (int e = 0; e < E; e++) {
         float qc = aoq_clamp(aoq_sym_code_raw(v[e], &p, DT), -8.f, 7.f);
         y[e] = aoq_sym_deq(qc, &p, DT);
-        q[e] = (uint8_t)(int)(qc + 8.f);
+        q[e] = qc == qc ? (uint8_t)(int)(qc + 8.f) : 0;
       }
       sc = p.sdq;
       zr = 8.f;
@@ -196,7 +196,7 @@ __global__ void __launch_bounds__(TPB) fq_fwd_kernel(const void *__restrict__ w,
       for (int e = 0; e < E; e++) {
         float qc = aoq_clamp(aoq_asym_code_raw(v[e], &p, awq), 0.f, 15.f);
         y[e] = aoq_asym_deq(qc, &p, awq);
-        q[e] = (uint8_t)(int)qc;
+        q[e] = qc == qc ? (uint8_t)(int)qc : 0;
       }
       sc = awq ? p.s16 : p.s;
       zr = awq ? p.zi : p.z;
@@ -258,13 +258,12 @@ __global__ void __launch_bounds__(TPB) fp8_int4_bwd_kernel(const void *__restric
     for (int e = 0; e < E; e++) {
       float gd = aoq_round_to(Gv[e] * (awq ? p.sdq : p.sg), DT);
       float gq = aoq_in(q2[e], -8.f, 7.f, st) ? gd : 0.f;
-      gwd[e] = aoq_round_to(gq * p.rcp, DT);
+      gwd[e] = aoq_sym_gwd(gq, &p, DT);
       t2 += aoq_round_to(gq * wd[e], DT);
       cnt += ((wd[e] < 0.f ? -wd[e] : wd[e]) == p.m);
     }
     const float g_r = aoq_round_to(warp_sum(t2), DT);
-    const float g_sg_b = aoq_round_to(-g_r * aoq_round_to(p.rcp * p.rcp, DT), DT);
-    float g_sg = aoq_round_to(g_sg_a + g_sg_b, DT);
+    float g_sg = aoq_sym_gsg(g_sg_a, g_r, &p, DT);
     if (!aoq_ge(p.m8, aoq_eps_in(1e-6f, DT), st)) g_sg = 0.f;
     const float g_m = aoq_round_to(g_sg * 0.125f, DT);
     cnt = warp_isum(cnt);
@@ -272,8 +271,9 @@ __global__ void __launch_bounds__(TPB) fp8_int4_bwd_kernel(const void *__restric
     float gx[E];
 #pragma unroll
     for (int e = 0; e < E; e++) {
-      if ((wd[e] < 0.f ? -wd[e] : wd[e]) == p.m)
-        gwd[e] = aoq_round_to(gwd[e] + aoq_round_to(each * aoq_sgn(wd[e]), DT), DT);
+      gwd[e] = aoq_round_to(
+          gwd[e] + aoq_round_to(aoq_masked(each, (wd[e] < 0.f ? -wd[e] : wd[e]) == p.m) * aoq_sgn(wd[e]), DT),
+          DT);
       // row stage
       const float gh = gwd[e];
       const float t = x[e] / s_row;
@@ -293,12 +293,11 @@ __global__ void __launch_bounds__(TPB) fp8_int4_bwd_kernel(const void *__restric
   if (!aoq_ge(a0, aoq_eps_in(1e-12f, DT), st)) g_a = 0.f;
   const float each = cnt_row ? aoq_round_to(g_a / (float)cnt_row, DT) : 0.f;
   __syncthreads();  // gw of this row, written above by other threads, is visible
+  // every element gets torch's `each * mask * sgn(x)` (a signed zero off the extremes)
   for (int64_t k = threadIdx.x; k < K; k += TPB) {
-    float xv = aoq_load(w, base + k, DT);
-    if ((xv < 0.f ? -xv : xv) == a0) {
-      float ga = aoq_load(gw, base + k, DT);
-      aoq_store(gw, base + k, aoq_round_to(ga + aoq_round_to(each * aoq_sgn(xv), DT), DT), DT);
-    }
+    const float xv = aoq_load(w, base + k, DT), ga = aoq_load(gw, base + k, DT);
+    const float e = aoq_masked(each, (xv < 0.f ? -xv : xv) == a0);
+    aoq_store(gw, base + k, aoq_round_to(ga + aoq_round_to(e * aoq_sgn(xv), DT), DT), DT);
   }
 }
 
@@ -386,10 +385,7 @@ __global__ void __launch_bounds__(TPB) asym_bwd_kernel(const void *__restrict__ 
     cn = warp_isum(cn);
     const float ex = cx ? g_s / (float)cx : 0.f, en = cn ? g_mn / (float)cn : 0.f;
 #pragma unroll
-    for (int e = 0; e < E; e++) {
-      if (x[e] == p.mx) gx[e] += ex;
-      if (x[e] == p.mn) gx[e] += en;
-    }
+    for (int e = 0; e < E; e++) gx[e] = (gx[e] + aoq_masked(ex, x[e] == p.mx)) + aoq_masked(en, x[e] == p.mn);
     store_chunk<DT, E, VEC>(gw, idx, gx);
   }
 }
@@ -440,11 +436,9 @@ __global__ void __launch_bounds__(TPB) fp8_rows_bwd_kernel(const void *__restric
   const float each = cnt_row ? aoq_round_to(g_a / (float)cnt_row, DT) : 0.f;
   __syncthreads();
   for (int64_t k = threadIdx.x; k < K; k += TPB) {
-    const float xv = aoq_load(x, base + k, DT);
-    if ((xv < 0.f ? -xv : xv) == a0) {
-      float ga = aoq_load(gx, base + k, DT);
-      aoq_store(gx, base + k, aoq_round_to(ga + aoq_round_to(each * aoq_sgn(xv), DT), DT), DT);
-    }
+    const float xv = aoq_load(x, base + k, DT), ga = aoq_load(gx, base + k, DT);
+    const float e = aoq_masked(each, (xv < 0.f ? -xv : xv) == a0);
+    aoq_store(gx, base + k, aoq_round_to(ga + aoq_round_to(e * aoq_sgn(xv), DT), DT), DT);
   }
 }
 

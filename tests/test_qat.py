@@ -1,0 +1,493 @@
+"""quantize_ prepare / convert integration (ao_awq_export.qat), torchao swaps,
+export of converted models, torch.compile / torch.export, and the QAT demo."""
+import copy
+import importlib.util
+import io
+import json
+import os
+import pathlib
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torchao.quantization import (
+    Float8DynamicActivationInt4WeightConfig,
+    Int4WeightOnlyConfig,
+    quantize_,
+)
+from torchao.quantization.qat import QATConfig
+from torchao.quantization.qat.linear import FakeQuantizedLinear
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import ao_awq_export as aq
+from ao_awq_export.export import FakeQuantLinear, export_awq
+from ao_awq_export.qat import (
+    AWQInt4Linear,
+    AWQQATConfig,
+    QATLinear,
+    awq_filter,
+    export_qat_awq,
+    swap_ours_to_torchao_qat,
+    swap_torchao_qat_to_ours,
+)
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+ORDER = [0, 4, 1, 5, 2, 6, 3, 7]  # AWQ: logical column j at bits 4*ORDER[j]
+
+
+def tiny_llama(dtype=torch.float32, seed=0):
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                      tie_word_embeddings=False)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    m = LlamaForCausalLM(cfg).to(dtype).eval()
+    with torch.no_grad():  # spread the weights so the int4 grid matters
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.05)
+    return m
+
+
+def ids(b=2, t=16, seed=1):
+    return torch.randint(0, 64, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+def unpack(packed):
+    """Reference AWQ unpack (from the SPEC): int32 [R, C/8] -> int64 [R, C]."""
+    p = packed.to(torch.int64) & 0xFFFFFFFF
+    return torch.stack([(p >> (4 * ORDER[j])) & 0xF for j in range(8)], -1).reshape(
+        packed.shape[0], -1)
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 64)
+        self.a = nn.Linear(64, 128)
+        self.b = nn.Linear(128, 64, bias=False)
+        self.head = nn.Linear(64, 50)
+
+    def forward(self, x):
+        h = self.emb(x)
+        return self.head(self.b(F.silu(self.a(h))))
+
+
+def head_filter(m, fqn):
+    return isinstance(m, nn.Linear) and fqn != "head"
+
+
+# --------------------------------------------------------------------------
+# prepare
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("scheme", ["int4_asym", "fp8_int4"])
+def test_prepare_keeps_parameters_and_keys(scheme):
+    m = tiny_llama()
+    keys = list(m.state_dict())
+    params = dict(m.named_parameters())
+    ref = copy.deepcopy(m)
+    quantize_(m, AWQQATConfig(scheme=scheme, group_size=32), filter_fn=awq_filter)
+    assert list(m.state_dict()) == keys
+    for n, p in m.named_parameters():
+        assert p is params[n], n  # the very same Parameter objects
+    lin = [n for n, x in m.named_modules() if isinstance(x, nn.Linear)]
+    assert len(lin) == 15
+    for n, x in m.named_modules():
+        if isinstance(x, nn.Linear):
+            assert isinstance(x, QATLinear) == (n != "lm_head"), n
+            if n != "lm_head":
+                assert isinstance(x, FakeQuantLinear)  # what export_awq recognizes
+                assert (x.scheme, x.mode, x.group_size) == (scheme, "awq", 32)
+                assert x.act_fake_quant == (scheme == "fp8_int4")
+    assert type(m.model.embed_tokens) is nn.Embedding
+    # the float model's state dict loads strictly into the prepared one
+    m.load_state_dict(ref.state_dict(), strict=True)
+    # the forward is the fake-quantized one, not the float one
+    x = ids()
+    with torch.no_grad():
+        assert not torch.equal(m(x).logits, ref(x).logits)
+        lay = m.model.layers[0].mlp.up_proj
+        h = torch.randn(3, 64)
+        fq = (aq.fake_quant_fp8_int4 if scheme == "fp8_int4" else aq.fake_quant_int4_asym)
+        hin = aq.fake_quant_fp8_rows(h) if scheme == "fp8_int4" else h
+        assert torch.equal(lay(h), F.linear(hin, fq(lay.weight, 32, mode="awq")))
+
+
+def test_prepare_default_filter_embedding_and_errors():
+    m = MLP()
+    quantize_(m, AWQQATConfig(group_size=64))  # torchao's default filter: every Linear
+    assert isinstance(m.head, QATLinear) and type(m.emb) is nn.Embedding
+    # asking for the embedding is refused (AWQ keeps embeddings in fp16)
+    with pytest.raises(ValueError, match="nn.Linear only"):
+        quantize_(MLP(), AWQQATConfig(), filter_fn=lambda mod, f: isinstance(mod, nn.Embedding))
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        quantize_(nn.Sequential(nn.Linear(48, 8)), AWQQATConfig(group_size=32))
+    with pytest.raises(ValueError, match="scheme"):
+        AWQQATConfig(scheme="int8")
+    with pytest.raises(ValueError, match="mode"):
+        AWQQATConfig(mode="gptq")
+    with pytest.raises(ValueError, match="step"):
+        AWQQATConfig(step="train")
+    with pytest.raises(ValueError, match="group_size"):
+        AWQQATConfig(group_size=48)
+    # preparing twice with the same config is a no-op; another config re-wraps
+    m = MLP()
+    quantize_(m, AWQQATConfig(group_size=64), filter_fn=head_filter)
+    a = m.a
+    quantize_(m, AWQQATConfig(group_size=64), filter_fn=head_filter)
+    assert m.a is a
+    quantize_(m, AWQQATConfig(group_size=32, scheme="fp8_int4"), filter_fn=head_filter)
+    assert m.a is not a and m.a.weight is a.weight and m.a.group_size == 32
+
+
+# --------------------------------------------------------------------------
+# convert
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scheme", ["int4_asym", "fp8_int4"])
+def test_convert_forward_bit_exact(scheme, dtype):
+    m = tiny_llama(dtype)
+    quantize_(m, AWQQATConfig(scheme=scheme, group_size=32), filter_fn=awq_filter)
+    x = ids()
+    weights = {n: x_.weight.detach().clone() for n, x_ in m.named_modules()
+               if isinstance(x_, QATLinear)}
+    with torch.no_grad():
+        y_prep = m(x).logits
+    quantize_(m, AWQQATConfig(scheme=scheme, group_size=32, step="convert"))
+    conv = {n: x_ for n, x_ in m.named_modules() if isinstance(x_, AWQInt4Linear)}
+    assert set(conv) == set(weights)
+    assert not any(isinstance(x_, QATLinear) for x_ in m.modules())
+    with torch.no_grad():
+        y_conv = m(x).logits
+    assert torch.equal(y_prep, y_conv)
+    sd = m.state_dict()
+    for n, mod in conv.items():
+        assert {k.rsplit(".", 1)[1] for k in sd if k.startswith(n + ".")} <= {
+            "qweight", "qzeros", "scales", "bias"}
+        assert mod.qweight.dtype == torch.int32 and mod.scales.dtype == torch.float16
+        codes, scales, zeros = aq.quantize_int4(weights[n], 32, scheme=scheme, mode="awq")
+        assert torch.equal(mod.codes(), codes) and torch.equal(mod.zeros(), zeros)
+        assert torch.equal(mod.scales, scales.t())
+        # an unpack written from the SPEC agrees with the module's own
+        assert torch.equal(unpack(mod.qweight).t(), codes.to(torch.int64))
+        assert torch.equal(unpack(mod.qzeros).t(), zeros.to(torch.int64))
+        fq = aq.fake_quant_fp8_int4 if scheme == "fp8_int4" else aq.fake_quant_int4_asym
+        assert torch.equal(mod.dequantize(), fq(weights[n], 32, mode="awq"))
+
+
+def test_convert_torchao_modes():
+    # int4_asym/torchao has a float zero point: refused with advice
+    m = MLP()
+    quantize_(m, AWQQATConfig(mode="torchao", group_size=64), filter_fn=head_filter)
+    with pytest.raises(ValueError, match="float zero point"):
+        quantize_(m, AWQQATConfig(step="convert"), filter_fn=head_filter)
+    # fp8_int4/torchao: convertible when the scales are fp16 values (fp16 weights) ...
+    m = MLP().half()
+    quantize_(m, AWQQATConfig(scheme="fp8_int4", mode="torchao", group_size=64),
+              filter_fn=head_filter)
+    x = torch.randint(0, 50, (2, 5))
+    with torch.no_grad():
+        y = m(x)
+        quantize_(m, AWQQATConfig(step="convert"), filter_fn=head_filter)
+        assert isinstance(m.a, AWQInt4Linear) and torch.equal(m(x), y)
+    # ... (bf16 scales in fp16's normal range are fp16 values too) ...
+    m = MLP().bfloat16()
+    quantize_(m, AWQQATConfig(scheme="fp8_int4", mode="torchao", group_size=64),
+              filter_fn=head_filter)
+    with torch.no_grad():
+        y = m(x)
+        quantize_(m, AWQQATConfig(step="convert"), filter_fn=head_filter)
+        assert isinstance(m.a, AWQInt4Linear) and torch.equal(m(x), y)
+    # ... but not fp32 scales
+    m = MLP()
+    quantize_(m, AWQQATConfig(scheme="fp8_int4", mode="torchao", group_size=64),
+              filter_fn=head_filter)
+    with pytest.raises(ValueError, match="not float16 values"):
+        quantize_(m, AWQQATConfig(step="convert"), filter_fn=head_filter)
+
+
+def test_awq_nibble_order():
+    lin = nn.Linear(32, 8, bias=False)
+    with torch.no_grad():  # codes 0..7 across the 8 outputs: AWQ packs to 0x75316420
+        lin.weight.copy_(torch.arange(8.0).view(8, 1).expand(8, 32) - 4.0)
+        lin.weight[:, 0] = -4.0
+        lin.weight[:, 1] = 11.0
+    q = QATLinear.from_linear(lin, group_size=32)
+    c = AWQInt4Linear.from_qat_linear(q)
+    codes = c.codes()
+    assert torch.equal(codes[:, 2:].float() - codes[:, 2:2 + 1].float(),
+                       torch.zeros_like(codes[:, 2:].float()))
+    word = c.qweight[2, 0].item() & 0xFFFFFFFF
+    nib = [(word >> (4 * ORDER[j])) & 0xF for j in range(8)]
+    assert nib == codes[:, 2].tolist()
+    assert torch.equal(unpack(aq.pack_awq(torch.arange(8, dtype=torch.uint8).view(8, 1))),
+                       torch.arange(8).view(1, 8))
+    assert aq.pack_awq(torch.arange(8, dtype=torch.uint8).view(8, 1)).item() == 0x75316420
+
+
+# --------------------------------------------------------------------------
+# export
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("scheme", ["int4_asym", "fp8_int4"])
+def test_export_converted_equals_export_prepared(tmp_path, scheme):
+    m = tiny_llama()
+    quantize_(m, AWQQATConfig(scheme=scheme, group_size=32), filter_fn=awq_filter)
+    fq = {n: x.fake_quant_weight().detach() for n, x in m.named_modules()
+          if isinstance(x, QATLinear)}
+    rep_p = export_awq(m, tmp_path / "prepared", group_size=32, progress=False)
+    assert rep_p.all_exact and len(rep_p.layers) == 14
+    quantize_(m, AWQQATConfig(step="convert"))
+    rep_c = export_qat_awq(m, tmp_path / "converted", progress=False)
+    assert rep_c.all_exact and len(rep_c.layers) == 14
+    a = load_file(tmp_path / "prepared" / "model.safetensors")
+    b = load_file(tmp_path / "converted" / "model.safetensors")
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    assert "lm_head.weight" in b and "lm_head.qweight" not in b
+    cfg = json.loads((tmp_path / "converted" / "config.json").read_text())
+    qc = cfg["quantization_config"]
+    assert (qc["quant_method"], qc["bits"], qc["group_size"], qc["version"],
+            qc["zero_point"]) == ("awq", 4, 32, "gemm", True)
+    # the file, dequantized independently, is the trained fake-quant weight, bit for bit
+    for n, w in fq.items():
+        q = unpack(b[n + ".qweight"]).float()
+        z = unpack(b[n + ".qzeros"]).float().repeat_interleave(32, 0)
+        s = b[n + ".scales"].float().repeat_interleave(32, 0)
+        assert torch.equal(((q - z) * s).t().to(w.dtype), w), n
+
+
+def test_export_refuses_converted_lm_head_and_mixed_groups(tmp_path):
+    m = tiny_llama()
+    quantize_(m, AWQQATConfig(group_size=32))  # default filter: lm_head too
+    quantize_(m, AWQQATConfig(step="convert"))
+    with pytest.raises(ValueError, match="lm_head"):
+        export_qat_awq(m, tmp_path / "x", progress=False)
+    m = MLP()
+    quantize_(m, AWQQATConfig(group_size=32), filter_fn=lambda x, f: f == "a")
+    quantize_(m, AWQQATConfig(group_size=64), filter_fn=lambda x, f: f == "b")
+    with pytest.raises(ValueError, match="one group size"):
+        export_qat_awq(m, tmp_path / "y", progress=False)
+    with pytest.raises(ValueError, match="differs"):
+        m2 = MLP()
+        quantize_(m2, AWQQATConfig(group_size=32), filter_fn=head_filter)
+        export_qat_awq(m2, tmp_path / "z", group_size=64, progress=False)
+    assert not os.path.exists(tmp_path / "x") and not os.path.exists(tmp_path / "y")
+
+
+# --------------------------------------------------------------------------
+# save / load, compile, export
+# --------------------------------------------------------------------------
+def test_save_load_round_trip():
+    m = tiny_llama()
+    quantize_(m, AWQQATConfig(scheme="fp8_int4", group_size=32), filter_fn=awq_filter)
+    x = ids()
+    with torch.no_grad():
+        y = m(x).logits
+    # state dict into a freshly prepared model
+    buf = io.BytesIO()
+    torch.save(m.state_dict(), buf)
+    buf.seek(0)
+    m2 = tiny_llama(seed=5)
+    quantize_(m2, AWQQATConfig(scheme="fp8_int4", group_size=32), filter_fn=awq_filter)
+    m2.load_state_dict(torch.load(buf, weights_only=True), strict=True)
+    with torch.no_grad():
+        assert torch.equal(m2(x).logits, y)
+    # the whole (pickled) module
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    m3 = torch.load(buf, weights_only=False)
+    assert isinstance(m3.model.layers[0].self_attn.q_proj, QATLinear)
+    with torch.no_grad():
+        assert torch.equal(m3(x).logits, y)
+    # converted: state dict round trip and pickle
+    quantize_(m, AWQQATConfig(step="convert"))
+    with torch.no_grad():
+        y = m(x).logits
+    m4 = tiny_llama(seed=6)
+    quantize_(m4, AWQQATConfig(scheme="fp8_int4", group_size=32), filter_fn=awq_filter)
+    quantize_(m4, AWQQATConfig(step="convert"))
+    buf = io.BytesIO()
+    torch.save(m.state_dict(), buf)
+    buf.seek(0)
+    m4.load_state_dict(torch.load(buf, weights_only=True), strict=True)
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    m5 = torch.load(buf, weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(m4(x).logits, y) and torch.equal(m5(x).logits, y)
+
+
+def _small():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 128), nn.SiLU(), nn.Linear(128, 64), nn.SiLU(),
+                      nn.Linear(64, 32))
+    quantize_(m, AWQQATConfig(scheme="fp8_int4", group_size=32),
+              filter_fn=lambda x, f: f == "0")
+    quantize_(m, AWQQATConfig(scheme="int4_asym", group_size=64),
+              filter_fn=lambda x, f: f == "2")
+    return m
+
+
+def test_compile_fullgraph_no_graph_breaks():
+    torch._dynamo.reset()
+    m = _small()
+    x = torch.randn(4, 7, 64)
+    y = m(x)
+    y.sum().backward()
+    g_eager = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    cm = torch.compile(m, fullgraph=True, backend="aot_eager")  # fullgraph: a break raises
+    yc = cm(x)
+    yc.sum().backward()
+    assert torch.equal(y, yc)
+    for a, p in zip(g_eager, m.parameters()):
+        assert torch.equal(a, p.grad)
+    expl = torch._dynamo.explain(m)(x)
+    assert expl.graph_break_count == 0 and expl.graph_count == 1
+    # inductor, forward and backward
+    torch._dynamo.reset()
+    m.zero_grad()
+    yi = torch.compile(m, fullgraph=True)(x)
+    yi.sum().backward()
+    torch.testing.assert_close(yi, y, rtol=1e-5, atol=1e-5)
+    for a, p in zip(g_eager, m.parameters()):
+        torch.testing.assert_close(p.grad, a, rtol=1e-4, atol=1e-5)
+    # inductor on the converted model
+    quantize_(m, AWQQATConfig(step="convert"))
+    with torch.no_grad():
+        yq = m(x)
+        yi = torch.compile(m, fullgraph=True)(x)
+    torch.testing.assert_close(yi, yq, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+
+
+def test_compile_fullgraph_prepared_llama():
+    torch._dynamo.reset()
+    m = tiny_llama()
+    quantize_(m, AWQQATConfig(scheme="fp8_int4", group_size=32), filter_fn=awq_filter)
+    x = ids()
+    y = m(input_ids=x, labels=x)
+    y.loss.backward()
+    g = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    yc = torch.compile(m, fullgraph=True, backend="aot_eager")(input_ids=x, labels=x)
+    yc.loss.backward()
+    assert torch.equal(yc.logits, y.logits)
+    for a, p in zip(g, m.parameters()):
+        assert torch.equal(a, p.grad)
+    torch._dynamo.reset()
+
+
+def test_torch_export_captures_our_ops():
+    m = _small()
+    x = torch.randn(4, 64)
+    ep = torch.export.export(m, (x,))
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert "ao_awq.fq_weight.default" in targets, targets
+    assert "ao_awq.fp8_rows.default" in targets, targets
+    assert torch.equal(ep.module()(x), m(x))
+
+
+# --------------------------------------------------------------------------
+# torchao interop
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("base", ["int4_weight_only", "fp8_act_int4_weight"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_torchao_prepared_swap_bit_identical(base, dtype):
+    if base == "int4_weight_only":
+        cfg, scheme, act = Int4WeightOnlyConfig(group_size=32), "int4_asym", False
+    else:
+        cfg, scheme, act = Float8DynamicActivationInt4WeightConfig(), "fp8_int4", True
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(256, 128), nn.SiLU(), nn.Linear(128, 128)).to(dtype)
+    quantize_(m, QATConfig(cfg, step="prepare"))
+    assert all(isinstance(m[i], FakeQuantizedLinear) for i in (0, 2))
+    params = [p for p in m.parameters()]
+    x = torch.randn(3, 5, 256, dtype=dtype)
+    y_ao = m(x)
+    y_ao.float().square().sum().backward()
+    g_ao = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+
+    out = swap_torchao_qat_to_ours(m)
+    assert out is m
+    for i in (0, 2):
+        assert isinstance(m[i], QATLinear)
+        assert (m[i].scheme, m[i].mode, m[i].act_fake_quant) == (scheme, "torchao", act)
+    assert all(a is b for a, b in zip(params, m.parameters()))
+    y_ours = m(x)
+    assert torch.equal(y_ours, y_ao)
+    y_ours.float().square().sum().backward()
+    # gradients: the ops' contract (tests/test_fake_quant.py) is bit-exact except at the
+    # group / row extremes, whose reduction order differs from torch's: bound the rest
+    eps = torch.finfo(dtype).eps
+    for a, p in zip(g_ao, m.parameters()):
+        torch.testing.assert_close(p.grad, a, rtol=0, atol=64 * eps * a.abs().max().item())
+    m.zero_grad()
+
+    swap_ours_to_torchao_qat(m)
+    assert all(isinstance(m[i], FakeQuantizedLinear) for i in (0, 2))
+    assert (m[0].activation_fake_quantizer is not None) == act
+    assert all(a is b for a, b in zip(params, m.parameters()))
+    assert torch.equal(m(x), y_ao)
+    # torchao's convert step accepts the swapped-back model's modules
+    assert m[0].weight_fake_quantizer.config.group_size == (32 if not act else 128)
+
+
+def test_swap_back_refuses_awq_mode():
+    m = MLP()
+    quantize_(m, AWQQATConfig(group_size=64), filter_fn=head_filter)
+    with pytest.raises(ValueError, match="mode 'awq'"):
+        swap_ours_to_torchao_qat(m)
+
+
+def test_swap_keeps_shared_modules_shared():
+    m = nn.Sequential(nn.Linear(64, 64), nn.ReLU())
+    quantize_(m, QATConfig(Int4WeightOnlyConfig(group_size=32), step="prepare"))
+    m.append(m[0])  # one FakeQuantizedLinear used twice
+    swap_torchao_qat_to_ours(m)
+    assert isinstance(m[0], QATLinear) and m[0] is m[2]
+
+
+# --------------------------------------------------------------------------
+# training
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("scheme", ["int4_asym", "fp8_int4"])
+def test_short_qat_run_lowers_loss(scheme):
+    m = tiny_llama()
+    m.train()
+    quantize_(m, AWQQATConfig(scheme=scheme, group_size=32), filter_fn=awq_filter)
+    x = ids(4, 32, seed=3)
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(8):
+        loss = m(input_ids=x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all()
+                   for p in m.parameters() if p.requires_grad and p.dim() == 2
+                   and p is not m.model.embed_tokens.weight)
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.3, losses
+    # what was trained is what is exported
+    quantize_(m, AWQQATConfig(step="convert"))
+    assert sum(isinstance(x_, AWQInt4Linear) for x_ in m.modules()) == 14
+
+
+def test_demo_quick(tmp_path):
+    spec = importlib.util.spec_from_file_location("qat_to_awq", ROOT / "examples" /
+                                                  "qat_to_awq.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    r = demo.main(["--quick", "--out", str(tmp_path)])
+    assert r["convert_equal"] and r["file_equal"] and r["exact"]
+    for k in ("float", "ptq", "qat"):
+        assert 1.0 < r[k] < 256.0
+    assert os.path.isfile(tmp_path / "qat_awq" / "model.safetensors")
+    assert os.path.isfile(tmp_path / "ptq_awq" / "config.json")

@@ -128,7 +128,9 @@ def _pack_awq_fake(codes):
 # autograd
 # --------------------------------------------------------------------------
 def _fq_setup(ctx, inputs, output):
-    w, group_size, scheme, awq, pure_ste, div_mode = (list(inputs) + [False, -1])[:6]
+    args = list(inputs)
+    args += [False, -1][len(args) - 4:]  # schema defaults, should the dispatcher omit them
+    w, group_size, scheme, awq, pure_ste, div_mode = args
     ctx.cfg = (group_size, scheme, awq, pure_ste, div_mode)
     ctx.save_for_backward(None if pure_ste else w)
 
@@ -148,7 +150,9 @@ torch.library.register_autograd("ao_awq::fq_weight", _fq_backward, setup_context
 
 
 def _rows_setup(ctx, inputs, output):
-    x, pure_ste, div_mode = (list(inputs) + [False, -1])[:3]
+    args = list(inputs)
+    args += [False, -1][len(args) - 1:]
+    x, pure_ste, div_mode = args
     ctx.cfg = (pure_ste, div_mode)
     ctx.save_for_backward(None if pure_ste else x)
 

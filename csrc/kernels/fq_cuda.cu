@@ -84,57 +84,42 @@ struct Elt<AOQ_F32> {
   typedef float T;
 };
 
+// copy E elements of type T with the widest accesses the size allows (both
+// pointers 16-byte aligned when VEC), else element by element
+template <typename T, int E, bool VEC>
+__device__ __forceinline__ void copy_chunk(T *dst, const T *src) {
+  constexpr int NB = (int)sizeof(T) * E;
+  if (VEC && NB == 32) {
+    reinterpret_cast<uint4 *>(dst)[0] = reinterpret_cast<const uint4 *>(src)[0];
+    reinterpret_cast<uint4 *>(dst)[1] = reinterpret_cast<const uint4 *>(src)[1];
+  } else if (VEC && NB == 16) {
+    *reinterpret_cast<uint4 *>(dst) = *reinterpret_cast<const uint4 *>(src);
+  } else if (VEC && NB == 8) {
+    *reinterpret_cast<uint2 *>(dst) = *reinterpret_cast<const uint2 *>(src);
+  } else if (VEC && NB == 4) {
+    *reinterpret_cast<uint32_t *>(dst) = *reinterpret_cast<const uint32_t *>(src);
+  } else {
+#pragma unroll
+    for (int e = 0; e < E; e++) dst[e] = src[e];
+  }
+}
+
 template <int DT, int E, bool VEC>
 __device__ __forceinline__ void load_chunk(const void *p, int64_t idx, float *v) {
   typedef typename Elt<DT>::T T;
-  const T *src = reinterpret_cast<const T *>(p) + idx;
   T raw[E];
-  constexpr int NB = (int)sizeof(T) * E;
-  if (VEC && NB >= 4 && NB <= 16) {
-    if (NB == 16)
-      *reinterpret_cast<uint4 *>(raw) = *reinterpret_cast<const uint4 *>(src);
-    else if (NB == 8)
-      *reinterpret_cast<uint2 *>(raw) = *reinterpret_cast<const uint2 *>(src);
-    else
-      *reinterpret_cast<uint32_t *>(raw) = *reinterpret_cast<const uint32_t *>(src);
-  } else if (VEC && NB == 32) {
-    reinterpret_cast<uint4 *>(raw)[0] = reinterpret_cast<const uint4 *>(src)[0];
-    reinterpret_cast<uint4 *>(raw)[1] = reinterpret_cast<const uint4 *>(src)[1];
-  } else {
+  copy_chunk<T, E, VEC>(raw, reinterpret_cast<const T *>(p) + idx);
 #pragma unroll
-    for (int e = 0; e < E; e++) raw[e] = src[e];
-  }
-#pragma unroll
-  for (int e = 0; e < E; e++) {
-    if (DT == AOQ_F32)
-      v[e] = (float)raw[e];
-    else
-      v[e] = aoq_load(raw, e, DT);
-  }
+  for (int e = 0; e < E; e++) v[e] = aoq_load(raw, e, DT);
 }
 
 template <int DT, int E, bool VEC>
 __device__ __forceinline__ void store_chunk(void *p, int64_t idx, const float *v) {
   typedef typename Elt<DT>::T T;
-  T *dst = reinterpret_cast<T *>(p) + idx;
   T raw[E];
 #pragma unroll
   for (int e = 0; e < E; e++) aoq_store(raw, e, v[e], DT);
-  constexpr int NB = (int)sizeof(T) * E;
-  if (VEC && NB >= 4 && NB <= 16) {
-    if (NB == 16)
-      *reinterpret_cast<uint4 *>(dst) = *reinterpret_cast<const uint4 *>(raw);
-    else if (NB == 8)
-      *reinterpret_cast<uint2 *>(dst) = *reinterpret_cast<const uint2 *>(raw);
-    else
-      *reinterpret_cast<uint32_t *>(dst) = *reinterpret_cast<const uint32_t *>(raw);
-  } else if (VEC && NB == 32) {
-    reinterpret_cast<uint4 *>(dst)[0] = reinterpret_cast<const uint4 *>(raw)[0];
-    reinterpret_cast<uint4 *>(dst)[1] = reinterpret_cast<const uint4 *>(raw)[1];
-  } else {
-#pragma unroll
-    for (int e = 0; e < E; e++) dst[e] = raw[e];
-  }
+  copy_chunk<T, E, VEC>(reinterpret_cast<T *>(p) + idx, raw);
 }
 
 // row amax |x| over a whole row (strided by thread), NaN-propagating

@@ -70,6 +70,24 @@ static void fail(const char *op, const char *msg, AtenTensorHandle *own, int n) 
   aoti_torch_check(false, op, __FILE__, __LINE__, buf);
 }
 
+/* Raise for a kernel's non-zero return code, saying why. */
+static void fail_rc(const char *op, int rc, AtenTensorHandle *own, int n) {
+  char msg[400];
+  if (rc == AOQ_ERR_CUDA) {
+#ifdef AOQ_WITH_CUDA
+    snprintf(msg, sizeof msg, "CUDA kernel failed: %s", aoq_cuda_last_error());
+#else
+    snprintf(msg, sizeof msg, "a CUDA tensor was given but this build of ao_awq_export has no "
+                              "CUDA kernels (rebuild with nvcc and a CUDA torch, AOQ_CUDA=1)");
+#endif
+  } else if (rc == AOQ_ERR_NOMEM) {
+    snprintf(msg, sizeof msg, "kernel failed: out of memory for its scratch buffer");
+  } else {
+    snprintf(msg, sizeof msg, "kernel failed: invalid sizes or arguments (code %d)", rc);
+  }
+  fail(op, msg, own, n);
+}
+
 static AtenTensorHandle new_tensor(int64_t ndim, const int64_t *sizes, int32_t dtype,
                                    const tinfo *like) {
   int64_t strides[8];
@@ -148,7 +166,7 @@ static void k_fq_weight(StableIValue *stack, uint64_t na, uint64_t no) {
     rc = aoq_cpu_fq_fwd(w.data, data_of(own[1]), NULL, NULL, NULL, w.sizes[0], w.sizes[1], g, w.dt,
                         (int)scheme, awq, cs);
   }
-  if (rc) fail("fq_weight", "kernel failed", own, 2);
+  if (rc) fail_rc("fq_weight", rc, own, 2);
   aoti_torch_delete_tensor_object(own[0]);
   stack[0] = ret_tensor(own[1]);
 }
@@ -187,7 +205,7 @@ static void k_fq_weight_backward(StableIValue *stack, uint64_t na, uint64_t no) 
     rc = aoq_cpu_fq_bwd(gr.data, w.data, data_of(own[2]), w.sizes[0], w.sizes[1], g, w.dt,
                         (int)scheme, awq, cs, st);
   }
-  if (rc) fail("fq_weight_backward", "kernel failed", own, 3);
+  if (rc) fail_rc("fq_weight_backward", rc, own, 3);
   aoti_torch_delete_tensor_object(own[0]);
   aoti_torch_delete_tensor_object(own[1]);
   stack[0] = ret_tensor(own[2]);
@@ -227,7 +245,7 @@ static void k_quantize(StableIValue *stack, uint64_t na, uint64_t no) {
                         (float *)data_of(own[3]), w.sizes[0], w.sizes[1], g, w.dt, (int)scheme,
                         awq, cs);
   }
-  if (rc) fail("quantize", "kernel failed", own, 4);
+  if (rc) fail_rc("quantize", rc, own, 4);
   aoti_torch_delete_tensor_object(own[0]);
   stack[0] = ret_tensor(own[1]);
   stack[1] = ret_tensor(own[2]);
@@ -266,7 +284,7 @@ static void k_fp8_rows(StableIValue *stack, uint64_t na, uint64_t no) {
   } else {
     rc = aoq_cpu_fp8_rows_fwd(x.data, data_of(own[1]), R, K, x.dt, cs);
   }
-  if (rc) fail("fp8_rows", "kernel failed", own, 2);
+  if (rc) fail_rc("fp8_rows", rc, own, 2);
   aoti_torch_delete_tensor_object(own[0]);
   stack[0] = ret_tensor(own[1]);
 }
@@ -301,7 +319,7 @@ static void k_fp8_rows_backward(StableIValue *stack, uint64_t na, uint64_t no) {
   } else {
     rc = aoq_cpu_fp8_rows_bwd(gr.data, x.data, data_of(own[2]), R, K, x.dt, cs, st);
   }
-  if (rc) fail("fp8_rows_backward", "kernel failed", own, 3);
+  if (rc) fail_rc("fp8_rows_backward", rc, own, 3);
   aoti_torch_delete_tensor_object(own[0]);
   aoti_torch_delete_tensor_object(own[1]);
   stack[0] = ret_tensor(own[2]);
@@ -332,7 +350,7 @@ static void k_pack_awq(StableIValue *stack, uint64_t na, uint64_t no) {
     rc = aoq_cpu_pack_awq((const uint8_t *)c.data, (int32_t *)data_of(own[1]), c.sizes[0],
                           c.sizes[1]);
   }
-  if (rc) fail("pack_awq", "kernel failed", own, 2);
+  if (rc) fail_rc("pack_awq", rc, own, 2);
   aoti_torch_delete_tensor_object(own[0]);
   stack[0] = ret_tensor(own[1]);
 }

@@ -32,6 +32,8 @@ int aoq_cpu_fp8_rows_bwd(const void *grad, const void *x, void *gx, int64_t R, i
 int aoq_cpu_pack_awq(const uint8_t *codes, int32_t *packed, int64_t R, int64_t C);
 
 #ifdef AOQ_WITH_CUDA
+/* cudaGetErrorString of the last error a launcher on this thread saw. */
+const char *aoq_cuda_last_error(void);
 int aoq_cuda_fq_fwd(const void *w, void *out, uint8_t *codes, float *scales, float *zeros,
                     int64_t N, int64_t K, int64_t g, int dt, int scheme, int awq, int cs,
                     int device, void *stream);

@@ -446,12 +446,20 @@ __global__ void pack_awq_kernel(const uint8_t *__restrict__ codes, int32_t *__re
 // ---------------------------------------------------------------------------
 // launch helpers
 // ---------------------------------------------------------------------------
+// The last CUDA error seen by a launcher on this thread, for the message the
+// op layer raises (aoq_cuda_last_error).
+thread_local cudaError_t last_error = cudaSuccess;
+
 struct DeviceGuard {
   int prev;
   bool ok;
   explicit DeviceGuard(int dev) : prev(-1), ok(true) {
     if (cudaGetDevice(&prev) != cudaSuccess) prev = -1;
-    if (prev != dev) ok = cudaSetDevice(dev) == cudaSuccess;
+    if (prev != dev) {
+      cudaError_t e = cudaSetDevice(dev);
+      ok = e == cudaSuccess;
+      if (!ok) last_error = e;
+    }
   }
   ~DeviceGuard() {
     if (prev >= 0) cudaSetDevice(prev);
@@ -460,7 +468,12 @@ struct DeviceGuard {
 
 bool aligned16(const void *p) { return ((uintptr_t)p & 15u) == 0; }
 
-int finish() { return cudaGetLastError() == cudaSuccess ? AOQ_OK : AOQ_ERR_CUDA; }
+int finish() {
+  cudaError_t e = cudaGetLastError();
+  if (e == cudaSuccess) return AOQ_OK;
+  last_error = e;
+  return AOQ_ERR_CUDA;
+}
 
 #define AOQ_DISPATCH_E(g, ...)                    \
   switch (g) {                                    \
@@ -479,6 +492,10 @@ int finish() { return cudaGetLastError() == cudaSuccess ? AOQ_OK : AOQ_ERR_CUDA;
   }
 
 }  // namespace
+
+extern "C" const char *aoq_cuda_last_error(void) {
+  return last_error == cudaSuccess ? "no CUDA error recorded" : cudaGetErrorString(last_error);
+}
 
 extern "C" int aoq_cuda_fq_fwd(const void *w, void *out, uint8_t *codes, float *scales, float *zeros,
                                int64_t N, int64_t K, int64_t g, int dt, int scheme, int awq, int cs,

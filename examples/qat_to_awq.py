@@ -7,12 +7,17 @@ checkpoints and evaluated after loading those checkpoints back.
     python examples/qat_to_awq.py --quick    # a few seconds (smoke test)
     python examples/qat_to_awq.py --hf-check # also load the checkpoints with
                                              # transformers + GPTQModel (real AWQ consumer)
+    python examples/qat_to_awq.py --preset 2m  # 2.3 M parameters, about 20 minutes
 
-Text: the Python reference documentation that ships with CPython itself
-(`pydoc_data.topics`: about 79 documents, 465 k characters; no download),
-UTF-8 bytes as tokens (vocabulary 256).  Documents are split by index: every
-8th (sorted by name) is held out for evaluation, the rest is training text.
-The numbers depend on the Python version (the docs differ between versions).
+Text (no download): by default the Python reference documentation that ships
+with CPython itself (`pydoc_data.topics`: about 79 documents, 465 k
+characters) with UTF-8 bytes as tokens (vocabulary 256); with `--text stdlib`
+the standard library's top-level modules (about 168 files, 4 MB).  With
+`--vocab V` > 256 a byte-level BPE of V tokens is trained here on the training
+documents only (`tokenizers`, installed with transformers).  Documents are
+split by index: every 8th (sorted by name) is held out for evaluation, the
+rest is training text.  The numbers depend on the Python version (the texts
+differ between versions).
 
 The comparison is fair by construction: the float model is trained for
 `steps` steps; QAT branches off the float checkpoint at step `steps -
@@ -20,12 +25,19 @@ qat_steps` (same weights, same optimizer state) and sees the very same
 batches and learning rates for its last `qat_steps` steps, only with int4
 fake-quantized weights (int4_asym, mode "awq": integer zeros and fp16 scales,
 exactly what the AWQ checkpoint stores).  PTQ quantizes the final float model
-with round to nearest.  Width 64 and group size 32 are used because there
-int4 round to nearest visibly hurts (+2-3 % perplexity); at widths 128-256
-with this little training it costs under 1 %, too little to measure a
-recovery against the run-to-run noise of training.  The quantized models are evaluated from the exported
+with round to nearest.  The quantized models are evaluated from the exported
 files, through a loader written here from the AWQ format description (it
 does not use ao_awq_export).
+
+Model size: the default (width 64, 0.25 M parameters) is what 2 cores train
+far enough in 3-4 minutes for int4 round to nearest to visibly hurt (+2-3 %
+perplexity).  Wider models (widths 128-256, 1-3.5 M parameters) trained for a
+few minutes are so undertrained that int4 costs under 0.5 % there, with a
+sign that varies between group sizes: a "recovery" measured against that is
+noise.  `--preset 2m` keeps the trained width-64 body and reaches 2.3 M
+parameters the way TinyStories-style models do, with a 16384-token vocabulary
+(embed_tokens and lm_head, which stay fp16 in the AWQ file); it needs about 20
+minutes.
 """
 from __future__ import annotations
 
@@ -52,15 +64,44 @@ def log(msg):
 # --------------------------------------------------------------------------
 # data
 # --------------------------------------------------------------------------
-def load_text():
-    import pydoc_data.topics as topics
+def load_docs(which):
+    """The documents of a text that ships with CPython, sorted by name."""
+    if which == "pydoc":
+        import pydoc_data.topics as topics
 
-    names = sorted(topics.topics)
-    train = [topics.topics[n] for i, n in enumerate(names) if i % 8 != 7]
-    held = [topics.topics[n] for i, n in enumerate(names) if i % 8 == 7]
-    enc = lambda docs: torch.frombuffer(bytearray("\n\n".join(docs).encode("utf-8")),  # noqa
-                                        dtype=torch.uint8).to(torch.long)
-    return enc(train), enc(held)
+        return [topics.topics[n] for n in sorted(topics.topics)]
+    import glob
+    import sysconfig
+
+    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
+    docs = []
+    for fn in files:
+        with open(fn, encoding="utf-8", errors="replace") as f:
+            docs.append(f.read())
+    return docs
+
+
+def load_text(args):
+    """(train ids, held-out ids, unit): every 8th document is held out.  Tokens
+    are UTF-8 bytes (vocab 256) or, for vocab > 256, a byte-level BPE trained
+    here (`tokenizers`, installed with transformers) on the training part only."""
+    docs = load_docs(args.text)
+    train = [d for i, d in enumerate(docs) if i % 8 != 7]
+    held = [d for i, d in enumerate(docs) if i % 8 == 7]
+    if args.vocab == 256:
+        enc = lambda ds: torch.frombuffer(bytearray("\n\n".join(ds).encode("utf-8")),  # noqa
+                                          dtype=torch.uint8).to(torch.long)
+        return enc(train), enc(held), "byte"
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(train, trainers.BpeTrainer(
+        vocab_size=args.vocab, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    enc = lambda ds: torch.tensor([i for e in tok.encode_batch(ds) for i in e.ids],  # noqa
+                                  dtype=torch.long)
+    return enc(train), enc(held), "BPE token"
 
 
 def batches(data, n, batch, seq, seed):
@@ -77,7 +118,7 @@ def batches(data, n, batch, seq, seed):
 def build_model(args):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=256, hidden_size=args.hidden, intermediate_size=args.hidden * 3,
+    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 3,
                       num_hidden_layers=args.layers, num_attention_heads=args.hidden // 32,
                       num_key_value_heads=args.hidden // 32, max_position_embeddings=args.seq,
                       tie_word_embeddings=False, bos_token_id=None, eos_token_id=None,
@@ -124,7 +165,7 @@ def perplexity(model, held, seq, dtype=None):
     nll, cnt = 0.0, 0
     for i in range(0, n, 32):
         logits = model(input_ids=x[i:i + 32]).logits.float()
-        nll += F.cross_entropy(logits.reshape(-1, 256), y[i:i + 32].reshape(-1),
+        nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y[i:i + 32].reshape(-1),
                                reduction="sum").item()
         cnt += y[i:i + 32].numel()
     return math.exp(nll / cnt)
@@ -199,11 +240,20 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--wd", type=float, default=0.1, help="AdamW weight decay")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--text", choices=("pydoc", "stdlib"), default="pydoc",
+                    help="pydoc_data.topics (465 k chars) or the stdlib's top-level modules (4 MB)")
+    ap.add_argument("--vocab", type=int, default=256,
+                    help="256: bytes; larger: a byte-level BPE of that size trained here")
+    ap.add_argument("--preset", choices=("small", "2m"), default="small",
+                    help="small: width 64, bytes, 0.25 M parameters (the defaults); 2m: width 64, "
+                         "BPE 16384 on the stdlib sources, 2.3 M parameters (about 20 minutes)")
     ap.add_argument("--out", default=None, help="directory for the two exports (kept)")
     ap.add_argument("--hf-check", action="store_true",
                     help="also evaluate through transformers + GPTQModel (its first use "
                          "JIT-compiles a CPU kernel: minutes)")
     args = ap.parse_args(argv)
+    if args.preset == "2m":
+        args.text, args.vocab = "stdlib", 16384
     if args.quick:
         args.layers, args.seq, args.batch = 2, 64, 8
         args.steps = args.steps or 12
@@ -220,18 +270,21 @@ def main(argv=None):
     from ao_awq_export.qat import AWQInt4Linear, AWQQATConfig, awq_filter, export_qat_awq
 
     torch.manual_seed(args.seed)
-    train_data, held = load_text()
+    train_data, held, unit = load_text(args)
     if args.quick:
         held = held[: 64 * 20 + 1]
-    log(f"text: CPython {sys.version.split()[0]} pydoc_data.topics, {train_data.numel():,} "
-        f"training bytes, {held.numel():,} held-out bytes; torch threads "
-        f"{torch.get_num_threads()}")
+    text = "pydoc_data.topics" if args.text == "pydoc" else "stdlib *.py"
+    log(f"text: CPython {sys.version.split()[0]} {text}, {train_data.numel():,} training "
+        f"{unit}s, {held.numel():,} held-out {unit}s; torch threads {torch.get_num_threads()}")
     data = batches(train_data, args.steps, args.batch, args.seq, args.seed + 1)
 
     model = build_model(args)
     nparam = sum(p.numel() for p in model.parameters())
-    log(f"Llama: hidden {args.hidden}, {args.layers} layers, {nparam / 1e6:.2f} M parameters; "
-        f"{args.steps} steps of {args.batch}x{args.seq} bytes, QAT for the last "
+    nbody = sum(p.numel() for n, p in model.named_parameters()
+                if "embed_tokens" not in n and "lm_head" not in n)
+    log(f"Llama: hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, "
+        f"{nparam / 1e6:.2f} M parameters ({nbody / 1e6:.2f} M outside embed_tokens/lm_head); "
+        f"{args.steps} steps of {args.batch}x{args.seq} {unit}s, QAT for the last "
         f"{args.qat_steps}; int4_asym, group size {args.group_size}")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.wd,
                             betas=(0.9, 0.95))
@@ -297,8 +350,8 @@ def main(argv=None):
     deg = ppl_ptq - ppl_float
     rec = (ppl_ptq - ppl_qat) / deg if deg > 0 else float("nan")
     print()
-    print(f"held-out byte perplexity (group size {args.group_size}, int4_asym, "
-          f"{held.numel():,} bytes)")
+    print(f"held-out {unit} perplexity (group size {args.group_size}, int4_asym, "
+          f"{held.numel():,} {unit}s; {nparam / 1e6:.2f} M parameters)")
     print(f"| {'model':<34} | {'perplexity':>10} | {'vs float':>9} |")
     print(f"|{'-' * 36}|{'-' * 12}|{'-' * 11}|")
     for name, p in rows:

@@ -480,14 +480,17 @@ def test_short_qat_run_lowers_loss(scheme):
     assert sum(isinstance(x_, AWQInt4Linear) for x_ in m.modules()) == 14
 
 
-def test_demo_quick(tmp_path):
+@pytest.mark.parametrize("preset", ["small", "2m"])
+def test_demo_quick(tmp_path, preset):
     spec = importlib.util.spec_from_file_location("qat_to_awq", ROOT / "examples" /
                                                   "qat_to_awq.py")
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
-    r = demo.main(["--quick", "--out", str(tmp_path)])
+    r = demo.main(["--quick", "--preset", preset, "--out", str(tmp_path)])
     assert r["convert_equal"] and r["file_equal"] and r["exact"]
+    vocab = 256 if preset == "small" else 16384
     for k in ("float", "ptq", "qat"):
-        assert 1.0 < r[k] < 256.0
+        assert 1.0 < r[k] < vocab
     assert os.path.isfile(tmp_path / "qat_awq" / "model.safetensors")
-    assert os.path.isfile(tmp_path / "ptq_awq" / "config.json")
+    with open(tmp_path / "ptq_awq" / "config.json") as f:
+        assert json.load(f)["vocab_size"] == vocab

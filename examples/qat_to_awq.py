@@ -254,6 +254,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.preset == "2m":
         args.text, args.vocab = "stdlib", 16384
+    if args.vocab < 256:
+        ap.error("--vocab must be 256 (bytes) or larger (a byte-level BPE)")
     if args.quick:
         args.layers, args.seq, args.batch = 2, 64, 8
         args.steps = args.steps or 12

@@ -189,4 +189,31 @@ AOQ_HD float aoq_asym_deq(float qc, const aoq_asym_group *p, int awq) {
   return (qc - 8.0f) * p->s + p->z;
 }
 
+/* The group's gradients of its max (g_mx) and min (g_mn) in the int4-asym
+ * backward, from the partial sums over the group (summed in the canonical
+ * order by the caller).  torchao mode: scale d/15 and zero mn + 8s. */
+AOQ_HD void aoq_asym_gminmax_torchao(float g_s_a, float g_s_b, float g_z, float g_mn_a,
+                                     const aoq_asym_group *p, int cs, int st, float *g_mx,
+                                     float *g_mn) {
+  float g_s = (g_s_a + g_s_b) + g_z * 8.0f;
+  float g_d = aoq_div_scalar(g_s, 15.0f, cs);
+  if (!aoq_ge(p->d, 1e-6f, st)) g_d = 0.f;
+  *g_mx = g_d;
+  *g_mn = (g_mn_a + g_z) - g_d;
+}
+/* awq mode: fp16 scale s16 and integer zero clamp(rint(-mn / s16), 0, 15). */
+AOQ_HD void aoq_asym_gminmax_awq(float g_s_a, float g_s_b, float g_z_a, float g_z_b,
+                                 const aoq_asym_group *p, int st, float *g_mx, float *g_mn) {
+  float g_z = g_z_a + g_z_b;
+  const float zr = aoq_rint(-p->mn / p->s16);
+  if (!aoq_in(zr, 0.f, 15.f, st)) g_z = 0.f;
+  const float g_negmn = g_z / p->s16;
+  const float g_s_c = -g_z * ((-p->mn / p->s16) / p->s16);
+  const float g_s = (g_s_a + g_s_b) + g_s_c;
+  float g_d = g_s / 15.0f;
+  if (!aoq_ge(p->d, 1e-6f, st)) g_d = 0.f;
+  *g_mx = g_d;
+  *g_mn = -g_negmn - g_d;
+}
+
 #endif

@@ -314,7 +314,7 @@ AOQ_INLINE void sym_group_bwd(const float *wd, const float *G, float *gwd, float
 AOQ_INLINE void asym_group_bwd(const float *x, const float *G, float *gx, float *tmp, int64_t g, int awq,
                            int cs, int st) {
   aoq_asym_group p = aoq_asym_group_params(x, g, awq, cs);
-  float g_s, g_mn;
+  float g_s, g_mn; /* g_s ends as the gradient of the group max */
   if (!awq) {
     float g_z = group_sum(G, g);
     for (int64_t k = 0; k < g; k++)
@@ -330,11 +330,7 @@ AOQ_INLINE void asym_group_bwd(const float *x, const float *G, float *gx, float 
     }
     float g_s_b = group_sum(tmp, g);
     float g_mn_a = -group_sum(gx, g);
-    g_s = (g_s_a + g_s_b) + g_z * 8.0f;
-    float g_d = aoq_div_scalar(g_s, 15.0f, cs);
-    if (!aoq_ge(p.d, 1e-6f, st)) g_d = 0.f;
-    g_s = g_d; /* reused below as g_mx */
-    g_mn = (g_mn_a + g_z) - g_d;
+    aoq_asym_gminmax_torchao(g_s_a, g_s_b, g_z, g_mn_a, &p, cs, st, &g_s, &g_mn);
   } else {
     for (int64_t k = 0; k < g; k++) tmp[k] = G[k] * p.s16;
     float g_z_a = -group_sum(tmp, g);
@@ -354,16 +350,7 @@ AOQ_INLINE void asym_group_bwd(const float *x, const float *G, float *gx, float 
       tmp[k] = aoq_in(v, 0.f, 15.f, st) ? G[k] * p.s16 : 0.f;
     }
     float g_z_b = group_sum(tmp, g);
-    float g_z = g_z_a + g_z_b;
-    float zr = aoq_rint(-p.mn / p.s16);
-    if (!aoq_in(zr, 0.f, 15.f, st)) g_z = 0.f;
-    float g_negmn = g_z / p.s16;
-    float g_s_c = -g_z * ((-p.mn / p.s16) / p.s16);
-    g_s = (g_s_a + g_s_b) + g_s_c;
-    float g_d = g_s / 15.0f;
-    if (!aoq_ge(p.d, 1e-6f, st)) g_d = 0.f;
-    g_s = g_d;
-    g_mn = -g_negmn - g_d;
+    aoq_asym_gminmax_awq(g_s_a, g_s_b, g_z_a, g_z_b, &p, st, &g_s, &g_mn);
   }
   int64_t cx = 0, cn = 0;
   for (int64_t k = 0; k < g; k++) {

@@ -308,7 +308,7 @@ __global__ void __launch_bounds__(TPB) asym_bwd_kernel(const void *__restrict__ 
       mn = nanmin(mn, x[e]);
     }
     aoq_asym_group p = aoq_asym_group_from_minmax(warp_max(mx), warp_min(mn), awq, cs);
-    float g_s, g_mn;
+    float g_s, g_mn; /* g_s ends as the gradient of the group max */
     if (!awq) {
       float a = 0.f, b = 0.f, c = 0.f, d = 0.f;
 #pragma unroll
@@ -327,11 +327,7 @@ __global__ void __launch_bounds__(TPB) asym_bwd_kernel(const void *__restrict__ 
         d += gx[e];
       }
       const float g_s_b = warp_sum(c), g_mn_a = -warp_sum(d);
-      g_s = (g_s_a + g_s_b) + g_z * 8.0f;
-      float g_d = aoq_div_scalar(g_s, 15.0f, cs);
-      if (!aoq_ge(p.d, 1e-6f, st)) g_d = 0.f;
-      g_s = g_d;
-      g_mn = (g_mn_a + g_z) - g_d;
+      aoq_asym_gminmax_torchao(g_s_a, g_s_b, g_z, g_mn_a, &p, cs, st, &g_s, &g_mn);
     } else {
       float a = 0.f, b = 0.f, c = 0.f, d = 0.f;
 #pragma unroll
@@ -349,16 +345,7 @@ __global__ void __launch_bounds__(TPB) asym_bwd_kernel(const void *__restrict__ 
         d += gv;
       }
       const float g_s_b = warp_sum(c), g_z_b = warp_sum(d);
-      float g_z = g_z_a + g_z_b;
-      const float zr = aoq_rint(-p.mn / p.s16);
-      if (!aoq_in(zr, 0.f, 15.f, st)) g_z = 0.f;
-      const float g_negmn = g_z / p.s16;
-      const float g_s_c = -g_z * ((-p.mn / p.s16) / p.s16);
-      g_s = (g_s_a + g_s_b) + g_s_c;
-      float g_d = g_s / 15.0f;
-      if (!aoq_ge(p.d, 1e-6f, st)) g_d = 0.f;
-      g_s = g_d;
-      g_mn = -g_negmn - g_d;
+      aoq_asym_gminmax_awq(g_s_a, g_s_b, g_z_a, g_z_b, &p, st, &g_s, &g_mn);
     }
     int cx = 0, cn = 0;
 #pragma unroll

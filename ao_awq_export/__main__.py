@@ -41,10 +41,14 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = _build_parser().parse_args(argv)
-    from .export import DEFAULT_SQNR_THRESHOLD, check_out_dir, export_awq, load_for_export
+    from .export import (DEFAULT_SQNR_THRESHOLD, check_out_dir, export_awq, load_for_export,
+                         parse_size)
 
     try:
-        check_out_dir(args.out_dir)  # before a possibly long load
+        check_out_dir(args.out_dir)  # argument errors before a possibly long load
+        parse_size(args.max_shard_size)
+        if args.sqnr_threshold is not None and math.isnan(args.sqnr_threshold):
+            raise ValueError("--sqnr-threshold must be a number, got nan")
         try:
             model = load_for_export(args.checkpoint, args.hf_config,
                                     allow_pickle=args.allow_pickle)
@@ -56,7 +60,7 @@ def main(argv=None) -> int:
                       "re-run with --allow-pickle if you trust the file", file=sys.stderr)
                 return 1
             raise
-        mods = [m for m in args.modules_to_not_convert.split(",") if m]
+        mods = [m.strip() for m in args.modules_to_not_convert.split(",") if m.strip()]
         rep = export_awq(model, args.out_dir, scheme=args.scheme, mode=args.mode,
                          group_size=args.group_size, max_shard_size=args.max_shard_size,
                          modules_to_not_convert=mods or None, hf_config=args.hf_config,

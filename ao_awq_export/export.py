@@ -208,10 +208,12 @@ def _nbytes(shape, dt) -> int:
 def _to_fp16(name: str, t: torch.Tensor) -> torch.Tensor:
     t = t.detach()
     out = t.to(device="cpu", dtype=torch.float16)
-    if t.dtype != torch.float16 and not bool(torch.isfinite(out).all()):
-        if bool(torch.isfinite(t).all()):
-            raise ValueError(f"{name}: values exceed the float16 range (|x| > 65504); "
-                             "the AWQ checkpoint stores unquantized tensors in float16")
+    if not bool(torch.isfinite(out).all()):
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name}: contains NaN or Inf (refusing to write a broken "
+                             "checkpoint)")
+        raise ValueError(f"{name}: values exceed the float16 range (|x| > 65504); "
+                         "the AWQ checkpoint stores unquantized tensors in float16")
     return out
 
 
@@ -353,9 +355,14 @@ class _Item:
     nbytes: int = 0
 
 
+_FUSED_SETS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
 def _classify(model: nn.Module, modules_to_not_convert, scheme, mode, group_size):
     """Returns (quant: {module name: spec dict}, fp16_linears: [names])."""
-    patterns = list(modules_to_not_convert or [])
+    patterns = [p.strip() for p in (modules_to_not_convert or [])]
+    if any(not p for p in patterns):
+        raise ValueError("modules_to_not_convert: empty pattern (it would match every layer)")
     out_emb = None
     if hasattr(model, "get_output_embeddings"):
         try:
@@ -363,14 +370,24 @@ def _classify(model: nn.Module, modules_to_not_convert, scheme, mode, group_size
         except Exception:  # noqa: BLE001  (models without one raise various errors)
             out_emb = None
     quant, fp16_linears = {}, []
-    seen = set()
-    for name, mod in model.named_modules():
-        if not isinstance(mod, nn.Linear) or id(mod) in seen:
+    used = set()
+    # every name of a module registered under several names (state_dict holds them all)
+    for name, mod in model.named_modules(remove_duplicate=False):
+        if type(mod).__name__ == "Conv1D" and type(mod).__module__.startswith("transformers"):
+            if not any(p in name for p in patterns):
+                raise ValueError(f"{name}: transformers Conv1D layers (GPT-2 style, weight "
+                                 "[in, out]) are not supported by the AWQ export; add them to "
+                                 "modules_to_not_convert to keep them in float16")
             continue
-        seen.add(id(mod))
+        if not isinstance(mod, nn.Linear):
+            continue
+        if name in quant or name in fp16_linears:
+            continue
         is_head = name == "lm_head" or name.endswith(".lm_head") or (out_emb is not None and
                                                                     mod is out_emb)
-        excluded = is_head or any(p in name for p in patterns)
+        hits = [p for p in patterns if p in name]
+        used.update(hits)
+        excluded = is_head or bool(hits)
         if excluded:
             if not is_head:
                 fp16_linears.append(name)
@@ -410,6 +427,25 @@ def _classify(model: nn.Module, modules_to_not_convert, scheme, mode, group_size
                 raise ValueError(f"module {skip!r} is left in float16 but its name is a "
                                  f"substring of the quantized module {q!r}: AWQ consumers would "
                                  "skip both; rename it or quantize both")
+    # vLLM fuses q/k/v and gate/up into one layer: all of a fused set or none
+    for members in _FUSED_SETS:
+        parents = {}
+        for q in quant:
+            pre, _, last = q.rpartition(".")
+            if last in members:
+                parents.setdefault(pre, [set(), set()])[0].add(last)
+        for f in fp16_linears:
+            pre, _, last = f.rpartition(".")
+            if last in members:
+                parents.setdefault(pre, [set(), set()])[1].add(last)
+        for pre, (qs, fs) in parents.items():
+            if qs and fs:
+                raise ValueError(f"{pre}: {sorted(fs)} would stay float16 while {sorted(qs)} "
+                                 f"are quantized, but vLLM loads {'/'.join(members)} as one "
+                                 "fused layer: keep all of them or none in modules_to_not_convert")
+    unused = [p for p in patterns if p not in used]
+    if unused:
+        log.warning("modules_to_not_convert: %s match no Linear layer", unused)
     groups = {s["group_size"] for s in quant.values()}
     if len(groups) > 1:
         raise ValueError(f"an AWQ checkpoint has one group size, but the quantized layers use "
@@ -430,6 +466,15 @@ def _quant_item(name, spec, report: ExportReport, strict, threshold, verify):
         entries.append((f"{pfx}bias", "F16", [N], N * 2))
 
     def produce():
+        try:
+            return _produce()
+        except (ValueError, TypeError) as e:
+            label = name or "<model>"
+            if str(e).startswith((f"{label}:", f"{label}.")):
+                raise
+            raise type(e)(f"{label}: {e}") from e
+
+    def _produce():
         scheme, mode, src = spec["scheme"], spec["mode"], spec["source"]
         rep = LayerReport(name=name, source=src, scheme=scheme, mode=mode, group_size=g,
                           shape=(N, K))
@@ -504,6 +549,8 @@ def _plain_item(name, t: torch.Tensor):
 
 
 def _storage_key(t: torch.Tensor):
+    if t.numel() == 0:  # every empty storage has data_ptr 0: never treat them as tied
+        return ("empty", id(t))
     try:
         return (t.device.type, t.untyped_storage().data_ptr(), t.storage_offset(),
                 tuple(t.shape), tuple(t.stride()), t.dtype)
@@ -541,6 +588,32 @@ def _plan(model, quant, report, strict, threshold, verify, tie_ok):
     return items
 
 
+def _check_checkpoint_names(model):
+    """transformers >= 5 fuses some weights at load time (MoE experts become
+    3-D `experts.gate_up_proj`, ...) and splits them again when saving.  The
+    module tree then differs from the checkpoint layout AWQ consumers read,
+    and those experts would be left unquantized: refuse such models."""
+    if not (type(model).__module__.startswith("transformers.")
+            or hasattr(model, "_weight_conversions")):
+        return
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:
+        return
+    sd = dict(model.state_dict())
+    try:
+        reverted = revert_weight_conversion(model, dict(sd))
+    except Exception:  # noqa: BLE001  (a model transformers cannot map: nothing to compare)
+        return
+    changed = sorted(set(sd) - set(reverted))
+    if changed:
+        saved = sorted(set(reverted) - set(sd))
+        raise ValueError(
+            f"{changed[0]}: transformers stores this model's weights in the checkpoint "
+            f"under other names and shapes (e.g. {saved[:2]}; fused MoE experts), which "
+            f"the AWQ export does not handle yet ({len(changed)} tensors affected)")
+
+
 def _fake_quant_fp16(mod: FakeQuantLinear):
     """The weight an excluded FakeQuantLinear computed with."""
     with torch.no_grad():
@@ -562,6 +635,17 @@ def _shard(items: List[_Item], limit: int) -> List[List[_Item]]:
 
 def _config_dict(model, hf_config):
     """(config dict or None, generation_config.json bytes or None)."""
+    cfg, gen = _config_dict_from(model, hf_config)
+    if gen is None and getattr(model, "generation_config", None) is not None:
+        # what save_pretrained writes: eos lists and sampling defaults live there
+        try:
+            gen = model.generation_config.to_json_string(use_diff=True).encode()
+        except Exception as e:  # noqa: BLE001
+            log.warning("generation_config of the model not written: %s", e)
+    return cfg, gen
+
+
+def _config_dict_from(model, hf_config):
     gen = None
     cfg = hf_config
     if cfg is None:
@@ -686,10 +770,16 @@ def export_awq(model: nn.Module, out_dir, *, scheme: str = "int4_asym", mode: st
         raise ValueError(f"group_size must be one of {AWQ_GROUP_SIZES} for an AWQ checkpoint, "
                          f"got {group_size!r}")
     limit = parse_size(max_shard_size)
+    if not isinstance(sqnr_threshold, (int, float)) or math.isnan(sqnr_threshold):
+        raise ValueError(f"sqnr_threshold must be a number of dB, got {sqnr_threshold!r}")
     check_out_dir(out_dir)
     if isinstance(modules_to_not_convert, str):
         modules_to_not_convert = [modules_to_not_convert]
     quant, fp16_linears = _classify(model, modules_to_not_convert, scheme, mode, group_size)
+    if not quant and not any(k.rpartition(".")[2] == "qweight" for k in model.state_dict()):
+        raise ValueError("the model has no Linear layer to quantize (none outside lm_head and "
+                         "modules_to_not_convert): an AWQ checkpoint needs at least one")
+    _check_checkpoint_names(model)
     cfg, gen = _config_dict(model, hf_config)
     tie_ok = not (cfg is not None and cfg.get("tie_word_embeddings") is False)
     G = next(iter(quant.values()))["group_size"] if quant else group_size

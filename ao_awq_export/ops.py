@@ -48,7 +48,7 @@ CLAMP_STRICT = _clamp_backward_is_strict()
 # --------------------------------------------------------------------------
 # argument checks (Python exceptions naming the argument and the rule)
 # --------------------------------------------------------------------------
-def _check_tensor(name, t, *, dims=None):
+def _check_tensor(name, t, *, dims=None, empty_rows_ok=False):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in _FLOAT_DTYPES:
@@ -56,7 +56,7 @@ def _check_tensor(name, t, *, dims=None):
     if dims is not None and t.dim() != dims:
         raise ValueError(f"{name} must be {dims}-D [N, K] (out_features x in_features), got shape "
                          f"{tuple(t.shape)}")
-    if t.numel() == 0:
+    if t.numel() == 0 and not (empty_rows_ok and t.dim() >= 1 and t.shape[-1] > 0):
         raise ValueError(f"{name} must not be empty, got shape {tuple(t.shape)}")
     if t.device.type not in ("cpu", "cuda", "meta"):
         raise ValueError(f"{name} must be on a cpu or cuda device, got {t.device}")
@@ -210,10 +210,12 @@ def fake_quant_int4_asym(w: torch.Tensor, group_size: int = 128, *, mode: str = 
 def fake_quant_fp8_rows(x: torch.Tensor, *, ste: str = "autograd") -> torch.Tensor:
     """Per-row (last dim) fp8 e4m3 activation fake quant, eps 1e-12: an
     all-zero row gives zeros (torchao gives NaN).  Any leading dims."""
-    _check_tensor("x", x)
+    _check_tensor("x", x, empty_rows_ok=True)  # no rows (an empty batch) is fine
     if x.dim() < 1:
         raise ValueError("x must have at least 1 dimension")
     _check_choice("ste", ste, STES)
+    if x.numel() == 0:
+        return x.clone()
     x2 = x.contiguous().reshape(-1, x.shape[-1])
     return _ops.fp8_rows(x2, ste == "pure").view(x.shape)
 
@@ -239,7 +241,7 @@ def quantize_int4(w: torch.Tensor, group_size: int = 128, *, scheme: str = "fp8_
     """
     _check_choice("scheme", scheme, SCHEMES)
     _check_weight(w, group_size, mode)
-    w = w.contiguous()
+    w = w.detach().contiguous()  # integers: nothing to differentiate
     codes, scales, zeros = _ops.quantize(w, group_size, SCHEMES[scheme], mode == "awq")
     # A NaN/Inf weight always makes its group's (int4_asym) or row's (fp8_int4)
     # scale non-finite, so checking the K/g-times smaller scales is enough;
@@ -264,8 +266,28 @@ def dequantize_int4(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tens
     """Inverse of quantize_int4: the fake-quant output, bit for bit."""
     _check_choice("scheme", scheme, SCHEMES)
     _check_choice("mode", mode, MODES)
+    for nm, t in (("codes", codes), ("scales", scales), ("zeros", zeros)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{nm} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"{nm} must be 2-D, got shape {tuple(t.shape)}")
+        if t.device != codes.device:
+            raise ValueError(f"{nm} is on {t.device}, codes on {codes.device}: same device needed")
+    if codes.dtype != torch.uint8:
+        raise TypeError(f"codes must be uint8 (quantize_int4's codes), got {codes.dtype}")
+    if not scales.is_floating_point():
+        raise TypeError(f"scales must be floating point, got {scales.dtype}")
+    if dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"dtype must be bfloat16, float16 or float32, got {dtype}")
     n, k = codes.shape
-    g = k // scales.shape[1]
+    G = scales.shape[1]
+    if n == 0 or k == 0 or G == 0 or k % G or k // G not in GROUP_SIZES:
+        raise ValueError(f"scales must be [N, K/g] for codes [N, K] = {tuple(codes.shape)} with "
+                         f"g in {GROUP_SIZES}, got {tuple(scales.shape)}")
+    if tuple(scales.shape) != (n, G) or tuple(zeros.shape) != (n, G):
+        raise ValueError(f"scales and zeros must both be [N, K/g] = [{n}, {G}], got "
+                         f"{tuple(scales.shape)} and {tuple(zeros.shape)}")
+    g = k // G
     q = codes.to(torch.float32).view(n, -1, g)
     s = scales.to(torch.float32).unsqueeze(-1)
     z = zeros.to(torch.float32).unsqueeze(-1)

@@ -81,7 +81,9 @@ def _check(scheme, mode, group_size, ste="autograd"):
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if ste not in STES:
         raise ValueError(f"ste must be one of {STES}, got {ste!r}")
-    if isinstance(group_size, bool) or group_size not in GROUP_SIZES:
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
+    if group_size not in GROUP_SIZES:
         raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {group_size!r}")
 
 
@@ -273,6 +275,18 @@ class AWQInt4Linear(nn.Module):
         if mod.bias is not None:
             out.bias = nn.Parameter(mod.bias.detach(), requires_grad=False)
         return out
+
+    def _apply(self, fn, recurse=True):
+        # .half() / .bfloat16() / .to(dtype) change the compute dtype; the
+        # integer buffers and the exact fp16 scales only move between devices
+        scales = self.scales
+        probe = fn(torch.empty(0, dtype=self.weight_dtype, device=scales.device))
+        super()._apply(fn, recurse)
+        if self.scales.dtype != torch.float16:
+            self.scales = scales.to(device=self.scales.device)
+        if isinstance(probe, torch.Tensor) and probe.is_floating_point():
+            self.weight_dtype = probe.dtype
+        return self
 
     def codes(self) -> torch.Tensor:
         """uint8 [N, K] codes in [0, 15]."""

@@ -93,7 +93,8 @@ static PyObject *py_st_open(PyObject *self, PyObject *args, PyObject *kw) {
     return NULL;
 
   PyObject *result = NULL, *seq = NULL, *mitems = NULL;
-  PyObject **keep = NULL; /* items kept alive while their UTF-8 is used */
+  PyObject **keep = NULL;  /* items kept alive while their UTF-8 is used */
+  PyObject **shp_t = NULL; /* each entry's shape as a tuple (borrowed from keep) */
   aoq_st_entry *ents = NULL;
   int64_t *shapes = NULL;
   const char **meta = NULL;
@@ -108,8 +109,9 @@ static PyObject *py_st_open(PyObject *self, PyObject *args, PyObject *kw) {
   }
   n = PyList_Size(seq);
   ents = calloc(n ? (size_t)n : 1, sizeof *ents);
-  keep = calloc(n ? (size_t)n : 1, sizeof *keep);
-  if (!ents || !keep) {
+  keep = calloc(n ? 2 * (size_t)n : 1, sizeof *keep);
+  shp_t = calloc(n ? (size_t)n : 1, sizeof *shp_t);
+  if (!ents || !keep || !shp_t) {
     PyErr_NoMemory();
     goto done;
   }
@@ -127,12 +129,17 @@ static PyObject *py_st_open(PyObject *self, PyObject *args, PyObject *kw) {
       PyErr_Format(PyExc_TypeError, "entries[%zd] must be a (name, dtype, shape) tuple", i);
       goto done;
     }
-    Py_ssize_t nd = PySequence_Size(PyTuple_GetItem(t, 2));
-    if (nd < 0) {
+    /* the shape is copied into a tuple once: both passes read that tuple,
+     * so a sequence that changes its length between them cannot matter */
+    PyObject *st = PySequence_Tuple(PyTuple_GetItem(t, 2));
+    if (!st) {
       PyErr_Clear();
       PyErr_Format(PyExc_TypeError, "entries[%zd]: shape must be a sequence of ints", i);
       goto done;
     }
+    keep[nkeep++] = st;
+    shp_t[i] = st;
+    Py_ssize_t nd = PyTuple_Size(st);
     if (nd > AOQ_ST_MAX_DIMS) {
       PyErr_Format(PyExc_ValueError, "entries[%zd]: too many dimensions (%zd)", i, nd);
       goto done;
@@ -147,9 +154,8 @@ static PyObject *py_st_open(PyObject *self, PyObject *args, PyObject *kw) {
   {
     Py_ssize_t d0 = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
-      PyObject *t = keep[i];
-      PyObject *name = PyTuple_GetItem(t, 0), *dt = PyTuple_GetItem(t, 1),
-               *shp = PyTuple_GetItem(t, 2);
+      PyObject *t = keep[2 * i]; /* keep: entry tuple, shape tuple, ... */
+      PyObject *name = PyTuple_GetItem(t, 0), *dt = PyTuple_GetItem(t, 1), *shp = shp_t[i];
       if (!PyUnicode_Check(name) || !PyUnicode_Check(dt)) {
         PyErr_Format(PyExc_TypeError, "entries[%zd]: name and dtype must be str", i);
         goto done;
@@ -161,14 +167,11 @@ static PyObject *py_st_open(PyObject *self, PyObject *args, PyObject *kw) {
       ents[i].name_len = (size_t)len;
       ents[i].dtype = PyUnicode_AsUTF8AndSize(dt, &len);
       if (!ents[i].dtype) goto done;
-      Py_ssize_t nd = PySequence_Size(shp);
+      Py_ssize_t nd = PyTuple_Size(shp);
       ents[i].ndim = (int)nd;
       ents[i].shape = shapes + d0;
       for (Py_ssize_t d = 0; d < nd; d++) {
-        PyObject *v = PySequence_GetItem(shp, d);
-        if (!v) goto done;
-        long long x = PyLong_AsLongLong(v);
-        Py_DECREF(v);
+        long long x = PyLong_AsLongLong(PyTuple_GetItem(shp, d)); /* borrowed */
         if (x == -1 && PyErr_Occurred()) {
           PyErr_Clear();
           PyErr_Format(PyExc_TypeError, "entries[%zd]: shape must be a sequence of ints", i);
@@ -238,6 +241,7 @@ static PyObject *py_st_open(PyObject *self, PyObject *args, PyObject *kw) {
 done:
   for (Py_ssize_t i = 0; i < nkeep; i++) Py_DECREF(keep[i]);
   free(keep);
+  free(shp_t);
   free(ents);
   free(shapes);
   free(meta);

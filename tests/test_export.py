@@ -16,6 +16,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -664,3 +665,146 @@ def test_cli_state_dict_and_pickled_model(tmp_path):
                               str(tmp_path / "hf"), "--no-progress"],
                        capture_output=True, text=True, env=env, cwd=REPO, timeout=180)
     assert r.returncode == 1 and "not empty" in r.stderr
+
+
+# ----------------------------------------------------------------------------
+# models the export must refuse or handle (review of the export path)
+# ----------------------------------------------------------------------------
+def test_refuses_models_with_nothing_or_unsupported_to_quantize(tmp_path):
+    out = str(tmp_path / "o")
+    with pytest.raises(ValueError, match="no Linear layer to quantize"):
+        export_awq(nn.Sequential(nn.LayerNorm(64)), out, progress=False)
+    only_excluded = nn.Module()
+    only_excluded.add_module("lm_head", nn.Linear(64, 16))
+    with pytest.raises(ValueError, match="no Linear layer to quantize"):
+        export_awq(only_excluded, out, group_size=32, progress=False)
+    _need("transformers")
+    from transformers import GPT2Config, GPT2LMHeadModel, MixtralConfig, MixtralForCausalLM
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=64, n_layer=1,
+                                      n_head=2))
+    with pytest.raises(ValueError, match=r"transformer\.h\.0\.attn\.c_attn: transformers Conv1D"):
+        export_awq(gpt2, out, group_size=32, progress=False)
+    # transformers >= 5 fuses MoE experts into 3-D tensors saved under other names
+    moe = MixtralForCausalLM(MixtralConfig(vocab_size=64, hidden_size=64, intermediate_size=64,
+                                           num_hidden_layers=1, num_attention_heads=2,
+                                           num_key_value_heads=2, num_local_experts=4,
+                                           num_experts_per_tok=2))
+    if any(p.dim() == 3 for p in moe.parameters()):
+        with pytest.raises(ValueError, match="fused MoE experts"):
+            export_awq(moe, out, group_size=32, progress=False)
+    assert os.listdir(tmp_path) == []
+
+
+def test_partial_exclusion_of_a_fused_layer_and_patterns(tmp_path, caplog):
+    blk = nn.Module()
+    for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        blk.add_module(n, nn.Linear(64, 16))
+    m = nn.Module()
+    m.add_module("attn", blk)
+    out = str(tmp_path / "o")
+    with pytest.raises(ValueError, match=r"attn: \['q_proj'\] would stay float16 while "
+                                         r"\['k_proj', 'v_proj'\] are quantized"):
+        export_awq(m, out, group_size=32, modules_to_not_convert=["q_proj"], progress=False)
+    with pytest.raises(ValueError, match="empty pattern"):
+        export_awq(m, out, group_size=32, modules_to_not_convert=[" "], progress=False)
+    with caplog.at_level("WARNING", logger="ao_awq_export.export"):
+        rep = export_awq(m, out, group_size=32, progress=False,
+                         modules_to_not_convert=[" o_proj", "no_such_layer"])
+    assert rep.modules_to_not_convert == ["attn.o_proj"]
+    assert "no_such_layer" in caplog.text
+    with pytest.raises(ValueError, match="sqnr_threshold"):
+        export_awq(m, str(tmp_path / "o2"), group_size=32, sqnr_threshold=float("nan"))
+
+
+def test_aliased_linear_is_written_under_every_name(outdir):
+    m = nn.Module()
+    m.add_module("a", nn.Linear(64, 16))
+    m.add_module("b", m.a)  # one module, two names: state_dict has both
+    torch.manual_seed(0)
+    rep = export_awq(m, outdir, group_size=32, progress=False)
+    assert sorted(l.name for l in rep.layers) == ["a", "b"]
+    t, _ = read_export(outdir)
+    for k in ("qweight", "qzeros", "scales", "bias"):
+        assert torch.equal(t[f"a.{k}"], t[f"b.{k}"]), k
+    assert "b.weight" not in t
+    assert torch.equal(awq_dequant(t, "b", 32, torch.float32),
+                       ao_awq_export.fake_quant_int4_asym(m.a.weight.detach(), 32, mode="awq"))
+
+
+def test_empty_tensors_are_not_tied_and_non_finite_tensors_refused(tmp_path):
+    m = nn.Sequential(nn.Linear(64, 16))
+    m.register_buffer("a", torch.empty(0))
+    m.register_buffer("b", torch.empty(0))
+    out = str(tmp_path / "o")
+    export_awq(m, out, group_size=32, progress=False)
+    t, _ = read_export(out)
+    assert {"a", "b"} <= set(t) and t["a"].numel() == t["b"].numel() == 0
+    for bad, what in ((float("nan"), "NaN or Inf"), (float("inf"), "NaN or Inf"),
+                      (1e6, "float16 range")):
+        for target in ("bias", "emb"):
+            m = nn.Sequential(nn.Linear(64, 16), nn.Embedding(4, 8))
+            with torch.no_grad():
+                (m[0].bias if target == "bias" else m[1].weight)[1] = bad
+            name = "0.bias" if target == "bias" else "1.weight"
+            with pytest.raises(ValueError, match=rf"^{re.escape(name)}: .*{what}"):
+                export_awq(m, str(tmp_path / "bad"), group_size=32, progress=False)
+    # quantized-layer errors name the layer
+    m = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 16))
+    with torch.no_grad():
+        m[1].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"^1: .*NaN or Inf"):
+        export_awq(m, str(tmp_path / "bad"), group_size=32, progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["o"]
+
+
+def test_generation_config_comes_from_the_model(tmp_path):
+    _need("transformers")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    m = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128,
+                                     num_hidden_layers=1, num_attention_heads=2,
+                                     num_key_value_heads=2))
+    m.generation_config.eos_token_id = [1, 7]
+    out = str(tmp_path / "o")
+    export_awq(m, out, group_size=32, progress=False)
+    gen = json.load(open(os.path.join(out, "generation_config.json")))
+    assert gen["eos_token_id"] == [1, 7]
+
+
+def test_st_open_reads_each_shape_once(tmp_path):
+    class Shifty:  # len() 1 first, then huge: must not be trusted twice
+        n = 0
+
+        def __len__(self):
+            Shifty.n += 1
+            return 1 if Shifty.n == 1 else 100000
+
+        def __getitem__(self, i):
+            if i >= len(self):
+                raise IndexError
+            return 4
+
+        def __iter__(self):
+            return iter([4])
+
+    p = str(tmp_path / "x.safetensors")
+    try:
+        h = _C.st_open(p, [("a", "U8", Shifty())])
+    except (TypeError, ValueError):
+        return
+    _C.st_write(h, 0, torch.zeros(4, dtype=torch.uint8).data_ptr(), 4)
+    _C.st_close(h)
+    with safe_open(p, "pt") as f:
+        assert list(f.get_tensor("a").shape) == [4]
+
+
+def test_cli_checks_arguments_before_loading(tmp_path):
+    env = dict(os.environ, PYTHONPATH=REPO)
+    for extra, msg in ((["--max-shard-size", "0"], "max_shard_size"),
+                       (["--sqnr-threshold", "nan"], "sqnr-threshold")):
+        r = subprocess.run([sys.executable, "-m", "ao_awq_export", "export",
+                            str(tmp_path / "does_not_exist.pt"), str(tmp_path / "o")] + extra,
+                           capture_output=True, text=True, env=env, cwd=REPO, timeout=180)
+        assert r.returncode == 1 and msg in r.stderr and "does_not_exist" not in r.stderr, \
+            r.stderr

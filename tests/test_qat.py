@@ -494,3 +494,69 @@ def test_demo_quick(tmp_path, preset):
     assert os.path.isfile(tmp_path / "qat_awq" / "model.safetensors")
     with open(tmp_path / "ptq_awq" / "config.json") as f:
         assert json.load(f)["vocab_size"] == vocab
+
+
+# --------------------------------------------------------------------------
+# review fixes: dtype casts after convert, empty batches, argument checks
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("cast", ["bfloat16", "half", "to"])
+def test_converted_module_follows_dtype_casts(cast):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(128, 64))
+    quantize_(m, AWQQATConfig(group_size=64))
+    quantize_(m, AWQQATConfig(group_size=64, step="convert"))
+    lin = m[0]
+    assert isinstance(lin, AWQInt4Linear)
+    scales, qweight = lin.scales.clone(), lin.qweight.clone()
+    dt = torch.float16 if cast == "half" else torch.bfloat16
+    if cast == "to":
+        m.to(dt)
+    else:
+        getattr(m, cast)()
+    # the exact fp16 scales and the integer words are untouched; compute follows the cast
+    assert lin.scales.dtype == torch.float16 and torch.equal(lin.scales, scales)
+    assert torch.equal(lin.qweight, qweight) and lin.weight_dtype == dt
+    x = torch.randn(3, 128, dtype=dt)
+    y = m(x)
+    assert y.dtype == dt
+    w = lin.dequantize()
+    assert w.dtype == dt and torch.equal(y, F.linear(x, w, lin.bias))
+
+
+def test_fp8_activation_fake_quant_accepts_empty_batches():
+    x = torch.randn(0, 128, dtype=torch.bfloat16, requires_grad=True)
+    y = aq.fake_quant_fp8_rows(x)
+    assert y.shape == (0, 128) and y.dtype == torch.bfloat16
+    y.sum().backward()
+    assert x.grad.shape == (0, 128)
+    with pytest.raises(ValueError, match="must not be empty"):
+        aq.fake_quant_fp8_rows(torch.randn(4, 0))
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(128, 64)).to(torch.bfloat16)
+    quantize_(m, QATConfig(Float8DynamicActivationInt4WeightConfig(), step="prepare"))
+    ref = m(torch.randn(0, 128, dtype=torch.bfloat16))
+    swap_torchao_qat_to_ours(m)
+    assert m(torch.randn(2, 0, 128, dtype=torch.bfloat16)).shape == (2, 0, 64)
+    assert m(torch.randn(0, 128, dtype=torch.bfloat16)).shape == ref.shape
+
+
+def test_config_and_dequantize_argument_checks():
+    import numpy as np
+
+    for bad in (64.0, np.int64(64)):
+        with pytest.raises(TypeError, match="group_size must be an int"):
+            AWQQATConfig(group_size=bad)
+    torch.manual_seed(0)
+    w = torch.randn(8, 128, requires_grad=True)
+    c, s, z = aq.quantize_int4(w, 64, scheme="int4_asym", mode="awq")
+    assert not (s.requires_grad or z.requires_grad)  # integers: nothing to differentiate
+    ok = aq.dequantize_int4(c, s, z, scheme="int4_asym", mode="awq", dtype=torch.float32)
+    assert torch.equal(ok, aq.fake_quant_int4_asym(w.detach(), 64, mode="awq"))
+    for args, err, msg in (((c, s[:1], z[:1]), ValueError, r"\[N, K/g\] = \[8, 2\]"),
+                           ((c, s[:, :0], z[:, :0]), ValueError, "scales must be"),
+                           ((c, torch.ones(8, 3, dtype=torch.float16), z), ValueError,
+                            "scales must be"),
+                           ((c.float(), s, z), TypeError, "codes must be uint8"),
+                           ((c, s, z[:, :1]), ValueError, "scales and zeros")):
+        with pytest.raises(err, match=msg):
+            aq.dequantize_int4(*args, scheme="int4_asym", mode="awq")

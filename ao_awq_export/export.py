@@ -614,6 +614,24 @@ def _check_checkpoint_names(model):
             f"the AWQ export does not handle yet ({len(changed)} tensors affected)")
 
 
+def _check_fused_weights(model, modules_to_not_convert):
+    """Weights of 3+ dims outside convolutions are fused expert stacks (e.g.
+    gpt-oss `experts.gate_up_proj` [E, K, N]): the export would write them
+    in fp16, unquantized; refuse unless modules_to_not_convert names them."""
+    patterns = [p.strip() for p in (modules_to_not_convert or [])]
+    convs = (nn.modules.conv._ConvNd,)
+    for mname, mod in model.named_modules():
+        if isinstance(mod, convs):
+            continue
+        for pname, p in mod.named_parameters(recurse=False):
+            full = f"{mname}.{pname}" if mname else pname
+            if p.dim() >= 3 and p.is_floating_point() and not any(q in full for q in patterns):
+                raise ValueError(
+                    f"{full}: a {p.dim()}-D weight {tuple(p.shape)} outside a convolution "
+                    "(fused MoE experts?) cannot be written as AWQ Linear layers; it would "
+                    "stay unquantized in fp16. Add it to modules_to_not_convert to accept that")
+
+
 def _fake_quant_fp16(mod: FakeQuantLinear):
     """The weight an excluded FakeQuantLinear computed with."""
     with torch.no_grad():
@@ -780,6 +798,7 @@ def export_awq(model: nn.Module, out_dir, *, scheme: str = "int4_asym", mode: st
         raise ValueError("the model has no Linear layer to quantize (none outside lm_head and "
                          "modules_to_not_convert): an AWQ checkpoint needs at least one")
     _check_checkpoint_names(model)
+    _check_fused_weights(model, modules_to_not_convert)
     cfg, gen = _config_dict(model, hf_config)
     tie_ok = not (cfg is not None and cfg.get("tie_word_embeddings") is False)
     G = next(iter(quant.values()))["group_size"] if quant else group_size

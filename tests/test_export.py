@@ -693,7 +693,19 @@ def test_refuses_models_with_nothing_or_unsupported_to_quantize(tmp_path):
     if any(p.dim() == 3 for p in moe.parameters()):
         with pytest.raises(ValueError, match="fused MoE experts"):
             export_awq(moe, out, group_size=32, progress=False)
+    # fused expert stacks stored as such (gpt-oss style): refused unless excluded
+    experts = nn.Module()
+    experts.gate_up_proj = nn.Parameter(torch.randn(4, 64, 128))
+    m = nn.Module()
+    m.add_module("q", nn.Linear(64, 16))
+    m.add_module("experts", experts)
+    m.add_module("conv", nn.Conv1d(4, 8, 3))  # convolutions are plain fp16 tensors
+    with pytest.raises(ValueError, match=r"experts\.gate_up_proj: a 3-D weight"):
+        export_awq(m, out, group_size=32, progress=False)
     assert os.listdir(tmp_path) == []
+    export_awq(m, out, group_size=32, progress=False, modules_to_not_convert=["experts"])
+    t, _ = read_export(out)
+    assert t["experts.gate_up_proj"].dtype == torch.float16 and "conv.weight" in t
 
 
 def test_partial_exclusion_of_a_fused_layer_and_patterns(tmp_path, caplog):

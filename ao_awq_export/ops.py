@@ -45,6 +45,45 @@ def _clamp_backward_is_strict() -> bool:
 CLAMP_STRICT = _clamp_backward_is_strict()
 
 
+def _probe_torch_sum_order():
+    """(vw, half_ok): the float lanes of the running torch's CPU sum kernel,
+    found by comparing torch.sum with the C emulation of ATen's cascade_sum
+    for each candidate width (0: none matched, keep the canonical order), and
+    whether its bf16/fp16 sums (two halves of a 2*vw load added first) match
+    too.  torchao-mode CPU backwards then sum the group/row terms the way
+    torch autograd does, so the extremes get torch's gradient bit for bit."""
+    gen = torch.Generator().manual_seed(1234)
+    n_rows = 48
+    x = torch.randn(n_rows, 1000, generator=gen) * torch.exp(
+        2 * torch.randn(n_rows, 1000, generator=gen))
+
+    def matches(t, vw, half):
+        ref = t.sum(-1)
+        xf = t.float().contiguous()
+        for r in range(t.shape[0]):
+            row = xf[r]
+            got = torch.tensor(_C.torch_sum(row.data_ptr(), row.numel(), vw, half),
+                               dtype=torch.float32)
+            if not torch.equal(got.to(t.dtype), ref[r]):
+                return False
+        return True
+
+    try:
+        with torch.no_grad():
+            for vw in (8, 16, 4, 32):
+                if all(matches(x[:, :n], vw, False) for n in (37, 256, 1000)):
+                    half = all(matches(x[:, :n].to(dt), vw, True)
+                               for n in (77, 256, 1000) for dt in (torch.bfloat16, torch.float16))
+                    return vw, half
+    except Exception:  # noqa: BLE001  (a probe must never break the import)
+        pass
+    return 0, False
+
+
+TORCH_SUM_VW, TORCH_SUM_HALF = _probe_torch_sum_order()
+_C.set_torch_sum(TORCH_SUM_VW, TORCH_SUM_HALF)
+
+
 # --------------------------------------------------------------------------
 # argument checks (Python exceptions naming the argument and the rule)
 # --------------------------------------------------------------------------

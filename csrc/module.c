@@ -427,8 +427,36 @@ static PyObject *py_built_with_cuda(PyObject *self, PyObject *args) {
 #endif
 }
 
+/* set_torch_sum(vw, half_ok): the running torch's CPU sum order (ops.py probes it) */
+static PyObject *py_set_torch_sum(PyObject *self, PyObject *args) {
+  (void)self;
+  int vw, half_ok;
+  if (!PyArg_ParseTuple(args, "ip:set_torch_sum", &vw, &half_ok)) return NULL;
+  if (aoq_cpu_set_torch_sum(vw, half_ok) != AOQ_OK) {
+    PyErr_Format(PyExc_ValueError, "set_torch_sum: vw must be 0 or a power of two in 4..32, got %d", vw);
+    return NULL;
+  }
+  Py_RETURN_NONE;
+}
+
+/* torch_sum(float32 contiguous CPU tensor data_ptr, n, vw, half) -> float */
+static PyObject *py_torch_sum(PyObject *self, PyObject *args) {
+  (void)self;
+  unsigned long long ptr;
+  long long n;
+  int vw, half;
+  if (!PyArg_ParseTuple(args, "KLip:torch_sum", &ptr, &n, &vw, &half)) return NULL;
+  if (!ptr || n < 0 || vw < 4 || vw > 32 || (vw & (vw - 1))) {
+    PyErr_SetString(PyExc_ValueError, "torch_sum: bad arguments");
+    return NULL;
+  }
+  return PyFloat_FromDouble((double)aoq_cpu_torch_sum((const float *)(uintptr_t)ptr, (int64_t)n, vw, half));
+}
+
 static PyMethodDef base_methods[] = {
     {"built_with_cuda", py_built_with_cuda, METH_NOARGS, "True if the CUDA kernels were built."},
+    {"set_torch_sum", py_set_torch_sum, METH_VARARGS, "Set the CPU sum order of torchao mode."},
+    {"torch_sum", py_torch_sum, METH_VARARGS, "One sum in torch's CPU order (probe)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -6,12 +6,13 @@ Gradient exactness (stated contract):
     max/min for int4-asym; not |wd| == group amax nor |w| == row amax for
     fp8-int4) gets a gradient bit-identical to torch autograd;
   * extreme elements also receive sums over the group (or row) of per-element
-    terms.  Torch's reduction order is an implementation detail of its
-    vectorized sum kernel; ours is one fixed order shared by the CPU and CUDA
-    kernels.  Both are correctly rounded sums of the same terms, so they
-    agree to the rounding of those sums: we assert
-    |ours - torch| <= 2^-(p-3) * (sum of |terms| bound), with p the mantissa
-    bits of D, checked as 8 ulp of D at max|grad| of the group (or row).
+    terms.  In torchao mode the CPU kernel adds them in torch's own CPU order
+    (probed at import: ops.TORCH_SUM_VW), and then every element is compared
+    bit for bit.  In awq mode (against tests/reference.py) and where the
+    order is not recognised, ours is one fixed order shared by the CPU and
+    CUDA kernels; both are correctly rounded sums of the same terms, so they
+    agree to the rounding of those sums: |ours - torch| <= K * eps(D) *
+    max|grad| of the row.
 """
 import warnings
 
@@ -104,13 +105,23 @@ def extreme_mask(w, g, scheme):
         return m | (w.abs() == w.abs().amax(-1, keepdim=True))
 
 
-def check_grads(ours, theirs, w, g, scheme, what):
+def torch_order(dtype):
+    """True when our CPU kernel sums in torch's own order for this dtype
+    (torchao mode): then the extremes must match torch bit for bit too."""
+    return aq.ops.TORCH_SUM_VW > 0 and (dtype == torch.float32 or aq.ops.TORCH_SUM_HALF)
+
+
+def check_grads(ours, theirs, w, g, scheme, what, exact=False):
     """Bit for bit (signed zeros included) off the extremes; on the extremes
-    within the error bound of a K-term sum: K * eps(D) * max|grad| of the row."""
+    within the error bound of a K-term sum: K * eps(D) * max|grad| of the row,
+    or bit for bit as well when `exact` (torch's summation order)."""
     if theirs.numel() == 0:
         return
     ext = extreme_mask(w, g, scheme)
     fin = torch.isfinite(theirs)
+    if exact:
+        nbad = int((bits(ours)[fin] != bits(theirs)[fin]).sum())
+        assert nbad == 0, f"{what}: {nbad} gradients differ bit-wise (torch's sum order)"
     off = ~ext & fin
     nbad = int((bits(ours)[off] != bits(theirs)[off]).sum())
     assert nbad == 0, f"{what}: {nbad} non-extreme gradients differ bit-wise"
@@ -246,6 +257,8 @@ def test_fp8_rows_grad(dtype):
     assert (gx2 != 0).any()
     ext = xx.abs() == xx.abs().amax(-1, keepdim=True)
     assert torch.equal(gx1[~ext], gx2[~ext])
+    if torch_order(torch.float32):  # the row sums are fp32 in torchao for every dtype
+        assert torch.equal(bits(gx1), bits(gx2))
     eps = torch.finfo(dtype).eps
     tol = 64 * eps * torch.maximum(gx1.abs(), gx2.abs()).float().amax(-1, keepdim=True)
     assert ((gx1.float() - gx2.float()).abs() <= tol)[ext].all()
@@ -281,7 +294,8 @@ def test_grad_matches_torchao(scheme, dtype, g):
         else:
             w2 = w
         assert theirs.numel() == 0 or (theirs != 0).float().mean() > 0.05
-        check_grads(ours, theirs, w2, g, scheme, f"grad {scheme} {dtype} {n}x{k} g{g}")
+        check_grads(ours, theirs, w2, g, scheme, f"grad {scheme} {dtype} {n}x{k} g{g}",
+                    exact=torch_order(dtype))
 
 
 @pytest.mark.parametrize("scheme", list(OPS))
@@ -301,7 +315,34 @@ def test_grad_4096():
     for scheme in OPS:
         ours = _grads(lambda t: OPS[scheme](t, 128), w, gout)
         theirs = _grads(lambda t: torchao_fq(t, 128, scheme), w, gout)
-        check_grads(ours, theirs, w, 128, scheme, f"grad 4096 {scheme}")
+        check_grads(ours, theirs, w, 128, scheme, f"grad 4096 {scheme}",
+                    exact=torch_order(torch.bfloat16))
+
+
+def test_torch_sum_order_probe_and_emulation():
+    """The C emulation of torch's CPU sum (used for torchao-mode gradients)
+    equals torch.sum bit for bit, for group and row sizes, all three dtypes."""
+    import platform
+
+    from ao_awq_export import _C
+
+    if platform.machine() in ("x86_64", "AMD64"):
+        assert aq.ops.TORCH_SUM_VW in (8, 16) and aq.ops.TORCH_SUM_HALF
+    vw = aq.ops.TORCH_SUM_VW
+    if vw == 0:
+        pytest.skip("this torch's CPU sum order was not recognised (canonical order kept)")
+    gen = torch.Generator().manual_seed(5)
+    for n in (32, 64, 128, 256, 384, 1000, 4096, 28672, 70000):
+        x = torch.randn(6, n, generator=gen) * torch.exp(3 * torch.randn(6, n, generator=gen))
+        for dt in DTYPES:
+            if dt != torch.float32 and not aq.ops.TORCH_SUM_HALF:
+                continue
+            t = (x.clamp(-6e4, 6e4) if dt == torch.float16 else x).to(dt)  # finite inputs
+            want = t.sum(-1)
+            for r in range(t.shape[0]):
+                row = t[r].float().contiguous()
+                got = _C.torch_sum(row.data_ptr(), n, vw, dt != torch.float32)
+                assert torch.equal(torch.tensor(got, dtype=torch.float32).to(dt), want[r]), (n, dt, r)
 
 
 @pytest.mark.parametrize("scheme", list(OPS))

@@ -31,6 +31,15 @@ int aoq_cpu_fp8_rows_bwd(const void *grad, const void *x, void *gx, int64_t R, i
  * (transposed, 8 consecutive rows per word in AWQ order). R % 8 == 0. */
 int aoq_cpu_pack_awq(const uint8_t *codes, int32_t *packed, int64_t R, int64_t C);
 
+/* torch-order sums (CPU, torchao mode, torch's division rule): vw = the
+ * float lanes of the running torch's CPU sum kernel (4..32; 0 = always the
+ * canonical order); half_ok = its bf16/fp16 sums add the two halves of each
+ * 2*vw-element load (else those sums keep the canonical order).  Returns
+ * AOQ_ERR_ARG for an unsupported vw.  Also: one torch-order sum, for the
+ * probe that finds vw. */
+int aoq_cpu_set_torch_sum(int vw, int half_ok);
+float aoq_cpu_torch_sum(const float *x, int64_t n, int vw, int half);
+
 #ifdef AOQ_WITH_CUDA
 /* cudaGetErrorString of the last error a launcher on this thread saw. */
 const char *aoq_cuda_last_error(void);

@@ -3,9 +3,12 @@
  * Rows run in parallel on OpenMP threads; inner loops are simple counted
  * loops over contiguous floats.  Numerics: aoq_rows.h / aoq_math.h.
  *
- * Reductions (sums) in the backward use one canonical order, the natural one
- * of the CUDA kernel (fq_cuda.cu: a block of AOQ_NW warps per row), so the
- * CPU and GPU gradients agree bit for bit:
+ * Reductions (sums) in the backward: in torchao mode with torch's CPU
+ * division rule, torch's own CPU order (aoq_cpu_torch_sum below), so the
+ * gradient is torch autograd's bit for bit.  Otherwise (awq modes, and the
+ * CUDA division rule the GPU tests compare against) one canonical order, the
+ * natural one of the CUDA kernel (fq_cuda.cu: a block of AOQ_NW warps per
+ * row), so the CPU and GPU gradients agree bit for bit:
  *   group sum (g elements, E = g/32 per lane): lane l adds its contiguous
  *     chunk l*E .. l*E+E-1 in order, then a halving tree over the 32 lanes
  *     (lane l += lane l+off, off = 16, 8, 4, 2, 1);
@@ -105,6 +108,78 @@ static float row_sum_strided(const float *v, int64_t K) {
   memset(acc, 0, sizeof acc);
   for (int64_t k = 0; k < K; k++) acc[(k / 32) % NW][k % 32] += v[k];
   return tree_block(acc);
+}
+
+/* ---- torch's own CPU summation order -------------------------------------
+ * torch autograd sums the per-element terms of a group (or row) with ATen's
+ * cascade_sum over a contiguous inner dimension: vw-lane vector accumulators,
+ * four of them interleaved (ilp), a 4-level cascade every 16 steps, the
+ * vector tail, then a scalar tail and the lanes added in order into a zero.
+ * bf16/fp16 tensors are loaded 2*vw elements at a time and the two halves
+ * added in float first.  Emulated here so that in torchao mode on the CPU the
+ * extreme elements get torch's gradient bit for bit; vw comes from a probe of
+ * the running torch (ao_awq_export/ops.py). */
+#define AOQ_TV_MAX 32
+static int g_torch_vw = 0, g_torch_half = 0;
+
+int aoq_cpu_set_torch_sum(int vw, int half_ok) {
+  if (vw != 0 && (vw < 4 || vw > AOQ_TV_MAX || (vw & (vw - 1)))) return AOQ_ERR_ARG;
+  g_torch_vw = vw;
+  g_torch_half = half_ok != 0;
+  return AOQ_OK;
+}
+
+static int64_t ceil_log2(int64_t x) {
+  if (x <= 2) return 1;
+  int64_t r = 0;
+  for (uint64_t v = (uint64_t)(x - 1); v; v >>= 1) r++;
+  return r;
+}
+
+float aoq_cpu_torch_sum(const float *x, int64_t n, int vw, int half) {
+  const int64_t vn = half ? 2 * vw : vw, vs = n / vn, ilp = vs / 4;
+  float acc[4][4][AOQ_TV_MAX]; /* cascade level, interleaved row, lane */
+  memset(acc, 0, sizeof acc);
+#define AOQ_LOAD_ADD(dst, vi)                                                         \
+  do {                                                                               \
+    const float *src_ = x + (vi) * vn;                                               \
+    for (int l_ = 0; l_ < vw; l_++) (dst)[l_] += half ? src_[l_] + src_[vw + l_] : src_[l_]; \
+  } while (0)
+  int64_t lp = ceil_log2(ilp) / 4;
+  if (lp < 4) lp = 4;
+  const int64_t step = (int64_t)1 << lp, mask = step - 1;
+  int64_t i = 0;
+  while (i + step <= ilp) {
+    for (int64_t j = 0; j < step; j++, i++)
+      for (int k = 0; k < 4; k++) AOQ_LOAD_ADD(acc[0][k], i * 4 + k);
+    for (int j = 1; j < 4; j++) {
+      for (int k = 0; k < 4; k++)
+        for (int l = 0; l < vw; l++) {
+          acc[j][k][l] += acc[j - 1][k][l];
+          acc[j - 1][k][l] = 0.f;
+        }
+      if (i & (mask << (j * lp))) break;
+    }
+  }
+  for (; i < ilp; i++)
+    for (int k = 0; k < 4; k++) AOQ_LOAD_ADD(acc[0][k], i * 4 + k);
+  for (int j = 1; j < 4; j++)
+    for (int k = 0; k < 4; k++)
+      for (int l = 0; l < vw; l++) acc[0][k][l] += acc[j][k][l];
+  for (i = ilp * 4; i < vs; i++) AOQ_LOAD_ADD(acc[0][0], i);
+#undef AOQ_LOAD_ADD
+  for (int k = 1; k < 4; k++)
+    for (int l = 0; l < vw; l++) acc[0][0][l] += acc[0][k][l];
+  float r = 0.f;
+  for (int64_t k = vs * vn; k < n; k++) r += x[k];
+  for (int l = 0; l < vw; l++) r += acc[0][0][l];
+  return r;
+}
+
+/* a sum in the order the caller's mode asks for: torch's (tv > 0) or the
+ * canonical one of the CUDA kernel */
+static float gsum(const float *v, int64_t g, int tv, int half) {
+  return tv ? aoq_cpu_torch_sum(v, g, tv, half) : group_sum(v, g);
 }
 
 AOQ_INLINE void load_row(const void *p, int64_t off, float *dst, int64_t K, int dt) {
@@ -234,13 +309,14 @@ int aoq_cpu_fq_fwd(const void *w, void *out, uint8_t *codes, float *scales, floa
 /* as fp32, writes gx (values of D) into gw.  Also the whole backward   */
 /* of the fp8 activation fake quant.  tmp: K floats.                    */
 /* ------------------------------------------------------------------ */
-AOQ_INLINE float row_sum(const float *v, int64_t K, int64_t g) {
+AOQ_INLINE float row_sum(const float *v, int64_t K, int64_t g, int tv) {
+  if (tv) return aoq_cpu_torch_sum(v, K, tv, 0); /* torchao sums this row in fp32 */
   return g > 0 ? row_sum_grouped(v, K, g) : row_sum_strided(v, K);
 }
 
 /* g: group size of the weight row (sum order), 0 for an activation row */
 AOQ_INLINE void fp8_row_bwd(const float *x, const float *gh, float *gw, float *tmp, int64_t K, int64_t g,
-                        int dt, int cs, int st) {
+                        int dt, int cs, int st, int tv) {
   float a0;
   float s_row = aoq_fp8_row_scale(x, K, dt, cs, &a0);
   if (s_row == 0.f) { /* scale underflow (fp16): forward gave 0, torchao NaN */
@@ -253,7 +329,7 @@ AOQ_INLINE void fp8_row_bwd(const float *x, const float *gh, float *gw, float *t
     float t = aoq_clamp(x[k] / s_row, -AOQ_FP8_MAX, AOQ_FP8_MAX);
     tmp[k] = gh[k] * aoq_fp8_e4m3_round(t);
   }
-  float sum_a = row_sum(tmp, K, g);
+  float sum_a = row_sum(tmp, K, g, tv);
   #pragma omp simd
   for (int64_t k = 0; k < K; k++) {
     float t = x[k] / s_row;
@@ -263,7 +339,7 @@ AOQ_INLINE void fp8_row_bwd(const float *x, const float *gh, float *gw, float *t
     gw[k] = gt / s_row;
     tmp[k] = -gt * (t / s_row);
   }
-  float sum_b = row_sum(tmp, K, g);
+  float sum_b = row_sum(tmp, K, g, tv);
   float g_sD = aoq_round_to(sum_a + sum_b, dt);
   float g_a = aoq_round_to(aoq_div_scalar(g_sD, AOQ_FP8_MAX, cs), dt);
   if (!aoq_ge(a0, aoq_eps_in(1e-12f, dt), st)) g_a = 0.f;
@@ -280,14 +356,16 @@ AOQ_INLINE void fp8_row_bwd(const float *x, const float *gh, float *gw, float *t
 
 /* backward of the fp8-int4 group stage: G (values of D), wd -> gwd (D) */
 AOQ_INLINE void sym_group_bwd(const float *wd, const float *G, float *gwd, float *tmp, int64_t g, int dt,
-                          int awq, int st) {
+                          int awq, int st, int tv) {
+  const int half = dt != AOQ_F32; /* torchao sums this stage in the weight dtype */
+  if (half && !g_torch_half) tv = 0;
   aoq_sym_group p = aoq_sym_group_params(wd, g, dt, awq);
   #pragma omp simd
   for (int64_t k = 0; k < g; k++) {
     float qc = aoq_clamp(aoq_sym_code_raw(wd[k], &p, dt), -8.f, 7.f);
     tmp[k] = awq ? G[k] * qc : aoq_round_to(G[k] * qc, dt);
   }
-  float g_sg_a = aoq_round_to(group_sum(tmp, g), dt);
+  float g_sg_a = aoq_round_to(gsum(tmp, g, tv, half), dt);
   #pragma omp simd
   for (int64_t k = 0; k < g; k++) {
     float q2 = aoq_sym_code_raw(wd[k], &p, dt);
@@ -296,7 +374,7 @@ AOQ_INLINE void sym_group_bwd(const float *wd, const float *G, float *gwd, float
     gwd[k] = aoq_sym_gwd(gq, &p, dt);
     tmp[k] = aoq_round_to(gq * wd[k], dt);
   }
-  float g_r = aoq_round_to(group_sum(tmp, g), dt);
+  float g_r = aoq_round_to(gsum(tmp, g, tv, half), dt);
   float g_sg = aoq_sym_gsg(g_sg_a, g_r, &p, dt);
   if (!aoq_ge(p.m8, aoq_eps_in(1e-6f, dt), st)) g_sg = 0.f;
   float g_m = aoq_round_to(g_sg * 0.125f, dt);
@@ -312,14 +390,14 @@ AOQ_INLINE void sym_group_bwd(const float *wd, const float *G, float *gwd, float
 
 /* backward of int4-asym over one group: x, G fp32 -> gx fp32 */
 AOQ_INLINE void asym_group_bwd(const float *x, const float *G, float *gx, float *tmp, int64_t g, int awq,
-                           int cs, int st) {
+                           int cs, int st, int tv) {
   aoq_asym_group p = aoq_asym_group_params(x, g, awq, cs);
   float g_s, g_mn; /* g_s ends as the gradient of the group max */
   if (!awq) {
-    float g_z = group_sum(G, g);
+    float g_z = gsum(G, g, tv, 0);
     for (int64_t k = 0; k < g; k++)
       tmp[k] = G[k] * (aoq_clamp(aoq_asym_code_raw(x[k], &p, 0), 0.f, 15.f) - 8.f);
-    float g_s_a = group_sum(tmp, g);
+    float g_s_a = gsum(tmp, g, tv, 0);
     #pragma omp simd
     for (int64_t k = 0; k < g; k++) {
       float u = (x[k] - p.mn) / p.s;
@@ -328,8 +406,8 @@ AOQ_INLINE void asym_group_bwd(const float *x, const float *G, float *gx, float 
       gx[k] = gq / p.s;
       tmp[k] = -gq * (u / p.s);
     }
-    float g_s_b = group_sum(tmp, g);
-    float g_mn_a = -group_sum(gx, g);
+    float g_s_b = gsum(tmp, g, tv, 0);
+    float g_mn_a = -gsum(gx, g, tv, 0);
     aoq_asym_gminmax_torchao(g_s_a, g_s_b, g_z, g_mn_a, &p, cs, st, &g_s, &g_mn);
   } else {
     for (int64_t k = 0; k < g; k++) tmp[k] = G[k] * p.s16;
@@ -365,6 +443,7 @@ AOQ_INLINE void asym_group_bwd(const float *x, const float *G, float *gx, float 
 AOQ_INLINE void fq_bwd_rows(const void *grad, const void *w, void *gw, int64_t N, int64_t K,
                             int64_t g, int dt, int scheme, int awq, int cs, int st, float *b) {
   float *x = b, *G = b + K, *wd = b + 2 * K, *gg = b + 3 * K, *tmp = b + 4 * K;
+  const int tv = (!awq && !cs) ? g_torch_vw : 0; /* torchao mode, torch's CPU rules */
 #pragma omp for schedule(static)
   for (int64_t n = 0; n < N; n++) {
     load_row(w, n * K, x, K, dt);
@@ -374,12 +453,12 @@ AOQ_INLINE void fq_bwd_rows(const void *grad, const void *w, void *gw, int64_t N
 #pragma omp simd
       for (int64_t k = 0; k < K; k++) wd[k] = aoq_fp8_rt(x[k], s_row, dt);
       for (int64_t j = 0; j < K / g; j++)
-        sym_group_bwd(wd + j * g, G + j * g, gg + j * g, tmp, g, dt, awq, st);
-      fp8_row_bwd(x, gg, wd, tmp, K, g, dt, cs, st); /* wd := gw (D values) */
+        sym_group_bwd(wd + j * g, G + j * g, gg + j * g, tmp, g, dt, awq, st, tv);
+      fp8_row_bwd(x, gg, wd, tmp, K, g, dt, cs, st, tv); /* wd := gw (D values) */
       store_row(gw, n * K, wd, K, dt);
     } else {
       for (int64_t j = 0; j < K / g; j++)
-        asym_group_bwd(x + j * g, G + j * g, gg + j * g, tmp, g, awq, cs, st);
+        asym_group_bwd(x + j * g, G + j * g, gg + j * g, tmp, g, awq, cs, st, tv);
       store_row(gw, n * K, gg, K, dt);
     }
   }
@@ -419,7 +498,7 @@ AOQ_INLINE void rows_rows(const void *grad, const void *x, void *out, int64_t R,
     load_row(x, r * K, xr, K, dt);
     if (grad) {
       load_row(grad, r * K, G, K, dt);
-      fp8_row_bwd(xr, G, o, tmp, K, 0, dt, cs, st);
+      fp8_row_bwd(xr, G, o, tmp, K, 0, dt, cs, st, cs ? 0 : g_torch_vw);
     } else {
       float s = aoq_fp8_row_scale(xr, K, dt, cs, NULL);
 #pragma omp simd

@@ -360,7 +360,9 @@ def main(argv=None):
         print(f"| {name:<34} | {p:10.4f} | {100 * (p / ppl_float - 1):+8.2f}% |")
     print(f"QAT recovers {100 * rec:.1f} % of PTQ's perplexity degradation "
           f"((ppl_ptq - ppl_qat) / (ppl_ptq - ppl_float))")
-    print(f"exports kept in {out_root}" if args.out else f"(exports in {out_root})")
+    print(f"exports kept in {out_root}" if args.out else
+          "(the exports were written to a temporary directory, removed now; keep them "
+          "with --out DIR)")
     log("done")
     if not args.out:
         shutil.rmtree(out_root, ignore_errors=True)

@@ -136,8 +136,45 @@ static int64_t ceil_log2(int64_t x) {
   return r;
 }
 
+/* The common case (fewer than 16*4 vectors: every group, short rows): no
+ * cascade level completes, so only the four interleaved accumulators and
+ * the vector tail remain (adding the other levels' +0 changes nothing: an
+ * accumulator that starts at +0 never holds -0).  VW a constant here. */
+AOQ_INLINE float torch_sum_short(const float *x, int64_t n, const int VW, int half) {
+  const int64_t vn = half ? 2 * VW : VW, vs = n / vn, ilp = vs / 4;
+  float p[4][AOQ_TV_MAX];
+  for (int k = 0; k < 4; k++)
+    for (int l = 0; l < VW; l++) p[k][l] = 0.f;
+  for (int64_t i = 0; i < ilp; i++)
+    for (int k = 0; k < 4; k++) {
+      const float *src = x + (i * 4 + k) * vn;
+      if (half)
+        for (int l = 0; l < VW; l++) p[k][l] += src[l] + src[VW + l];
+      else
+        for (int l = 0; l < VW; l++) p[k][l] += src[l];
+    }
+  for (int64_t i = ilp * 4; i < vs; i++) {
+    const float *src = x + i * vn;
+    if (half)
+      for (int l = 0; l < VW; l++) p[0][l] += src[l] + src[VW + l];
+    else
+      for (int l = 0; l < VW; l++) p[0][l] += src[l];
+  }
+  for (int k = 1; k < 4; k++)
+    for (int l = 0; l < VW; l++) p[0][l] += p[k][l];
+  float r = 0.f;
+  for (int64_t k = vs * vn; k < n; k++) r += x[k];
+  for (int l = 0; l < VW; l++) r += p[0][l];
+  return r;
+}
+
 float aoq_cpu_torch_sum(const float *x, int64_t n, int vw, int half) {
   const int64_t vn = half ? 2 * vw : vw, vs = n / vn, ilp = vs / 4;
+  if (ilp < 16) { /* 16 = the smallest cascade step */
+    if (vw == 8) return torch_sum_short(x, n, 8, half);
+    if (vw == 16) return torch_sum_short(x, n, 16, half);
+    return torch_sum_short(x, n, vw, half);
+  }
   float acc[4][4][AOQ_TV_MAX]; /* cascade level, interleaved row, lane */
   memset(acc, 0, sizeof acc);
 #define AOQ_LOAD_ADD(dst, vi)                                                         \

@@ -82,6 +82,16 @@ class BuildExt(build_ext):
     """Compiles the .cu files with nvcc into objects linked into _C."""
 
     def build_extension(self, ext):
+        # torch's headers (included by shim_check.cpp) need C++17; older gcc/clang
+        # default to C++14.  Only the .cpp gets the flag (it is invalid for C).
+        orig = self.compiler._compile
+
+        def _compile(obj, src, ext_, cc_args, extra_postargs, pp_opts):
+            if src.endswith(".cpp"):
+                extra_postargs = list(extra_postargs) + ["-std=c++17"]
+            return orig(obj, src, ext_, cc_args, extra_postargs, pp_opts)
+
+        self.compiler._compile = _compile
         if WITH_CUDA:
             archs = os.environ.get("AOQ_CUDA_ARCHS", "80;90").split(";")
             objdir = os.path.join(self.build_temp, "cuda")

@@ -52,23 +52,22 @@ def _probe_torch_sum_order():
     whether its bf16/fp16 sums (two halves of a 2*vw load added first) match
     too.  torchao-mode CPU backwards then sum the group/row terms the way
     torch autograd does, so the extremes get torch's gradient bit for bit."""
-    gen = torch.Generator().manual_seed(1234)
-    n_rows = 48
-    x = torch.randn(n_rows, 1000, generator=gen) * torch.exp(
-        2 * torch.randn(n_rows, 1000, generator=gen))
-
     def matches(t, vw, half):
         ref = t.sum(-1)
         xf = t.float().contiguous()
         for r in range(t.shape[0]):
-            row = xf[r]
-            got = torch.tensor(_C.torch_sum(row.data_ptr(), row.numel(), vw, half),
-                               dtype=torch.float32)
+            got = torch.tensor(_C.torch_sum(xf[r].numpy(), vw, half), dtype=torch.float32,
+                               device="cpu")
             if not torch.equal(got.to(t.dtype), ref[r]):
                 return False
         return True
 
-    try:
+    try:  # independent of the caller's default dtype / device
+        kw = dict(dtype=torch.float32, device="cpu")
+        gen = torch.Generator(device="cpu").manual_seed(1234)
+        n_rows = 48
+        x = torch.randn(n_rows, 1000, generator=gen, **kw) * torch.exp(
+            2 * torch.randn(n_rows, 1000, generator=gen, **kw))
         with torch.no_grad():
             for vw in (8, 16, 4, 32):
                 if all(matches(x[:, :n], vw, False) for n in (37, 256, 1000)):
@@ -129,18 +128,41 @@ def _check_weight(w, group_size, mode, ste="autograd"):
 # --------------------------------------------------------------------------
 # fake (meta) implementations
 # --------------------------------------------------------------------------
+# The fakes check what the C kernels check, so that tracing (torch.compile,
+# torch.export) reports bad arguments and a mixed meta/real call (which the
+# dispatcher routes here) raises instead of returning uninitialised memory.
+def _fake_check_weight(w, group_size, name="w"):
+    torch._check(w.dtype in _FLOAT_DTYPES, lambda: f"{name} must be bf16/fp16/fp32, got {w.dtype}")
+    torch._check(w.dim() == 2, lambda: f"{name} must be 2-D [N, K], got {w.dim()}-D")
+    torch._check(group_size in GROUP_SIZES,
+                 lambda: f"group_size must be one of {GROUP_SIZES}, got {group_size}")
+    torch._check(w.shape[1] % group_size == 0,
+                 lambda: f"{name}.shape[1] must be a multiple of group_size ({group_size})")
+
+
+def _fake_check_pair(grad, t, name):
+    torch._check(grad.device == t.device and grad.dtype == t.dtype and grad.shape == t.shape,
+                 lambda: f"grad must match {name} (device, dtype, shape): got {grad.device} "
+                         f"{grad.dtype} {tuple(grad.shape)} and {t.device} {t.dtype} "
+                         f"{tuple(t.shape)}")
+
+
 @torch.library.register_fake("ao_awq::fq_weight")
 def _fq_weight_fake(w, group_size, scheme, awq, pure_ste=False, div_mode=-1):
+    _fake_check_weight(w, group_size)
     return torch.empty_like(w, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("ao_awq::fq_weight_backward")
 def _fq_weight_backward_fake(grad, w, group_size, scheme, awq, clamp_strict=False, div_mode=-1):
+    _fake_check_weight(w, group_size)
+    _fake_check_pair(grad, w, "w")
     return torch.empty_like(w, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("ao_awq::quantize")
 def _quantize_fake(w, group_size, scheme, awq, div_mode=-1):
+    _fake_check_weight(w, group_size)
     n, k = w.shape
     return (w.new_empty((n, k), dtype=torch.uint8),
             w.new_empty((n, k // group_size), dtype=torch.float32),
@@ -149,16 +171,21 @@ def _quantize_fake(w, group_size, scheme, awq, div_mode=-1):
 
 @torch.library.register_fake("ao_awq::fp8_rows")
 def _fp8_rows_fake(x, pure_ste=False, div_mode=-1):
+    torch._check(x.dtype in _FLOAT_DTYPES, lambda: f"x must be bf16/fp16/fp32, got {x.dtype}")
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("ao_awq::fp8_rows_backward")
 def _fp8_rows_backward_fake(grad, x, clamp_strict=False, div_mode=-1):
+    _fake_check_pair(grad, x, "x")
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("ao_awq::pack_awq")
 def _pack_awq_fake(codes):
+    torch._check(codes.dtype == torch.uint8 and codes.dim() == 2,
+                 lambda: f"codes must be 2-D uint8, got {codes.dim()}-D {codes.dtype}")
+    torch._check(codes.shape[0] % 8 == 0, lambda: "codes.shape[0] must be a multiple of 8")
     r, c = codes.shape
     return codes.new_empty((c, r // 8), dtype=torch.int32)
 

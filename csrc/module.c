@@ -439,18 +439,22 @@ static PyObject *py_set_torch_sum(PyObject *self, PyObject *args) {
   Py_RETURN_NONE;
 }
 
-/* torch_sum(float32 contiguous CPU tensor data_ptr, n, vw, half) -> float */
+/* torch_sum(buffer of float32, vw, half) -> float: one sum in torch's CPU order */
 static PyObject *py_torch_sum(PyObject *self, PyObject *args) {
   (void)self;
-  unsigned long long ptr;
-  long long n;
+  Py_buffer buf;
   int vw, half;
-  if (!PyArg_ParseTuple(args, "KLip:torch_sum", &ptr, &n, &vw, &half)) return NULL;
-  if (!ptr || n < 0 || vw < 4 || vw > 32 || (vw & (vw - 1))) {
-    PyErr_SetString(PyExc_ValueError, "torch_sum: bad arguments");
-    return NULL;
-  }
-  return PyFloat_FromDouble((double)aoq_cpu_torch_sum((const float *)(uintptr_t)ptr, (int64_t)n, vw, half));
+  if (!PyArg_ParseTuple(args, "y*ip:torch_sum", &buf, &vw, &half)) return NULL;
+  PyObject *res = NULL;
+  if (vw < 4 || vw > 32 || (vw & (vw - 1)))
+    PyErr_SetString(PyExc_ValueError, "torch_sum: vw must be a power of two in 4..32");
+  else if (buf.len % (Py_ssize_t)sizeof(float))
+    PyErr_SetString(PyExc_ValueError, "torch_sum: the buffer must hold float32 values");
+  else
+    res = PyFloat_FromDouble((double)aoq_cpu_torch_sum((const float *)buf.buf,
+                                                        (int64_t)(buf.len / sizeof(float)), vw, half));
+  PyBuffer_Release(&buf);
+  return res;
 }
 
 static PyMethodDef base_methods[] = {

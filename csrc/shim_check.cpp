@@ -2,6 +2,9 @@
 // PyTorch's own C-shim header next to csrc/aoq_shim.h (our plain-C
 // re-declarations) so that any drift in a signature we rely on is a compile
 // error against the installed torch, and checks the argument conventions.
+#if __cplusplus < 201703L
+#error "ao_awq_export: torch's headers need C++17 (setup.py passes -std=c++17)"
+#endif
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
 #include <type_traits>
 

@@ -340,8 +340,7 @@ def test_torch_sum_order_probe_and_emulation():
             t = (x.clamp(-6e4, 6e4) if dt == torch.float16 else x).to(dt)  # finite inputs
             want = t.sum(-1)
             for r in range(t.shape[0]):
-                row = t[r].float().contiguous()
-                got = _C.torch_sum(row.data_ptr(), n, vw, dt != torch.float32)
+                got = _C.torch_sum(t[r].float().contiguous().numpy(), vw, dt != torch.float32)
                 assert torch.equal(torch.tensor(got, dtype=torch.float32).to(dt), want[r]), (n, dt, r)
 
 
@@ -557,3 +556,39 @@ def test_import_under_inference_mode():
             "    print(aq.fake_quant_fp8_int4(torch.randn(8, 128), 128).shape)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_probe_ignores_default_dtype_and_bad_probe_input():
+    """The sum-order probe must not depend on the importer's default dtype;
+    torch_sum takes a buffer (never a raw address)."""
+    import subprocess
+    import sys
+
+    code = ("import torch; torch.set_default_dtype(torch.float64); "
+            "import ao_awq_export.ops as o; print(o.TORCH_SUM_VW, o.TORCH_SUM_HALF)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [str(aq.ops.TORCH_SUM_VW), str(aq.ops.TORCH_SUM_HALF)]
+    from ao_awq_export import _C
+
+    with pytest.raises(TypeError):
+        _C.torch_sum(4096, 8, False)
+    with pytest.raises(ValueError, match="float32"):
+        _C.torch_sum(b"abc", 8, False)
+    with pytest.raises(ValueError, match="power of two"):
+        _C.torch_sum(b"", 7, False)
+    assert _C.torch_sum(torch.ones(100).numpy(), 8, False) == 100.0
+
+
+def test_fake_kernels_check_arguments():
+    w = torch.randn(4, 128)
+    with pytest.raises(RuntimeError, match="grad must match w"):
+        torch.ops.ao_awq.fq_weight_backward(torch.empty(4, 128, device="meta"), w, 64, 1, True)
+    with pytest.raises(RuntimeError, match="grad must match x"):
+        torch.ops.ao_awq.fp8_rows_backward(torch.empty(4, 128, device="meta"), w)
+    with pytest.raises(RuntimeError, match="multiple of group_size"):
+        torch.ops.ao_awq.fq_weight(torch.empty(4, 96, device="meta"), 64, 1, True)
+    with pytest.raises(RuntimeError, match="multiple of 8"):
+        torch.ops.ao_awq.pack_awq(torch.empty(4, 128, dtype=torch.uint8, device="meta"))
+    out = torch.ops.ao_awq.fq_weight(torch.empty(4, 128, device="meta"), 64, 1, True)
+    assert out.device.type == "meta" and out.shape == (4, 128)

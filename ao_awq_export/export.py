@@ -356,6 +356,9 @@ class _Item:
 
 
 _FUSED_SETS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+# Linear layers that are MoE routers (Mixtral / Qwen-MoE / OLMoE `gate`,
+# Qwen-MoE `shared_expert_gate`, `router`) when they are plain nn.Linear
+_ROUTER_NAMES = ("gate", "router", "shared_expert_gate")
 
 
 def _classify(model: nn.Module, modules_to_not_convert, scheme, mode, group_size):
@@ -387,7 +390,9 @@ def _classify(model: nn.Module, modules_to_not_convert, scheme, mode, group_size
                                                                     mod is out_emb)
         hits = [p for p in patterns if p in name]
         used.update(hits)
-        excluded = is_head or bool(hits)
+        # MoE routers stay fp16 (SPEC 5; vLLM builds them unquantized)
+        is_router = name.rpartition(".")[2] in _ROUTER_NAMES
+        excluded = is_head or is_router or bool(hits)
         if excluded:
             if not is_head:
                 fp16_linears.append(name)

@@ -820,3 +820,29 @@ def test_cli_checks_arguments_before_loading(tmp_path):
                            capture_output=True, text=True, env=env, cwd=REPO, timeout=180)
         assert r.returncode == 1 and msg in r.stderr and "does_not_exist" not in r.stderr, \
             r.stderr
+
+
+def test_moe_routers_stay_fp16(outdir):
+    """transformers 4.x-style MoE blocks: per-expert Linears are quantized,
+    the router Linears (`gate`, `shared_expert_gate`) stay fp16 (SPEC 5)."""
+    blk = nn.Module()
+    blk.add_module("gate", nn.Linear(64, 8, bias=False))
+    blk.add_module("shared_expert_gate", nn.Linear(64, 1, bias=False))  # N=1: never quantizable
+    experts = nn.ModuleList()
+    for _ in range(2):
+        e = nn.Module()
+        e.add_module("gate_proj", nn.Linear(64, 32))
+        e.add_module("up_proj", nn.Linear(64, 32))
+        experts.append(e)
+    blk.add_module("experts", experts)
+    m = nn.Module()
+    m.add_module("mlp", blk)
+    rep = export_awq(m, outdir, group_size=32, progress=False)
+    assert sorted(l.name for l in rep.layers) == [f"mlp.experts.{i}.{p}" for i in (0, 1)
+                                                   for p in ("gate_proj", "up_proj")]
+    assert rep.modules_to_not_convert == ["mlp.gate", "mlp.shared_expert_gate"]
+    t, _ = read_export(outdir)
+    assert t["mlp.gate.weight"].dtype == torch.float16 and "mlp.gate.qweight" not in t
+    cfg = json.load(open(os.path.join(outdir, "config.json")))
+    assert cfg["quantization_config"]["modules_to_not_convert"] == ["mlp.gate",
+                                                                   "mlp.shared_expert_gate"]

@@ -45,6 +45,15 @@ def _clamp_backward_is_strict() -> bool:
 CLAMP_STRICT = _clamp_backward_is_strict()
 
 
+def _as_buffer(t):
+    """A bytes-like view of a contiguous CPU tensor (no numpy needed)."""
+    import ctypes
+
+    buf = (ctypes.c_char * (t.numel() * t.element_size())).from_address(t.data_ptr())
+    buf.keep = t  # the tensor lives as long as the view
+    return buf
+
+
 def _probe_torch_sum_order():
     """(vw, half_ok): the float lanes of the running torch's CPU sum kernel,
     found by comparing torch.sum with the C emulation of ATen's cascade_sum
@@ -56,7 +65,7 @@ def _probe_torch_sum_order():
         ref = t.sum(-1)
         xf = t.float().contiguous()
         for r in range(t.shape[0]):
-            got = torch.tensor(_C.torch_sum(xf[r].numpy(), vw, half), dtype=torch.float32,
+            got = torch.tensor(_C.torch_sum(_as_buffer(xf[r]), vw, half), dtype=torch.float32,
                                device="cpu")
             if not torch.equal(got.to(t.dtype), ref[r]):
                 return False

@@ -460,6 +460,16 @@ def swap_ours_to_torchao_qat(model: nn.Module) -> nn.Module:
         raise ValueError("swap_ours_to_torchao_qat: torchao has no equivalent for mode 'awq' "
                          "(or fp8 activations with int4_asym) in: " + ", ".join(bad[:10]))
 
+    odd = [n or "<root>" for n, m in model.named_modules()
+           if isinstance(m, QATLinear) and m.scheme == "fp8_int4" and m.group_size != 128]
+    if odd:
+        import warnings
+
+        warnings.warn("swap_ours_to_torchao_qat: torchao's Float8DynamicActivationInt4WeightConfig "
+                      "converts with group size 128, but these fp8_int4 layers trained with "
+                      f"another one: {', '.join(odd[:10])}; torchao's convert step would not "
+                      "reproduce their fake quant", stacklevel=2)
+
     def make(name, mod):
         if not isinstance(mod, QATLinear):
             return None

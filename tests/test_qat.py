@@ -448,6 +448,12 @@ def test_swap_back_refuses_awq_mode():
     quantize_(m, AWQQATConfig(group_size=64), filter_fn=head_filter)
     with pytest.raises(ValueError, match="mode 'awq'"):
         swap_ours_to_torchao_qat(m)
+    # fp8_int4 with a group size torchao's fp8-int4 convert does not use: warned
+    m = MLP()
+    quantize_(m, AWQQATConfig(scheme="fp8_int4", mode="torchao", group_size=64),
+              filter_fn=head_filter)
+    with pytest.warns(UserWarning, match="group size 128"):
+        swap_ours_to_torchao_qat(m)
 
 
 def test_swap_keeps_shared_modules_shared():

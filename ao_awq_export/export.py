@@ -563,7 +563,32 @@ def _storage_key(t: torch.Tensor):
         return ("id", id(t))
 
 
-def _plan(model, quant, report, strict, threshold, verify, tie_ok):
+# Model types whose AWQ checkpoints carry `<mlp>.<act>.scales` (AutoAWQ's
+# ScaledActivation; transformers' AWQ_SCALES_MAPPINGS wraps the activation and
+# leaves it uninitialised, NaN logits, when the tensor is missing): ones.
+_SCALED_ACT = {
+    "starcoder2": ("act", "c_fc"), "RefinedWebModel": ("act", "dense_h_to_4h"),
+    "falcon": ("act", "dense_h_to_4h"), "mpt": ("act", "up_proj"), "gptj": ("act", "fc_in"),
+    "gpt_neox": ("act", "dense_h_to_4h"), "gpt_bigcode": ("act", "c_fc"),
+    "bloom": ("gelu_impl", "dense_h_to_4h"),
+}
+
+
+def _scaled_act_items(model, model_type, have):
+    if model_type not in _SCALED_ACT:
+        return []
+    act, before = _SCALED_ACT[model_type]
+    items = []
+    for name, mod in model.named_modules():
+        lin = getattr(mod, before, None)
+        if act in mod._modules and isinstance(lin, nn.Module) and hasattr(lin, "out_features"):
+            key = f"{name}.{act}.scales" if name else f"{act}.scales"
+            if key not in have:
+                items.append(_plain_item(key, torch.ones(lin.out_features)))
+    return items
+
+
+def _plan(model, quant, report, strict, threshold, verify, tie_ok, model_type=None):
     sd = model.state_dict(keep_vars=True)
     owner = {}
     for qn in quant:
@@ -590,7 +615,7 @@ def _plan(model, quant, report, strict, threshold, verify, tie_ok):
             continue
         seen.setdefault(sk, key)
         items.append(_plain_item(key, t))
-    return items
+    return items + _scaled_act_items(model, model_type, sd)
 
 
 def _check_checkpoint_names(model):
@@ -611,12 +636,21 @@ def _check_checkpoint_names(model):
     except Exception:  # noqa: BLE001  (a model transformers cannot map: nothing to compare)
         return
     changed = sorted(set(sd) - set(reverted))
-    if changed:
-        saved = sorted(set(reverted) - set(sd))
-        raise ValueError(
-            f"{changed[0]}: transformers stores this model's weights in the checkpoint "
-            f"under other names and shapes (e.g. {saved[:2]}; fused MoE experts), which "
-            f"the AWQ export does not handle yet ({len(changed)} tensors affected)")
+    if not changed:
+        return
+    saved = sorted(set(reverted) - set(sd))
+    shapes = lambda d, ks: sorted(tuple(d[k].shape) for k in ks)  # noqa: E731
+    if len(changed) == len(saved) and shapes(sd, changed) == shapes(reverted, saved):
+        # names only (e.g. GPT-NeoX embed_out, VLM prefixes): transformers loads the module
+        # names too; say what the original checkpoints call them
+        log.warning("transformers names %d tensors differently in checkpoints (e.g. %s -> %s); "
+                    "the export keeps the module names, which transformers loads", len(changed),
+                    changed[0], saved[0])
+        return
+    raise ValueError(
+        f"{changed[0]}: transformers stores this model's weights in the checkpoint "
+        f"under other names and shapes (e.g. {saved[:2]}; fused MoE experts), which "
+        f"the AWQ export does not handle yet ({len(changed)} tensors affected)")
 
 
 def _check_fused_weights(model, modules_to_not_convert):
@@ -813,7 +847,8 @@ def export_awq(model: nn.Module, out_dir, *, scheme: str = "int4_asym", mode: st
                           modules_to_not_convert=fp16_linears or None)
     handle = None
     try:
-        items = _plan(model, quant, report, strict, sqnr_threshold, verify, tie_ok)
+        items = _plan(model, quant, report, strict, sqnr_threshold, verify, tie_ok,
+                      (cfg or {}).get("model_type"))
         # an excluded FakeQuantLinear keeps the weight it trained with
         fq_excluded = {f"{n}.weight": m for n, m in model.named_modules()
                        if isinstance(m, FakeQuantLinear) and n not in quant}

@@ -279,11 +279,12 @@ class AWQInt4Linear(nn.Module):
     def _apply(self, fn, recurse=True):
         # .half() / .bfloat16() / .to(dtype) change the compute dtype; the
         # integer buffers and the exact fp16 scales only move between devices
-        scales = self.scales
-        probe = fn(torch.empty(0, dtype=self.weight_dtype, device=scales.device))
+        keep = {n: getattr(self, n) for n in ("qweight", "qzeros", "scales")}
+        probe = fn(torch.empty(0, dtype=self.weight_dtype, device=keep["scales"].device))
         super()._apply(fn, recurse)
-        if self.scales.dtype != torch.float16:
-            self.scales = scales.to(device=self.scales.device)
+        for n, t in keep.items():  # .half() / .type(): the buffers keep their dtype and values
+            if getattr(self, n).dtype != t.dtype:
+                setattr(self, n, t.to(device=getattr(self, n).device))
         if isinstance(probe, torch.Tensor) and probe.is_floating_point():
             self.weight_dtype = probe.dtype
         return self

@@ -846,3 +846,53 @@ def test_moe_routers_stay_fp16(outdir):
     cfg = json.load(open(os.path.join(outdir, "config.json")))
     assert cfg["quantization_config"]["modules_to_not_convert"] == ["mlp.gate",
                                                                    "mlp.shared_expert_gate"]
+
+
+@pytest.mark.parametrize("arch", ["gpt_neox", "bloom"])
+def test_transformers_gptqmodel_scaled_activation_archs(tmp_path, arch):
+    """GPT-NeoX (checkpoint names differ from module names: embed_out) and
+    Bloom are exported, with the ScaledActivation `scales` transformers'
+    AWQ loader expects for these model types (else NaN logits)."""
+    _need("transformers")
+    _need("gptqmodel")
+    r = _run(f"""
+        import torch
+        import transformers as T
+        from transformers import AutoModelForCausalLM, AwqConfig
+        from safetensors.torch import load_file
+        from ao_awq_export.export import export_awq
+        torch.manual_seed(0)
+        if {arch!r} == "gpt_neox":
+            m = T.GPTNeoXForCausalLM(T.GPTNeoXConfig(vocab_size=256, hidden_size=64,
+                intermediate_size=128, num_hidden_layers=2, num_attention_heads=2))
+            act = "model.layers.0.mlp.act.scales" if hasattr(m, "model") else \\
+                  "gpt_neox.layers.0.mlp.act.scales"
+        else:
+            m = T.BloomForCausalLM(T.BloomConfig(vocab_size=256, hidden_size=64, n_layer=2,
+                                                 n_head=2))
+            act = "transformer.h.0.mlp.gelu_impl.scales"
+        m = m.half().eval()
+        out = {str(tmp_path / 'awq')!r}
+        rep = export_awq(m, out, group_size=32, progress=False)
+        sd = load_file(out + "/model.safetensors")
+        scales = [k for k in sd if k.endswith((".act.scales", ".gelu_impl.scales"))]
+        assert len(scales) == 2 and all(torch.equal(sd[k], torch.ones_like(sd[k])) for k in scales), scales
+        ids = torch.randint(0, 256, (2, 12))
+        with torch.no_grad():
+            for n, mod in m.named_modules():  # the reference: the RTN weights
+                if isinstance(mod, torch.nn.Linear) and "lm_head" not in n and "embed_out" not in n:
+                    from ao_awq_export import fake_quant_int4_asym
+                    mod.weight.copy_(fake_quant_int4_asym(mod.weight, 32, mode="awq"))
+            ref = m(ids).logits.float()
+        q = AutoModelForCausalLM.from_pretrained(
+            out, device_map="cpu", dtype=torch.float16,
+            quantization_config=AwqConfig(bits=4, group_size=32, backend="torch_awq"))
+        with torch.no_grad():
+            got = q(ids).logits.float()
+        print("RESULT", len(rep.layers), float((got - ref).abs().max()), float(ref.abs().max()))
+        """, timeout=300)
+    line = [l for l in r.stdout.splitlines() if l.startswith("RESULT")]
+    assert line, r.stdout[-3000:] + r.stderr[-3000:]
+    _, nl, diff, scale = line[0].split()
+    assert int(nl) == 8 and float(diff) == float(diff)  # not NaN
+    assert float(diff) <= 2e-3 * max(1.0, float(scale)), line

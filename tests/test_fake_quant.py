@@ -332,7 +332,7 @@ def test_torch_sum_order_probe_and_emulation():
     if vw == 0:
         pytest.skip("this torch's CPU sum order was not recognised (canonical order kept)")
     gen = torch.Generator().manual_seed(5)
-    for n in (32, 64, 128, 256, 384, 1000, 4096, 28672, 70000):
+    for n in (1, 3, 5, 7, 13, 32, 64, 128, 256, 384, 1000, 4096, 28672, 70000):
         x = torch.randn(6, n, generator=gen) * torch.exp(3 * torch.randn(6, n, generator=gen))
         for dt in DTYPES:
             if dt != torch.float32 and not aq.ops.TORCH_SUM_HALF:

@@ -509,7 +509,7 @@ def test_demo_quick(tmp_path, preset):
 # --------------------------------------------------------------------------
 # review fixes: dtype casts after convert, empty batches, argument checks
 # --------------------------------------------------------------------------
-@pytest.mark.parametrize("cast", ["bfloat16", "half", "to"])
+@pytest.mark.parametrize("cast", ["bfloat16", "half", "to", "type"])
 def test_converted_module_follows_dtype_casts(cast):
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(128, 64))
@@ -521,6 +521,8 @@ def test_converted_module_follows_dtype_casts(cast):
     dt = torch.float16 if cast == "half" else torch.bfloat16
     if cast == "to":
         m.to(dt)
+    elif cast == "type":
+        m.type(dt)  # casts every buffer, integer ones included
     else:
         getattr(m, cast)()
     # the exact fp16 scales and the integer words are untouched; compute follows the cast

@@ -170,6 +170,14 @@ AOQ_INLINE float torch_sum_short(const float *x, int64_t n, const int VW, int ha
 
 float aoq_cpu_torch_sum(const float *x, int64_t n, int vw, int half) {
   const int64_t vn = half ? 2 * vw : vw, vs = n / vn, ilp = vs / 4;
+  if (n < vn) { /* shorter than one vector: torch's scalar row_sum, 4 interleaved sums */
+    float p[4] = {0.f, 0.f, 0.f, 0.f};
+    const int64_t q = n / 4;
+    for (int64_t i = 0; i < q; i++)
+      for (int k = 0; k < 4; k++) p[k] += x[i * 4 + k];
+    for (int64_t i = q * 4; i < n; i++) p[0] += x[i];
+    return ((p[0] + p[1]) + p[2]) + p[3];
+  }
   if (ilp < 16) { /* 16 = the smallest cascade step */
     if (vw == 8) return torch_sum_short(x, n, 8, half);
     if (vw == 16) return torch_sum_short(x, n, 16, half);

@@ -593,3 +593,27 @@ def test_fake_kernels_check_arguments():
         torch.ops.ao_awq.pack_awq(torch.empty(4, 128, dtype=torch.uint8, device="meta"))
     out = torch.ops.ao_awq.fq_weight(torch.empty(4, 128, device="meta"), 64, 1, True)
     assert out.device.type == "meta" and out.shape == (4, 128)
+
+
+def test_grad_single_long_row_two_pass_reduction():
+    """A 1-row weight / activation with K >= 32768: torch splits that sum
+    across its threads (two-pass reduction); the kernel follows it."""
+    if not torch_order(torch.float32):
+        pytest.skip("torch's CPU sum order not recognised")
+    rows = Float8FakeQuantizer(Float8FakeQuantizeConfig(dtype=torch.float8_e4m3fn,
+                                                        granularity=PerRow()))
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            for K, seed in ((40960, 0), (65536, 1)):
+                gen = torch.Generator().manual_seed(seed)
+                w = torch.randn(1, K, generator=gen)
+                gout = torch.randn(1, K, generator=gen) * 1e3
+                for fn, ref_fn in ((lambda t: aq.fake_quant_fp8_int4(t, 128),
+                                    lambda t: torchao_fq(t, 128, "fp8_int4")),
+                                   (aq.fake_quant_fp8_rows, rows)):
+                    ours, theirs = _grads(fn, w, gout), _grads(ref_fn, w, gout)
+                    assert torch.equal(bits(ours), bits(theirs)), (threads, K)
+    finally:
+        torch.set_num_threads(old)

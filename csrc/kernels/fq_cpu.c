@@ -354,14 +354,37 @@ int aoq_cpu_fq_fwd(const void *w, void *out, uint8_t *codes, float *scales, floa
 /* as fp32, writes gx (values of D) into gw.  Also the whole backward   */
 /* of the fp8 activation fake quant.  tmp: K floats.                    */
 /* ------------------------------------------------------------------ */
-AOQ_INLINE float row_sum(const float *v, int64_t K, int64_t g, int tv) {
-  if (tv) return aoq_cpu_torch_sum(v, K, tv, 0); /* torchao sums this row in fp32 */
+/* torch's two-pass reduction: a sum whose output is one number, over at
+ * least GRAIN_SIZE (32768) elements, with tp > 1 threads: at::parallel_for
+ * cuts it into min(tp, ceil(K / 32768)) chunks of ceil(K / chunks), each
+ * summed as usual into its thread's slot of a tp-long buffer of zeros, and
+ * the buffer is then summed the same way. */
+static float torch_sum_two_pass(const float *v, int64_t K, int tv, int tp) {
+  const int64_t grain = 32768;
+  int64_t nc = (K + grain - 1) / grain;
+  if (nc > tp) nc = tp;
+  const int64_t chunk = (K + nc - 1) / nc;
+  float part[256];
+  for (int t = 0; t < tp; t++) part[t] = 0.f;
+  for (int64_t c = 0; c < nc; c++) {
+    const int64_t b = c * chunk, e = b + chunk < K ? b + chunk : K;
+    if (b < e) part[c] = 0.f + aoq_cpu_torch_sum(v + b, e - b, tv, 0);
+  }
+  return aoq_cpu_torch_sum(part, tp, tv, 0);
+}
+
+/* tp: the torch thread count when this row is the op's only row, else 0 */
+AOQ_INLINE float row_sum(const float *v, int64_t K, int64_t g, int tv, int tp) {
+  if (tv) { /* torchao sums this row in fp32 */
+    if (tp > 1 && tp <= 256 && K >= 32768) return torch_sum_two_pass(v, K, tv, tp);
+    return aoq_cpu_torch_sum(v, K, tv, 0);
+  }
   return g > 0 ? row_sum_grouped(v, K, g) : row_sum_strided(v, K);
 }
 
 /* g: group size of the weight row (sum order), 0 for an activation row */
 AOQ_INLINE void fp8_row_bwd(const float *x, const float *gh, float *gw, float *tmp, int64_t K, int64_t g,
-                        int dt, int cs, int st, int tv) {
+                        int dt, int cs, int st, int tv, int tp) {
   float a0;
   float s_row = aoq_fp8_row_scale(x, K, dt, cs, &a0);
   if (s_row == 0.f) { /* scale underflow (fp16): forward gave 0, torchao NaN */
@@ -374,7 +397,7 @@ AOQ_INLINE void fp8_row_bwd(const float *x, const float *gh, float *gw, float *t
     float t = aoq_clamp(x[k] / s_row, -AOQ_FP8_MAX, AOQ_FP8_MAX);
     tmp[k] = gh[k] * aoq_fp8_e4m3_round(t);
   }
-  float sum_a = row_sum(tmp, K, g, tv);
+  float sum_a = row_sum(tmp, K, g, tv, tp);
   #pragma omp simd
   for (int64_t k = 0; k < K; k++) {
     float t = x[k] / s_row;
@@ -384,7 +407,7 @@ AOQ_INLINE void fp8_row_bwd(const float *x, const float *gh, float *gw, float *t
     gw[k] = gt / s_row;
     tmp[k] = -gt * (t / s_row);
   }
-  float sum_b = row_sum(tmp, K, g, tv);
+  float sum_b = row_sum(tmp, K, g, tv, tp);
   float g_sD = aoq_round_to(sum_a + sum_b, dt);
   float g_a = aoq_round_to(aoq_div_scalar(g_sD, AOQ_FP8_MAX, cs), dt);
   if (!aoq_ge(a0, aoq_eps_in(1e-12f, dt), st)) g_a = 0.f;
@@ -486,7 +509,7 @@ AOQ_INLINE void asym_group_bwd(const float *x, const float *G, float *gx, float 
 }
 
 AOQ_INLINE void fq_bwd_rows(const void *grad, const void *w, void *gw, int64_t N, int64_t K,
-                            int64_t g, int dt, int scheme, int awq, int cs, int st, float *b) {
+                            int64_t g, int dt, int scheme, int awq, int cs, int st, int tp, float *b) {
   float *x = b, *G = b + K, *wd = b + 2 * K, *gg = b + 3 * K, *tmp = b + 4 * K;
   const int tv = (!awq && !cs) ? g_torch_vw : 0; /* torchao mode, torch's CPU rules */
 #pragma omp for schedule(static)
@@ -499,7 +522,7 @@ AOQ_INLINE void fq_bwd_rows(const void *grad, const void *w, void *gw, int64_t N
       for (int64_t k = 0; k < K; k++) wd[k] = aoq_fp8_rt(x[k], s_row, dt);
       for (int64_t j = 0; j < K / g; j++)
         sym_group_bwd(wd + j * g, G + j * g, gg + j * g, tmp, g, dt, awq, st, tv);
-      fp8_row_bwd(x, gg, wd, tmp, K, g, dt, cs, st, tv); /* wd := gw (D values) */
+      fp8_row_bwd(x, gg, wd, tmp, K, g, dt, cs, st, tv, N == 1 ? tp : 0); /* wd := gw (D) */
       store_row(gw, n * K, wd, K, dt);
     } else {
       for (int64_t j = 0; j < K / g; j++)
@@ -511,23 +534,24 @@ AOQ_INLINE void fq_bwd_rows(const void *grad, const void *w, void *gw, int64_t N
 
 __attribute__((target_clones("avx2", "default"))) static void fq_bwd_dispatch(
     const void *grad, const void *w, void *gw, int64_t N, int64_t K, int64_t g, int dt, int scheme,
-    int awq, int cs, int st, float *b) {
+    int awq, int cs, int st, int tp, float *b) {
   if (dt == AOQ_BF16)
-    fq_bwd_rows(grad, w, gw, N, K, g, AOQ_BF16, scheme, awq, cs, st, b);
+    fq_bwd_rows(grad, w, gw, N, K, g, AOQ_BF16, scheme, awq, cs, st, tp, b);
   else if (dt == AOQ_F16)
-    fq_bwd_rows(grad, w, gw, N, K, g, AOQ_F16, scheme, awq, cs, st, b);
+    fq_bwd_rows(grad, w, gw, N, K, g, AOQ_F16, scheme, awq, cs, st, tp, b);
   else
-    fq_bwd_rows(grad, w, gw, N, K, g, AOQ_F32, scheme, awq, cs, st, b);
+    fq_bwd_rows(grad, w, gw, N, K, g, AOQ_F32, scheme, awq, cs, st, tp, b);
 }
 
 int aoq_cpu_fq_bwd(const void *grad, const void *w, void *gw, int64_t N, int64_t K, int64_t g,
                    int dt, int scheme, int awq, int cs, int st) {
   if (N < 0 || K <= 0 || g <= 0 || K % g) return AOQ_ERR_ARG;
   int nt;
+  const int tp = n_threads(); /* torch's intra-op threads (the same OpenMP runtime) */
   float *buf = scratch(5 * K, N, &nt);
   if (!buf) return AOQ_ERR_NOMEM;
 #pragma omp parallel num_threads(nt)
-  fq_bwd_dispatch(grad, w, gw, N, K, g, dt, scheme, awq, cs, st, buf + (int64_t)thread_id() * 5 * K);
+  fq_bwd_dispatch(grad, w, gw, N, K, g, dt, scheme, awq, cs, st, tp, buf + (int64_t)thread_id() * 5 * K);
   free(buf);
   return AOQ_OK;
 }
@@ -536,14 +560,14 @@ int aoq_cpu_fq_bwd(const void *grad, const void *w, void *gw, int64_t N, int64_t
 /* fp8 per-row activation fake quant                                    */
 /* ------------------------------------------------------------------ */
 AOQ_INLINE void rows_rows(const void *grad, const void *x, void *out, int64_t R, int64_t K, int dt,
-                          int cs, int st, float *b) {
+                          int cs, int st, int tp, float *b) {
   float *xr = b, *G = b + K, *o = b + 2 * K, *tmp = b + 3 * K;
 #pragma omp for schedule(static)
   for (int64_t r = 0; r < R; r++) {
     load_row(x, r * K, xr, K, dt);
     if (grad) {
       load_row(grad, r * K, G, K, dt);
-      fp8_row_bwd(xr, G, o, tmp, K, 0, dt, cs, st, cs ? 0 : g_torch_vw);
+      fp8_row_bwd(xr, G, o, tmp, K, 0, dt, cs, st, cs ? 0 : g_torch_vw, R == 1 ? tp : 0);
     } else {
       float s = aoq_fp8_row_scale(xr, K, dt, cs, NULL);
 #pragma omp simd
@@ -554,24 +578,25 @@ AOQ_INLINE void rows_rows(const void *grad, const void *x, void *out, int64_t R,
 }
 
 __attribute__((target_clones("avx2", "default"))) static void rows_dispatch(
-    const void *grad, const void *x, void *out, int64_t R, int64_t K, int dt, int cs, int st,
+    const void *grad, const void *x, void *out, int64_t R, int64_t K, int dt, int cs, int st, int tp,
     float *b) {
   if (dt == AOQ_BF16)
-    rows_rows(grad, x, out, R, K, AOQ_BF16, cs, st, b);
+    rows_rows(grad, x, out, R, K, AOQ_BF16, cs, st, tp, b);
   else if (dt == AOQ_F16)
-    rows_rows(grad, x, out, R, K, AOQ_F16, cs, st, b);
+    rows_rows(grad, x, out, R, K, AOQ_F16, cs, st, tp, b);
   else
-    rows_rows(grad, x, out, R, K, AOQ_F32, cs, st, b);
+    rows_rows(grad, x, out, R, K, AOQ_F32, cs, st, tp, b);
 }
 
 static int rows_run(const void *grad, const void *x, void *out, int64_t R, int64_t K, int dt, int cs,
                     int st) {
   if (R < 0 || K <= 0) return AOQ_ERR_ARG;
   int nt;
+  const int tp = n_threads(); /* torch's intra-op threads */
   float *buf = scratch(4 * K, R, &nt);
   if (!buf) return AOQ_ERR_NOMEM;
 #pragma omp parallel num_threads(nt)
-  rows_dispatch(grad, x, out, R, K, dt, cs, st, buf + (int64_t)thread_id() * 4 * K);
+  rows_dispatch(grad, x, out, R, K, dt, cs, st, tp, buf + (int64_t)thread_id() * 4 * K);
   free(buf);
   return AOQ_OK;
 }

@@ -654,21 +654,29 @@ def _check_checkpoint_names(model):
 
 
 def _check_fused_weights(model, modules_to_not_convert):
-    """Weights of 3+ dims outside convolutions are fused expert stacks (e.g.
+    """Weights of 3+ dims in expert modules are fused expert stacks (e.g.
     gpt-oss `experts.gate_up_proj` [E, K, N]): the export would write them
-    in fp16, unquantized; refuse unless modules_to_not_convert names them."""
+    in fp16, unquantized; refuse unless modules_to_not_convert names them.
+    Other 3+-dim weights outside convolutions (e.g. RecurrentGemma's block-
+    diagonal gates) are written in fp16 with a warning."""
     patterns = [p.strip() for p in (modules_to_not_convert or [])]
     convs = (nn.modules.conv._ConvNd,)
     for mname, mod in model.named_modules():
         if isinstance(mod, convs):
             continue
+        expert = re.search(r"expert|moe", type(mod).__name__, re.IGNORECASE) is not None
         for pname, p in mod.named_parameters(recurse=False):
             full = f"{mname}.{pname}" if mname else pname
-            if p.dim() >= 3 and p.is_floating_point() and not any(q in full for q in patterns):
-                raise ValueError(
-                    f"{full}: a {p.dim()}-D weight {tuple(p.shape)} outside a convolution "
-                    "(fused MoE experts?) cannot be written as AWQ Linear layers; it would "
-                    "stay unquantized in fp16. Add it to modules_to_not_convert to accept that")
+            if p.dim() < 3 or not p.is_floating_point() or any(q in full for q in patterns):
+                continue
+            if not expert:
+                log.warning("%s: %d-D weight %s written in fp16, unquantized", full, p.dim(),
+                            tuple(p.shape))
+                continue
+            raise ValueError(
+                f"{full}: a {p.dim()}-D weight {tuple(p.shape)} of {type(mod).__name__} (fused "
+                "MoE experts) cannot be written as AWQ Linear layers; it would stay "
+                "unquantized in fp16. Add it to modules_to_not_convert to accept that")
 
 
 def _fake_quant_fp16(mod: FakeQuantLinear):

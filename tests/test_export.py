@@ -694,7 +694,10 @@ def test_refuses_models_with_nothing_or_unsupported_to_quantize(tmp_path):
         with pytest.raises(ValueError, match="fused MoE experts"):
             export_awq(moe, out, group_size=32, progress=False)
     # fused expert stacks stored as such (gpt-oss style): refused unless excluded
-    experts = nn.Module()
+    class GptOssExperts(nn.Module):
+        pass
+
+    experts = GptOssExperts()
     experts.gate_up_proj = nn.Parameter(torch.randn(4, 64, 128))
     m = nn.Module()
     m.add_module("q", nn.Linear(64, 16))
@@ -706,6 +709,16 @@ def test_refuses_models_with_nothing_or_unsupported_to_quantize(tmp_path):
     export_awq(m, out, group_size=32, progress=False, modules_to_not_convert=["experts"])
     t, _ = read_export(out)
     assert t["experts.gate_up_proj"].dtype == torch.float16 and "conv.weight" in t
+    # a 3-D weight outside expert modules (RecurrentGemma's gates): written, not refused
+    gates = nn.Module()
+    gates.input_gate_weight = nn.Parameter(torch.randn(4, 8, 8))
+    m2 = nn.Module()
+    m2.add_module("q", nn.Linear(64, 16))
+    m2.add_module("rg_lru", gates)
+    export_awq(m2, str(tmp_path / "o2"), group_size=32, progress=False)
+    t, _ = read_export(str(tmp_path / "o2"))
+    assert t["rg_lru.input_gate_weight"].shape == (4, 8, 8)
+    shutil.rmtree(tmp_path / "o2")
 
 
 def test_partial_exclusion_of_a_fused_layer_and_patterns(tmp_path, caplog):

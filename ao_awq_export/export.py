@@ -361,11 +361,16 @@ _FUSED_SETS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 _ROUTER_NAMES = ("gate", "router", "shared_expert_gate")
 
 
-def _classify(model: nn.Module, modules_to_not_convert, scheme, mode, group_size):
-    """Returns (quant: {module name: spec dict}, fp16_linears: [names])."""
+def _patterns(modules_to_not_convert):
     patterns = [p.strip() for p in (modules_to_not_convert or [])]
     if any(not p for p in patterns):
         raise ValueError("modules_to_not_convert: empty pattern (it would match every layer)")
+    return patterns
+
+
+def _classify(model: nn.Module, modules_to_not_convert, scheme, mode, group_size):
+    """Returns (quant: {module name: spec dict}, fp16_linears: [names])."""
+    patterns = _patterns(modules_to_not_convert)
     out_emb = None
     if hasattr(model, "get_output_embeddings"):
         try:
@@ -653,13 +658,12 @@ def _check_checkpoint_names(model):
         f"the AWQ export does not handle yet ({len(changed)} tensors affected)")
 
 
-def _check_fused_weights(model, modules_to_not_convert):
+def _check_fused_weights(model, patterns):
     """Weights of 3+ dims in expert modules are fused expert stacks (e.g.
     gpt-oss `experts.gate_up_proj` [E, K, N]): the export would write them
     in fp16, unquantized; refuse unless modules_to_not_convert names them.
     Other 3+-dim weights outside convolutions (e.g. RecurrentGemma's block-
     diagonal gates) are written in fp16 with a warning."""
-    patterns = [p.strip() for p in (modules_to_not_convert or [])]
     convs = (nn.modules.conv._ConvNd,)
     for mname, mod in model.named_modules():
         if isinstance(mod, convs):
@@ -845,7 +849,7 @@ def export_awq(model: nn.Module, out_dir, *, scheme: str = "int4_asym", mode: st
         raise ValueError("the model has no Linear layer to quantize (none outside lm_head and "
                          "modules_to_not_convert): an AWQ checkpoint needs at least one")
     _check_checkpoint_names(model)
-    _check_fused_weights(model, modules_to_not_convert)
+    _check_fused_weights(model, _patterns(modules_to_not_convert))
     cfg, gen = _config_dict(model, hf_config)
     tie_ok = not (cfg is not None and cfg.get("tie_word_embeddings") is False)
     G = next(iter(quant.values()))["group_size"] if quant else group_size

@@ -579,6 +579,11 @@ def test_probe_ignores_default_dtype_and_bad_probe_input():
     with pytest.raises(ValueError, match="power of two"):
         _C.torch_sum(b"", 7, False)
     assert _C.torch_sum(aq.ops._as_buffer(torch.ones(100)), 8, False) == 100.0
+    for bad in (7, 2, 64, -8):
+        with pytest.raises(ValueError, match="power of two"):
+            _C.set_torch_sum(bad, True)
+    with pytest.raises(TypeError):
+        _C.set_torch_sum("8", True)
 
 
 def test_fake_kernels_check_arguments():

@@ -136,36 +136,40 @@ static int64_t ceil_log2(int64_t x) {
   return r;
 }
 
-/* The common case (fewer than 16*4 vectors: every group, short rows): no
- * cascade level completes, so only the four interleaved accumulators and
- * the vector tail remain (adding the other levels' +0 changes nothing: an
- * accumulator that starts at +0 never holds -0).  VW a constant here. */
-AOQ_INLINE float torch_sum_short(const float *x, int64_t n, const int VW, int half) {
-  const int64_t vn = half ? 2 * VW : VW, vs = n / vn, ilp = vs / 4;
-  float p[4][AOQ_TV_MAX];
-  for (int k = 0; k < 4; k++)
-    for (int l = 0; l < VW; l++) p[k][l] = 0.f;
-  for (int64_t i = 0; i < ilp; i++)
-    for (int k = 0; k < 4; k++) {
-      const float *src = x + (i * 4 + k) * vn;
-      if (half)
-        for (int l = 0; l < VW; l++) p[k][l] += src[l] + src[VW + l];
-      else
-        for (int l = 0; l < VW; l++) p[k][l] += src[l];
-    }
-  for (int64_t i = ilp * 4; i < vs; i++) {
-    const float *src = x + i * vn;
-    if (half)
-      for (int l = 0; l < VW; l++) p[0][l] += src[l] + src[VW + l];
-    else
-      for (int l = 0; l < VW; l++) p[0][l] += src[l];
-  }
+/* dst[l] += one loaded vector (bf16/fp16: the two halves of 2*VW added first) */
+AOQ_INLINE void tv_load_add(float *dst, const float *src, const int VW, int half) {
+  if (half)
+    for (int l = 0; l < VW; l++) dst[l] += src[l] + src[VW + l];
+  else
+    for (int l = 0; l < VW; l++) dst[l] += src[l];
+}
+
+/* after the interleaved accumulators p[0..3] (ilp steps): the vector tail
+ * into p[0], p[1..3] folded into it, the scalar tail, the lanes in order */
+AOQ_INLINE float tv_finish(const float *x, int64_t n, const int VW, int half,
+                           float p[4][AOQ_TV_MAX], int64_t ilp) {
+  const int64_t vn = half ? 2 * VW : VW, vs = n / vn;
+  for (int64_t i = ilp * 4; i < vs; i++) tv_load_add(p[0], x + i * vn, VW, half);
   for (int k = 1; k < 4; k++)
     for (int l = 0; l < VW; l++) p[0][l] += p[k][l];
   float r = 0.f;
   for (int64_t k = vs * vn; k < n; k++) r += x[k];
   for (int l = 0; l < VW; l++) r += p[0][l];
   return r;
+}
+
+/* The common case (fewer than 16*4 vectors: every group, short rows): no
+ * cascade level completes, so only the four interleaved accumulators remain
+ * (adding the other levels' +0 changes nothing: an accumulator that starts
+ * at +0 never holds -0).  VW a constant here. */
+AOQ_INLINE float torch_sum_short(const float *x, int64_t n, const int VW, int half) {
+  const int64_t vn = half ? 2 * VW : VW, ilp = n / vn / 4;
+  float p[4][AOQ_TV_MAX];
+  for (int k = 0; k < 4; k++)
+    for (int l = 0; l < VW; l++) p[k][l] = 0.f;
+  for (int64_t i = 0; i < ilp; i++)
+    for (int k = 0; k < 4; k++) tv_load_add(p[k], x + (i * 4 + k) * vn, VW, half);
+  return tv_finish(x, n, VW, half, p, ilp);
 }
 
 float aoq_cpu_torch_sum(const float *x, int64_t n, int vw, int half) {
@@ -185,18 +189,13 @@ float aoq_cpu_torch_sum(const float *x, int64_t n, int vw, int half) {
   }
   float acc[4][4][AOQ_TV_MAX]; /* cascade level, interleaved row, lane */
   memset(acc, 0, sizeof acc);
-#define AOQ_LOAD_ADD(dst, vi)                                                         \
-  do {                                                                               \
-    const float *src_ = x + (vi) * vn;                                               \
-    for (int l_ = 0; l_ < vw; l_++) (dst)[l_] += half ? src_[l_] + src_[vw + l_] : src_[l_]; \
-  } while (0)
   int64_t lp = ceil_log2(ilp) / 4;
   if (lp < 4) lp = 4;
   const int64_t step = (int64_t)1 << lp, mask = step - 1;
   int64_t i = 0;
   while (i + step <= ilp) {
     for (int64_t j = 0; j < step; j++, i++)
-      for (int k = 0; k < 4; k++) AOQ_LOAD_ADD(acc[0][k], i * 4 + k);
+      for (int k = 0; k < 4; k++) tv_load_add(acc[0][k], x + (i * 4 + k) * vn, vw, half);
     for (int j = 1; j < 4; j++) {
       for (int k = 0; k < 4; k++)
         for (int l = 0; l < vw; l++) {
@@ -207,18 +206,11 @@ float aoq_cpu_torch_sum(const float *x, int64_t n, int vw, int half) {
     }
   }
   for (; i < ilp; i++)
-    for (int k = 0; k < 4; k++) AOQ_LOAD_ADD(acc[0][k], i * 4 + k);
+    for (int k = 0; k < 4; k++) tv_load_add(acc[0][k], x + (i * 4 + k) * vn, vw, half);
   for (int j = 1; j < 4; j++)
     for (int k = 0; k < 4; k++)
       for (int l = 0; l < vw; l++) acc[0][k][l] += acc[j][k][l];
-  for (i = ilp * 4; i < vs; i++) AOQ_LOAD_ADD(acc[0][0], i);
-#undef AOQ_LOAD_ADD
-  for (int k = 1; k < 4; k++)
-    for (int l = 0; l < vw; l++) acc[0][0][l] += acc[0][k][l];
-  float r = 0.f;
-  for (int64_t k = vs * vn; k < n; k++) r += x[k];
-  for (int l = 0; l < vw; l++) r += acc[0][0][l];
-  return r;
+  return tv_finish(x, n, vw, half, acc[0], ilp);
 }
 
 /* a sum in the order the caller's mode asks for: torch's (tv > 0) or the

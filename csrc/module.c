@@ -80,6 +80,8 @@ static void fail_rc(const char *op, int rc, AtenTensorHandle *own, int n) {
     snprintf(msg, sizeof msg, "a CUDA tensor was given but this build of ao_awq_export has no "
                               "CUDA kernels (rebuild with nvcc and a CUDA torch, AOQ_CUDA=1)");
 #endif
+  } else if (rc == AOQ_ERR_STREAM) {
+    snprintf(msg, sizeof msg, "could not get PyTorch's current CUDA stream for the tensor's device");
   } else if (rc == AOQ_ERR_NOMEM) {
     snprintf(msg, sizeof msg, "kernel failed: out of memory for its scratch buffer");
   } else {
@@ -111,10 +113,11 @@ static void *data_of(AtenTensorHandle h) {
 static int is_cuda(const tinfo *t) { return t->dev_type == aoti_torch_device_type_cuda(); }
 
 #ifdef AOQ_WITH_CUDA
-static void *stream_of(const tinfo *t) {
-  void *s = NULL;
-  aoti_torch_get_current_cuda_stream(t->dev_index, &s);
-  return s;
+/* PyTorch's current stream on t's device.  Failing to get it is an error:
+ * launching on the legacy stream instead would race with torch's own work. */
+static int stream_of(const tinfo *t, void **s) {
+  *s = NULL;
+  return aoti_torch_get_current_cuda_stream(t->dev_index, s) ? AOQ_ERR_STREAM : AOQ_OK;
 }
 #endif
 
@@ -157,8 +160,11 @@ static void k_fq_weight(StableIValue *stack, uint64_t na, uint64_t no) {
   int cs = div_semantics(&w, awq, div_mode), rc;
   if (is_cuda(&w)) {
 #ifdef AOQ_WITH_CUDA
-    rc = aoq_cuda_fq_fwd(w.data, data_of(own[1]), NULL, NULL, NULL, w.sizes[0], w.sizes[1], g,
-                         w.dt, (int)scheme, awq, cs, w.dev_index, stream_of(&w));
+    void *stream = NULL;
+    rc = stream_of(&w, &stream);
+    if (!rc)
+      rc = aoq_cuda_fq_fwd(w.data, data_of(own[1]), NULL, NULL, NULL, w.sizes[0], w.sizes[1], g,
+                           w.dt, (int)scheme, awq, cs, w.dev_index, stream);
 #else
     rc = AOQ_ERR_CUDA;
 #endif
@@ -196,8 +202,11 @@ static void k_fq_weight_backward(StableIValue *stack, uint64_t na, uint64_t no) 
   int cs = div_semantics(&w, awq, div_mode), rc;
   if (is_cuda(&w)) {
 #ifdef AOQ_WITH_CUDA
-    rc = aoq_cuda_fq_bwd(gr.data, w.data, data_of(own[2]), w.sizes[0], w.sizes[1], g, w.dt,
-                         (int)scheme, awq, cs, st, w.dev_index, stream_of(&w));
+    void *stream = NULL;
+    rc = stream_of(&w, &stream);
+    if (!rc)
+      rc = aoq_cuda_fq_bwd(gr.data, w.data, data_of(own[2]), w.sizes[0], w.sizes[1], g, w.dt,
+                           (int)scheme, awq, cs, st, w.dev_index, stream);
 #else
     rc = AOQ_ERR_CUDA;
 #endif
@@ -234,9 +243,12 @@ static void k_quantize(StableIValue *stack, uint64_t na, uint64_t no) {
   int cs = div_semantics(&w, awq, div_mode), rc;
   if (is_cuda(&w)) {
 #ifdef AOQ_WITH_CUDA
-    rc = aoq_cuda_fq_fwd(w.data, NULL, (uint8_t *)data_of(own[1]), (float *)data_of(own[2]),
-                         (float *)data_of(own[3]), w.sizes[0], w.sizes[1], g, w.dt, (int)scheme,
-                         awq, cs, w.dev_index, stream_of(&w));
+    void *stream = NULL;
+    rc = stream_of(&w, &stream);
+    if (!rc)
+      rc = aoq_cuda_fq_fwd(w.data, NULL, (uint8_t *)data_of(own[1]), (float *)data_of(own[2]),
+                           (float *)data_of(own[3]), w.sizes[0], w.sizes[1], g, w.dt, (int)scheme,
+                           awq, cs, w.dev_index, stream);
 #else
     rc = AOQ_ERR_CUDA;
 #endif
@@ -276,8 +288,10 @@ static void k_fp8_rows(StableIValue *stack, uint64_t na, uint64_t no) {
   int cs = div_semantics(&x, 0, div_mode), rc;
   if (is_cuda(&x)) {
 #ifdef AOQ_WITH_CUDA
-    rc = aoq_cuda_fp8_rows_fwd(x.data, data_of(own[1]), R, K, x.dt, cs, x.dev_index,
-                               stream_of(&x));
+    void *stream = NULL;
+    rc = stream_of(&x, &stream);
+    if (!rc)
+      rc = aoq_cuda_fp8_rows_fwd(x.data, data_of(own[1]), R, K, x.dt, cs, x.dev_index, stream);
 #else
     rc = AOQ_ERR_CUDA;
 #endif
@@ -311,8 +325,10 @@ static void k_fp8_rows_backward(StableIValue *stack, uint64_t na, uint64_t no) {
   int cs = div_semantics(&x, 0, div_mode), rc;
   if (is_cuda(&x)) {
 #ifdef AOQ_WITH_CUDA
-    rc = aoq_cuda_fp8_rows_bwd(gr.data, x.data, data_of(own[2]), R, K, x.dt, cs, st, x.dev_index,
-                               stream_of(&x));
+    void *stream = NULL;
+    rc = stream_of(&x, &stream);
+    if (!rc)
+      rc = aoq_cuda_fp8_rows_bwd(gr.data, x.data, data_of(own[2]), R, K, x.dt, cs, st, x.dev_index, stream);
 #else
     rc = AOQ_ERR_CUDA;
 #endif
@@ -341,8 +357,11 @@ static void k_pack_awq(StableIValue *stack, uint64_t na, uint64_t no) {
   int rc;
   if (is_cuda(&c)) {
 #ifdef AOQ_WITH_CUDA
-    rc = aoq_cuda_pack_awq((const uint8_t *)c.data, (int32_t *)data_of(own[1]), c.sizes[0],
-                           c.sizes[1], c.dev_index, stream_of(&c));
+    void *stream = NULL;
+    rc = stream_of(&c, &stream);
+    if (!rc)
+      rc = aoq_cuda_pack_awq((const uint8_t *)c.data, (int32_t *)data_of(own[1]), c.sizes[0],
+                             c.sizes[1], c.dev_index, stream);
 #else
     rc = AOQ_ERR_CUDA;
 #endif

@@ -30,7 +30,7 @@ enum { AOQ_SCHEME_FP8_INT4 = 0, AOQ_SCHEME_INT4_ASYM = 1 };
 #define AOQ_NW 8
 
 /* status codes returned by launchers */
-enum { AOQ_OK = 0, AOQ_ERR_ARG = 1, AOQ_ERR_CUDA = 2, AOQ_ERR_NOMEM = 3 };
+enum { AOQ_OK = 0, AOQ_ERR_ARG = 1, AOQ_ERR_CUDA = 2, AOQ_ERR_NOMEM = 3, AOQ_ERR_STREAM = 4 };
 
 AOQ_HD uint32_t aoq_f2u(float f) {
 #ifdef __CUDA_ARCH__

@@ -81,7 +81,8 @@ static void fail_rc(const char *op, int rc, AtenTensorHandle *own, int n) {
                               "CUDA kernels (rebuild with nvcc and a CUDA torch, AOQ_CUDA=1)");
 #endif
   } else if (rc == AOQ_ERR_STREAM) {
-    snprintf(msg, sizeof msg, "could not get PyTorch's current CUDA stream for the tensor's device");
+    snprintf(msg, sizeof msg,
+             "could not get PyTorch's current CUDA stream for the tensor's device");
   } else if (rc == AOQ_ERR_NOMEM) {
     snprintf(msg, sizeof msg, "kernel failed: out of memory for its scratch buffer");
   } else {
@@ -328,7 +329,8 @@ static void k_fp8_rows_backward(StableIValue *stack, uint64_t na, uint64_t no) {
     void *stream = NULL;
     rc = stream_of(&x, &stream);
     if (!rc)
-      rc = aoq_cuda_fp8_rows_bwd(gr.data, x.data, data_of(own[2]), R, K, x.dt, cs, st, x.dev_index, stream);
+      rc = aoq_cuda_fp8_rows_bwd(gr.data, x.data, data_of(own[2]), R, K, x.dt, cs, st,
+                                 x.dev_index, stream);
 #else
     rc = AOQ_ERR_CUDA;
 #endif

@@ -374,7 +374,7 @@ def _reexec_with_malloc_settings():
     """glibc hands every block over 32 MB back to the kernel when it is freed
     and gets fresh zeroed pages for the next one: with `--preset 2m` (logits of
     16 x 128 x 16384 floats) 40 % of the CPU time went into page faults.  The
-    two variables below stop that (1.7x faster there); they must be set before
+    two variables below stop that (1.8x faster per step there); they must be set before
     the interpreter starts, hence the re-exec.  Set MALLOC_MMAP_THRESHOLD_
     yourself (any value) to skip it."""
     if sys.platform != "linux" or "MALLOC_MMAP_THRESHOLD_" in os.environ:

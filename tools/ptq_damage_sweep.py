@@ -23,6 +23,17 @@ import qat_to_awq as demo  # noqa: E402
 from ao_awq_export.ops import fake_quant_int4_asym  # noqa: E402
 
 
+def rtn(model, g):
+    """A copy of `model` whose Linears, lm_head aside, hold their int4 round-to-
+    nearest weights (int4_asym, mode "awq": what the AWQ file stores)."""
+    q = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, mod in q.named_modules():
+            if isinstance(mod, torch.nn.Linear) and "lm_head" not in name:
+                mod.weight.copy_(fake_quant_int4_asym(mod.weight, g, mode="awq"))
+    return q
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--hidden", type=int, default=256)
@@ -60,11 +71,7 @@ def main():
             if a.hidden % g:
                 cells.append(f"g{g}    n/a")
                 continue
-            q = copy.deepcopy(model)
-            with torch.no_grad():
-                for name, mod in q.named_modules():
-                    if isinstance(mod, torch.nn.Linear) and "lm_head" not in name:
-                        mod.weight.copy_(fake_quant_int4_asym(mod.weight, g, mode="awq"))
+            q = rtn(model, g)
             cells.append(f"g{g} {100 * (demo.perplexity(q, held, a.seq) / ppl - 1):+.2f}%")
         print(f"width {a.hidden} x {a.layers}, step {step}, {time.time() - t0:.0f}s: float "
               f"{unit} perplexity {ppl:.4f}; int4 RTN " + "  ".join(cells), flush=True)

@@ -30,16 +30,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
 import qat_to_awq as demo  # noqa: E402
 
-from ao_awq_export.ops import fake_quant_int4_asym  # noqa: E402
-
-
-def rtn(model, g):
-    q = copy.deepcopy(model)
-    with torch.no_grad():
-        for name, mod in q.named_modules():
-            if isinstance(mod, torch.nn.Linear) and "lm_head" not in name:
-                mod.weight.copy_(fake_quant_int4_asym(mod.weight, g, mode="awq"))
-    return q
+from ptq_damage_sweep import rtn  # noqa: E402
 
 
 def main():

@@ -7,7 +7,7 @@ checkpoints and evaluated after loading those checkpoints back.
     python examples/qat_to_awq.py --quick    # a few seconds (smoke test)
     python examples/qat_to_awq.py --hf-check # also load the checkpoints with
                                              # transformers + GPTQModel (real AWQ consumer)
-    python examples/qat_to_awq.py --preset 2m  # 2.3 M parameters, about 12 minutes
+    python examples/qat_to_awq.py --preset 2m  # 2.3 M parameters, about 15 minutes
 
 Text (no download): by default the Python reference documentation that ships
 with CPython itself (`pydoc_data.topics`: about 79 documents, 465 k
@@ -24,7 +24,9 @@ The comparison is fair by construction: the float model is trained for
 qat_steps` (same weights, same optimizer state) and sees the very same
 batches and learning rates for its last `qat_steps` steps, only with int4
 fake-quantized weights (int4_asym, mode "awq": integer zeros and fp16 scales,
-exactly what the AWQ checkpoint stores).  PTQ quantizes the final float model
+exactly what the AWQ checkpoint stores).  The learning rate warms up, follows
+a cosine to the branch point, and then decays linearly to zero over those
+last steps, in both runs.  PTQ quantizes the final float model
 with round to nearest.  The quantized models are evaluated from the exported
 files, through a loader written here from the AWQ format description (it
 does not use ao_awq_export).
@@ -36,8 +38,9 @@ few minutes are so undertrained that int4 costs under 0.5 % there, with a
 sign that varies between group sizes: a "recovery" measured against that is
 noise.  `--preset 2m` keeps the trained width-64 body and reaches 2.3 M
 parameters the way TinyStories-style models do, with a 16384-token vocabulary
-(embed_tokens and lm_head, which stay fp16 in the AWQ file); it needs about 12
-minutes.
+(embed_tokens and lm_head, which stay fp16 in the AWQ file); it needs about 15
+minutes.  At this size one run's recovery moves by tens of points with the
+seed, and even with float rounding differences: README reports several seeds.
 """
 from __future__ import annotations
 
@@ -129,11 +132,62 @@ def build_model(args):
 
 
 def lr_at(step, args):
+    """Linear warmup, cosine decay (towards 0.1 x lr at `steps`) up to the QAT
+    branch point, then, over the last `qat_steps` steps (the float and QAT
+    runs alike), linear decay from there to zero."""
+    tail = getattr(args, "qat_steps", 0) or 0
+    branch = args.steps - tail
+    if tail and step >= branch:
+        return lr_at(branch, argparse.Namespace(lr=args.lr, steps=args.steps)) \
+            * (args.steps - step) / tail
     warm = max(1, args.steps // 20)
     if step < warm:
         return args.lr * (step + 1) / warm
     p = (step - warm) / max(1, args.steps - warm)
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """mean(cross_entropy(h @ w.T, y)) without the [tokens, vocab] logits: rows
+    are taken `chunk` at a time and, the loss being the last op, the gradients
+    of h and w are computed right there (backward only scales them).  With a
+    16384-token vocabulary the logits are 134 MB per step (and as much again
+    for their gradient); a chunk of 256 rows is 16 MB, allocated and freed in
+    turn.  Same loss and gradients as the unfused version up to float
+    rounding."""
+
+    @staticmethod
+    def forward(ctx, h, w, y, chunk):
+        n = h.shape[0]
+        h, w = h.detach(), w.detach()
+        gh, gw = torch.empty_like(h), torch.zeros_like(w)
+        total = torch.zeros((), dtype=torch.float64, device=h.device)
+        for i in range(0, n, chunk):
+            hc, yc = h[i:i + chunk], y[i:i + chunk]
+            z = hc @ w.t()
+            lse = torch.logsumexp(z, -1)
+            total += (lse - z.gather(1, yc[:, None]).squeeze(1)).sum(dtype=torch.float64)
+            z.sub_(lse[:, None]).exp_()                   # softmax
+            z[torch.arange(z.shape[0]), yc] -= 1.0        # d(sum of losses)/dz
+            z.mul_(1.0 / n)
+            torch.mm(z, w, out=gh[i:i + chunk])
+            gw.addmm_(z.t(), hc)
+        ctx.save_for_backward(gh, gw)
+        return (total / n).to(h.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        gh, gw = ctx.saved_tensors
+        return gh * grad, gw * grad, None, None
+
+
+def lm_loss(model, xy, chunk=256):
+    """Next-token cross entropy of a LlamaForCausalLM on a [batch, seq + 1] batch."""
+    head = model.lm_head
+    assert type(head) is torch.nn.Linear and head.bias is None, head  # kept float, no bias
+    h = model.model(input_ids=xy[:, :-1]).last_hidden_state
+    h = h.reshape(-1, h.shape[-1])
+    return LinearCrossEntropy.apply(h, head.weight, xy[:, 1:].reshape(-1), chunk)
 
 
 def train(model, opt, data, first, last, args, tag):
@@ -143,8 +197,7 @@ def train(model, opt, data, first, last, args, tag):
         xy = data[step]
         for grp in opt.param_groups:
             grp["lr"] = lr_at(step, args)
-        logits = model(input_ids=xy[:, :-1]).logits
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), xy[:, 1:].reshape(-1))
+        loss = lm_loss(model, xy)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -246,7 +299,7 @@ def main(argv=None):
                     help="256: bytes; larger: a byte-level BPE of that size trained here")
     ap.add_argument("--preset", choices=("small", "2m"), default="small",
                     help="small: width 64, bytes, 0.25 M parameters (the defaults); 2m: width 64, "
-                         "BPE 16384 on the stdlib sources, 2.3 M parameters (about 12 minutes)")
+                         "BPE 16384 on the stdlib sources, 2.3 M parameters (about 15 minutes)")
     ap.add_argument("--out", default=None, help="directory for the two exports (kept)")
     ap.add_argument("--hf-check", action="store_true",
                     help="also evaluate through transformers + GPTQModel (its first use "
@@ -262,8 +315,9 @@ def main(argv=None):
         args.qat_steps = args.qat_steps or 6
     args.steps = args.steps or 2400
     args.qat_steps = args.qat_steps or 800
-    if not 0 < args.qat_steps <= args.steps:
-        ap.error("need 0 < --qat-steps <= --steps")
+    if not 0 < args.qat_steps <= args.steps - max(1, args.steps // 20):
+        ap.error("need 0 < --qat-steps <= --steps - warmup (--steps // 20): QAT branches "
+                 "off after the warmup")
     args.log_every = max(1, args.steps // 6)
 
     from torchao.quantization import quantize_
@@ -371,11 +425,13 @@ def main(argv=None):
 
 
 def _reexec_with_malloc_settings():
-    """glibc hands every block over 32 MB back to the kernel when it is freed
-    and gets fresh zeroed pages for the next one: with `--preset 2m` (logits of
-    16 x 128 x 16384 floats) 40 % of the CPU time went into page faults.  The
-    two variables below stop that (1.8x faster per step there); they must be set before
-    the interpreter starts, hence the re-exec.  Set MALLOC_MMAP_THRESHOLD_
+    """glibc hands every freed block above its mmap threshold (at most 32 MB)
+    back to the kernel and gets fresh zeroed pages for the next one.  Before
+    the training loss was chunked (LinearCrossEntropy), that was 40 % of
+    `--preset 2m`'s CPU time (logits of 16 x 128 x 16384 floats, and their
+    gradient); the evaluation's logits are still that large.  The two
+    variables below keep such blocks in the heap; they must be set before the
+    interpreter starts, hence the re-exec.  Set MALLOC_MMAP_THRESHOLD_
     yourself (any value) to skip it."""
     if sys.platform != "linux" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return

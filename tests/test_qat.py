@@ -490,12 +490,67 @@ def test_short_qat_run_lowers_loss(scheme):
     assert sum(isinstance(x_, AWQInt4Linear) for x_ in m.modules()) == 14
 
 
-@pytest.mark.parametrize("preset", ["small", "2m"])
-def test_demo_quick(tmp_path, preset):
+def _load_demo():
     spec = importlib.util.spec_from_file_location("qat_to_awq", ROOT / "examples" /
                                                   "qat_to_awq.py")
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
+    return demo
+
+
+def test_demo_chunked_cross_entropy_matches_unfused():
+    demo = _load_demo()
+    torch.manual_seed(0)
+    h = torch.randn(1000, 64, dtype=torch.float64, requires_grad=True)
+    w = (0.3 * torch.randn(3000, 64, dtype=torch.float64)).requires_grad_()
+    y = torch.randint(0, 3000, (1000,))
+    ref = F.cross_entropy(h @ w.t(), y)
+    g_ref = torch.autograd.grad(3.0 * ref, (h, w))
+    for chunk in (1, 256, 999, 4096):  # ragged last chunk, one chunk for all
+        loss = demo.LinearCrossEntropy.apply(h, w, y, chunk)
+        g = torch.autograd.grad(3.0 * loss, (h, w))  # backward scales by the incoming grad
+        assert loss.dtype == torch.float64
+        torch.testing.assert_close(loss, ref, rtol=1e-12, atol=0)
+        for a, b in zip(g, g_ref):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-15)
+
+
+def test_demo_lm_loss_equals_the_models_own_logits_loss():
+    """lm_loss (hidden states -> chunked linear + cross entropy) is the loss of
+    LlamaForCausalLM's logits on the next token, with the same gradients."""
+    import argparse as ap_
+
+    demo = _load_demo()
+    model = demo.build_model(ap_.Namespace(vocab=300, hidden=64, layers=2, seq=32, seed=0))
+    xy = torch.randint(0, 300, (3, 33), generator=torch.Generator().manual_seed(1))
+    logits = model(input_ids=xy[:, :-1]).logits
+    ref = F.cross_entropy(logits.reshape(-1, 300), xy[:, 1:].reshape(-1))
+    g_ref = torch.autograd.grad(ref, list(model.parameters()))
+    loss = demo.lm_loss(model, xy, chunk=40)  # 96 rows: 40 + 40 + 16
+    g = torch.autograd.grad(loss, list(model.parameters()))
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=0)
+    for (name, _), a, b in zip(model.named_parameters(), g, g_ref):
+        assert b.abs().max() > 0, name  # every parameter gets a gradient
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * b.abs().max().item(), msg=name)
+
+
+def test_demo_lr_schedule_decays_to_zero_over_the_qat_steps():
+    import argparse as ap_
+
+    demo = _load_demo()
+    a = ap_.Namespace(lr=3e-3, steps=2400, qat_steps=800)
+    plain = ap_.Namespace(lr=3e-3, steps=2400)  # no tail: warmup + cosine to 0.1 x lr
+    assert [demo.lr_at(s, a) for s in range(1600)] == [demo.lr_at(s, plain) for s in range(1600)]
+    assert demo.lr_at(2399, plain) == pytest.approx(3e-4, rel=1e-5)
+    l0 = demo.lr_at(1600, plain)
+    assert l0 == pytest.approx(3e-3 * 0.3468, rel=1e-3)
+    for s in (1600, 2000, 2399):  # float and QAT runs share this
+        assert demo.lr_at(s, a) == pytest.approx(l0 * (2400 - s) / 800, rel=1e-12)
+
+
+@pytest.mark.parametrize("preset", ["small", "2m"])
+def test_demo_quick(tmp_path, preset):
+    demo = _load_demo()
     r = demo.main(["--quick", "--preset", preset, "--out", str(tmp_path)])
     assert r["convert_equal"] and r["file_equal"] and r["exact"]
     vocab = 256 if preset == "small" else 16384

@@ -17,7 +17,10 @@ qat:0.5 against float:0.5 does not.  README's numbers, e.g.
     python tools/qat_lr_check.py --preset 2m --seed 1 --runs float:0.5,qat:1,qat:0.5
 
 (about 15 minutes each on 2 cores; quantized models are evaluated in memory,
-which equals the exported file in mode "awq").
+which equals the exported file in mode "awq").  README's learning-rate figures
+were taken before the demo's schedule ended in a linear decay to zero (its
+cosine ended at 0.1 x lr then, and the loss was unfused: commit d7a3a3a
+reproduces them); this tool uses the demo's current schedule and loss.
 """
 import argparse
 import copy

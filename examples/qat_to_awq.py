@@ -131,20 +131,25 @@ def build_model(args):
     return LlamaForCausalLM(cfg)
 
 
+def _warmup_cosine(step, lr, steps):
+    """Linear warmup over steps // 20, then a cosine to 0.1 x lr at `steps`."""
+    warm = max(1, steps // 20)
+    if step < warm:
+        return lr * (step + 1) / warm
+    p = (step - warm) / max(1, steps - warm)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+
+
 def lr_at(step, args):
-    """Linear warmup, cosine decay (towards 0.1 x lr at `steps`) up to the QAT
-    branch point, then, over the last `qat_steps` steps (the float and QAT
-    runs alike), linear decay from there to zero."""
+    """The warmup + cosine up to the QAT branch point, then, over the last
+    `qat_steps` steps (the float and QAT runs alike), linear decay from there
+    to zero.  Without `args.qat_steps` (tools/ptq_damage_sweep.py), the plain
+    warmup + cosine."""
     tail = getattr(args, "qat_steps", 0) or 0
     branch = args.steps - tail
     if tail and step >= branch:
-        return lr_at(branch, argparse.Namespace(lr=args.lr, steps=args.steps)) \
-            * (args.steps - step) / tail
-    warm = max(1, args.steps // 20)
-    if step < warm:
-        return args.lr * (step + 1) / warm
-    p = (step - warm) / max(1, args.steps - warm)
-    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+        return _warmup_cosine(branch, args.lr, args.steps) * (args.steps - step) / tail
+    return _warmup_cosine(step, args.lr, args.steps)
 
 
 class LinearCrossEntropy(torch.autograd.Function):

@@ -7,7 +7,7 @@ checkpoints and evaluated after loading those checkpoints back.
     python examples/qat_to_awq.py --quick    # a few seconds (smoke test)
     python examples/qat_to_awq.py --hf-check # also load the checkpoints with
                                              # transformers + GPTQModel (real AWQ consumer)
-    python examples/qat_to_awq.py --preset 2m  # 2.3 M parameters, about 15 minutes
+    python examples/qat_to_awq.py --preset 2m  # 2.3 M parameters, about 9 minutes
 
 Text (no download): by default the Python reference documentation that ships
 with CPython itself (`pydoc_data.topics`: about 79 documents, 465 k
@@ -38,9 +38,14 @@ few minutes are so undertrained that int4 costs under 0.5 % there, with a
 sign that varies between group sizes: a "recovery" measured against that is
 noise.  `--preset 2m` keeps the trained width-64 body and reaches 2.3 M
 parameters the way TinyStories-style models do, with a 16384-token vocabulary
-(embed_tokens and lm_head, which stay fp16 in the AWQ file); it needs about 15
-minutes.  At this size one run's recovery moves by tens of points with the
-seed, and even with float rounding differences: README reports several seeds.
+(embed_tokens and lm_head, which stay fp16 in the AWQ file); it needs about 9
+minutes, most of it in the lm_head, whose training matmuls run in bfloat16
+there (mixed precision: fp32 weights, softmax and gradients; `--head-dtype
+fp32` for full fp32, about 1.5x slower).  Shorter 2m runs (1200 or 1800
+steps) are too undertrained: int4 costs them about 0.5 %, and QAT's
+recovery of that falls to 15-80 % depending on the seed.  At this size one
+run's recovery moves by tens of points with the seed, and even with float
+rounding differences: README reports several seeds.
 """
 from __future__ import annotations
 
@@ -158,41 +163,57 @@ class LinearCrossEntropy(torch.autograd.Function):
     of h and w are computed right there (backward only scales them).  With a
     16384-token vocabulary the logits are 134 MB per step (and as much again
     for their gradient); a chunk of 256 rows is 16 MB, allocated and freed in
-    turn.  Same loss and gradients as the unfused version up to float
-    rounding."""
+    turn.  One fused softmax per chunk gives both the gradient (softmax minus
+    one-hot) and the loss (-log of the target's probability; rows where that
+    underflows are redone through logsumexp): three times cheaper than
+    logsumexp followed by exp.  `mm_dtype` is the dtype of the three matmuls'
+    operands and of the logits (default: h's dtype; bfloat16 for mixed
+    precision: the softmax, the loss and the gradients' accumulation stay in
+    h's dtype).  By default it is the unfused loss and gradients up to
+    float rounding."""
 
     @staticmethod
-    def forward(ctx, h, w, y, chunk):
-        n = h.shape[0]
-        h, w = h.detach(), w.detach()
+    def forward(ctx, h, w, y, chunk, mm_dtype=None):
+        n, mm_dtype = h.shape[0], mm_dtype or h.dtype
+        hm, wm = h.detach().to(mm_dtype), w.detach().to(mm_dtype)
         gh, gw = torch.empty_like(h), torch.zeros_like(w)
         total = torch.zeros((), dtype=torch.float64, device=h.device)
+        rows = torch.arange(min(chunk, n), device=h.device)
         for i in range(0, n, chunk):
-            hc, yc = h[i:i + chunk], y[i:i + chunk]
-            z = hc @ w.t()
-            lse = torch.logsumexp(z, -1)
-            total += (lse - z.gather(1, yc[:, None]).squeeze(1)).sum(dtype=torch.float64)
-            z.sub_(lse[:, None]).exp_()                   # softmax
-            z[torch.arange(z.shape[0]), yc] -= 1.0        # d(sum of losses)/dz
+            hc, yc = hm[i:i + chunk], y[i:i + chunk]
+            r = rows[: hc.shape[0]]
+            z = torch.softmax(hc @ wm.t(), -1, dtype=h.dtype)
+            nll = -z[r, yc].log()
+            bad = nll.isinf()
+            if bad.any():  # the target's probability underflowed: redo those rows
+                zb = (hc[bad] @ wm.t()).to(h.dtype)
+                nll[bad] = torch.logsumexp(zb, -1) - zb.gather(1, yc[bad, None]).squeeze(1)
+            total += nll.sum(dtype=torch.float64)
+            z[r, yc] -= 1.0                               # d(sum of losses)/dz
             z.mul_(1.0 / n)
-            torch.mm(z, w, out=gh[i:i + chunk])
-            gw.addmm_(z.t(), hc)
+            if mm_dtype == h.dtype:
+                torch.mm(z, wm, out=gh[i:i + chunk])
+                gw.addmm_(z.t(), hc)
+            else:
+                z = z.to(mm_dtype)
+                gh[i:i + chunk] = z @ wm
+                gw += z.t() @ hc
         ctx.save_for_backward(gh, gw)
         return (total / n).to(h.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         gh, gw = ctx.saved_tensors
-        return gh * grad, gw * grad, None, None
+        return gh * grad, gw * grad, None, None, None
 
 
-def lm_loss(model, xy, chunk=256):
+def lm_loss(model, xy, chunk=256, mm_dtype=None):
     """Next-token cross entropy of a LlamaForCausalLM on a [batch, seq + 1] batch."""
     head = model.lm_head
     assert type(head) is torch.nn.Linear and head.bias is None, head  # kept float, no bias
     h = model.model(input_ids=xy[:, :-1]).last_hidden_state
     h = h.reshape(-1, h.shape[-1])
-    return LinearCrossEntropy.apply(h, head.weight, xy[:, 1:].reshape(-1), chunk)
+    return LinearCrossEntropy.apply(h, head.weight, xy[:, 1:].reshape(-1), chunk, mm_dtype)
 
 
 def train(model, opt, data, first, last, args, tag):
@@ -202,7 +223,7 @@ def train(model, opt, data, first, last, args, tag):
         xy = data[step]
         for grp in opt.param_groups:
             grp["lr"] = lr_at(step, args)
-        loss = lm_loss(model, xy)
+        loss = lm_loss(model, xy, mm_dtype=getattr(args, "head_mm_dtype", None))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -304,7 +325,12 @@ def main(argv=None):
                     help="256: bytes; larger: a byte-level BPE of that size trained here")
     ap.add_argument("--preset", choices=("small", "2m"), default="small",
                     help="small: width 64, bytes, 0.25 M parameters (the defaults); 2m: width 64, "
-                         "BPE 16384 on the stdlib sources, 2.3 M parameters (about 15 minutes)")
+                         "BPE 16384 on the stdlib sources, 2.3 M parameters, bf16 lm_head matmuls "
+                         "(about 9 minutes)")
+    ap.add_argument("--head-dtype", choices=("fp32", "bf16"), default=None,
+                    help="dtype of the lm_head's matmuls in training (mixed precision; weights, "
+                         "softmax and gradients stay fp32): default bf16 with a BPE vocabulary, "
+                         "fp32 with bytes")
     ap.add_argument("--out", default=None, help="directory for the two exports (kept)")
     ap.add_argument("--hf-check", action="store_true",
                     help="also evaluate through transformers + GPTQModel (its first use "
@@ -312,6 +338,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.preset == "2m":
         args.text, args.vocab = "stdlib", 16384
+    args.head_dtype = args.head_dtype or ("fp32" if args.vocab == 256 else "bf16")
+    args.head_mm_dtype = dict(fp32=torch.float32, bf16=torch.bfloat16)[args.head_dtype]
     if args.vocab < 256:
         ap.error("--vocab must be 256 (bytes) or larger (a byte-level BPE)")
     if args.quick:
@@ -346,7 +374,8 @@ def main(argv=None):
     log(f"Llama: hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, "
         f"{nparam / 1e6:.2f} M parameters ({nbody / 1e6:.2f} M outside embed_tokens/lm_head); "
         f"{args.steps} steps of {args.batch}x{args.seq} {unit}s, QAT for the last "
-        f"{args.qat_steps}; int4_asym, group size {args.group_size}")
+        f"{args.qat_steps}; int4_asym, group size {args.group_size}; lm_head matmuls in "
+        f"{args.head_dtype} during training")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.wd,
                             betas=(0.9, 0.95))
 
@@ -426,7 +455,7 @@ def main(argv=None):
     if not args.out:
         shutil.rmtree(out_root, ignore_errors=True)
     return dict(float=ppl_float, ptq=ppl_ptq, qat=ppl_qat, recovery=rec, convert_equal=same,
-                file_equal=file_eq, exact=rep.all_exact)
+                file_equal=file_eq, exact=rep.all_exact, head_dtype=args.head_dtype)
 
 
 def _reexec_with_malloc_settings():

@@ -515,6 +515,41 @@ def test_demo_chunked_cross_entropy_matches_unfused():
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-15)
 
 
+def test_demo_chunked_cross_entropy_underflow_and_bf16_matmuls():
+    """The loss comes from -log(softmax[target]); where that probability
+    underflows float32 the row is redone through logsumexp.  With bf16 matmuls
+    (mixed precision) the loss and float32 gradients stay within bf16
+    rounding of the float64 reference."""
+    demo = _load_demo()
+    torch.manual_seed(0)
+    h = 8 * torch.randn(1000, 64, dtype=torch.float64)
+    w = 0.3 * torch.randn(3000, 64, dtype=torch.float64)
+    y = torch.randint(0, 3000, (1000,))
+    hd, wd = h.clone().requires_grad_(), w.clone().requires_grad_()
+    rows = F.cross_entropy(hd @ wd.t(), y, reduction="none")
+    assert (rows > 110).sum() > 10  # float32 exp(-110) is 0: those rows take the fallback
+    g_ref = torch.autograd.grad(rows.mean(), (hd, wd))
+    hf, wf = h.float().requires_grad_(), w.float().requires_grad_()
+    loss = demo.LinearCrossEntropy.apply(hf, wf, y, 256)
+    g = torch.autograd.grad(loss, (hf, wf))
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    torch.testing.assert_close(loss.double(), rows.mean().detach(), rtol=1e-4, atol=0)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=2e-5 * b.abs().max().item())
+
+    h = h / 8
+    hd, wd = h.clone().requires_grad_(), w.clone().requires_grad_()
+    ref = F.cross_entropy(hd @ wd.t(), y)
+    g_ref = torch.autograd.grad(ref, (hd, wd))
+    hf, wf = h.float().requires_grad_(), w.float().requires_grad_()
+    loss = demo.LinearCrossEntropy.apply(hf, wf, y, 256, torch.bfloat16)
+    g = torch.autograd.grad(loss, (hf, wf))
+    assert loss.dtype == g[0].dtype == g[1].dtype == torch.float32
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=5e-4, atol=0)
+    for a, b in zip(g, g_ref):  # bf16 has 8 significant bits: relative error ~ 2**-9
+        assert ((a.double() - b).norm() / b.norm()).item() < 0.02
+
+
 def test_demo_lm_loss_equals_the_models_own_logits_loss():
     """lm_loss (hidden states -> chunked linear + cross entropy) is the loss of
     LlamaForCausalLM's logits on the next token, with the same gradients."""
@@ -549,10 +584,20 @@ def test_demo_lr_schedule_decays_to_zero_over_the_qat_steps():
 
 
 @pytest.mark.parametrize("preset", ["small", "2m"])
-def test_demo_quick(tmp_path, preset):
+def test_demo_quick(tmp_path, preset, monkeypatch):
     demo = _load_demo()
+    seen, lm_loss = set(), demo.lm_loss
+
+    def spy(model, xy, chunk=256, mm_dtype=None):
+        seen.add(mm_dtype)
+        return lm_loss(model, xy, chunk, mm_dtype)
+
+    monkeypatch.setattr(demo, "lm_loss", spy)
     r = demo.main(["--quick", "--preset", preset, "--out", str(tmp_path)])
     assert r["convert_equal"] and r["file_equal"] and r["exact"]
+    # training's lm_head matmuls: bf16 (mixed precision) with the BPE vocabulary only
+    head = torch.float32 if preset == "small" else torch.bfloat16
+    assert seen == {head} and r["head_dtype"] == {"small": "fp32", "2m": "bf16"}[preset]
     vocab = 256 if preset == "small" else 16384
     for k in ("float", "ptq", "qat"):
         assert 1.0 < r[k] < vocab

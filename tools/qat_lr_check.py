@@ -16,11 +16,12 @@ qat:0.5 against float:0.5 does not.  README's numbers, e.g.
     python tools/qat_lr_check.py --preset 2m --runs float:0.5,qat:1,qat:0.5
     python tools/qat_lr_check.py --preset 2m --seed 1 --runs float:0.5,qat:1,qat:0.5
 
-(about 15 minutes each on 2 cores; quantized models are evaluated in memory,
+(about 12 minutes each on 2 cores; quantized models are evaluated in memory,
 which equals the exported file in mode "awq").  README's learning-rate figures
 were taken before the demo's schedule ended in a linear decay to zero (its
 cosine ended at 0.1 x lr then, and the loss was unfused: commit d7a3a3a
-reproduces them); this tool uses the demo's current schedule and loss.
+reproduces them); this tool uses the demo's current schedule and loss (for
+2m: bf16 lm_head matmuls in training, as the demo).
 """
 import argparse
 import copy
@@ -52,6 +53,7 @@ def main():
     ap.add_argument("--runs", default="float:0.5,qat:1,qat:0.5")
     a = ap.parse_args()
     a.text, a.vocab = ("stdlib", 16384) if a.preset == "2m" else ("pydoc", 256)
+    a.head_mm_dtype = torch.bfloat16 if a.preset == "2m" else torch.float32  # as the demo
     a.log_every = max(1, a.steps // 6)
     from torchao.quantization import quantize_
 

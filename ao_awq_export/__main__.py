@@ -52,14 +52,20 @@ def main(argv=None) -> int:
         try:
             model = load_for_export(args.checkpoint, args.hf_config,
                                     allow_pickle=args.allow_pickle)
-        except Exception as e:  # noqa: BLE001
+        except (ValueError, OSError, TypeError, ImportError):
+            raise  # already worded (missing file, missing tensors, ...)
+        except Exception as e:  # noqa: BLE001  (whatever a corrupt file makes torch.load raise)
             import pickle
 
-            if isinstance(e, pickle.UnpicklingError) and not args.allow_pickle:
+            if (isinstance(e, pickle.UnpicklingError) and not args.allow_pickle
+                    and "Unsupported global" in str(e)):
                 print(f"error: {args.checkpoint} holds pickled objects (a whole model?); "
                       "re-run with --allow-pickle if you trust the file", file=sys.stderr)
                 return 1
-            raise
+            why = (str(e).strip().splitlines() or [""])[0][:200]
+            print(f"error: {args.checkpoint}: cannot read the checkpoint (not a complete "
+                  f"torch.save file?): {type(e).__name__}: {why}", file=sys.stderr)
+            return 1
         mods = [m.strip() for m in args.modules_to_not_convert.split(",") if m.strip()]
         rep = export_awq(model, args.out_dir, scheme=args.scheme, mode=args.mode,
                          group_size=args.group_size, max_shard_size=args.max_shard_size,

@@ -47,10 +47,10 @@ from .ops import (
     GROUP_SIZES,
     MODES,
     SCHEMES,
+    _quantize_int4,
     fake_quant_fp8_int4,
     fake_quant_int4_asym,
     pack_awq,
-    quantize_int4,
 )
 
 __all__ = [
@@ -95,8 +95,7 @@ class FakeQuantLinear(nn.Linear):
                  scheme: str = "int4_asym", mode: str = "awq", group_size: int = 128,
                  device=None, dtype=None):
         _check_scheme_mode(scheme, mode)
-        if group_size not in GROUP_SIZES:
-            raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {group_size!r}")
+        _check_group_size(group_size, GROUP_SIZES)
         if in_features % group_size:
             raise ValueError(f"in_features ({in_features}) must be a multiple of group_size "
                              f"({group_size})")
@@ -128,10 +127,17 @@ class FakeQuantLinear(nn.Linear):
 
 
 def _check_scheme_mode(scheme, mode):
-    if scheme not in SCHEMES:
+    if not isinstance(scheme, str) or scheme not in SCHEMES:
         raise ValueError(f"scheme must be one of {tuple(SCHEMES)}, got {scheme!r}")
-    if mode not in MODES:
+    if not isinstance(mode, str) or mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+def _check_group_size(group_size, allowed, what=""):
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
+    if group_size not in allowed:
+        raise ValueError(f"group_size must be one of {allowed}{what}, got {group_size!r}")
 
 
 # --------------------------------------------------------------------------
@@ -193,11 +199,12 @@ def parse_size(size) -> int:
     return v
 
 
-def _st_dtype(dt: torch.dtype) -> str:
+def _st_dtype(dt: torch.dtype, name: str = "") -> str:
     try:
         return _ST_DTYPES[dt]
     except KeyError:
-        raise TypeError(f"dtype {dt} cannot be stored in safetensors") from None
+        raise TypeError(f"{name + ': ' if name else ''}dtype {dt} cannot be stored in "
+                        "safetensors") from None
 
 
 def _nbytes(shape, dt) -> int:
@@ -207,6 +214,9 @@ def _nbytes(shape, dt) -> int:
 
 def _to_fp16(name: str, t: torch.Tensor) -> torch.Tensor:
     t = t.detach()
+    if not t.is_floating_point():
+        raise TypeError(f"{name}: dtype {t.dtype} is not a real floating-point type (written as "
+                        "float16)")
     out = t.to(device="cpu", dtype=torch.float16)
     if not bool(torch.isfinite(out).all()):
         if not bool(torch.isfinite(t).all()):
@@ -362,10 +372,50 @@ _ROUTER_NAMES = ("gate", "router", "shared_expert_gate")
 
 
 def _patterns(modules_to_not_convert):
-    patterns = [p.strip() for p in (modules_to_not_convert or [])]
+    if modules_to_not_convert is None:
+        return []
+    if isinstance(modules_to_not_convert, str):
+        modules_to_not_convert = [modules_to_not_convert]
+    try:
+        items = list(modules_to_not_convert)
+    except TypeError:
+        raise TypeError("modules_to_not_convert must be a string or a list of strings, got "
+                        f"{type(modules_to_not_convert).__name__}") from None
+    bad = [p for p in items if not isinstance(p, str)]
+    if bad:
+        raise TypeError("modules_to_not_convert must hold strings (substrings of module "
+                        f"names), got {bad[0]!r}")
+    patterns = [p.strip() for p in items]
     if any(not p for p in patterns):
         raise ValueError("modules_to_not_convert: empty pattern (it would match every layer)")
     return patterns
+
+
+def _check_linear_tensors(name: str, mod: nn.Linear):
+    """The weight and bias a quantized Linear's tensors are computed from must
+    be what its in_features / out_features say."""
+    pfx = f"{name}." if name else ""
+    n_out, k_in = mod.out_features, mod.in_features
+    if n_out <= 0 or k_in <= 0:
+        raise ValueError(f"{name or '<model>'}: an empty Linear (out_features={n_out}, "
+                         f"in_features={k_in}) cannot be quantized; add it to "
+                         "modules_to_not_convert")
+    w, b = mod.weight, mod.bias
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"{pfx}weight: {type(w).__name__}, not a tensor")
+    if tuple(w.shape) != (n_out, k_in):
+        raise ValueError(f"{pfx}weight: shape {tuple(w.shape)} does not match the Linear's "
+                         f"[out_features, in_features] = [{n_out}, {k_in}]")
+    if not w.is_floating_point():
+        raise TypeError(f"{pfx}weight: dtype {w.dtype} is not a real floating-point type")
+    if b is not None:
+        if not isinstance(b, torch.Tensor):
+            raise TypeError(f"{pfx}bias: {type(b).__name__}, not a tensor")
+        if tuple(b.shape) != (n_out,):
+            raise ValueError(f"{pfx}bias: shape {tuple(b.shape)} does not match the Linear's "
+                             f"[out_features] = [{n_out}]")
+        if not b.is_floating_point():
+            raise TypeError(f"{pfx}bias: dtype {b.dtype} is not a real floating-point type")
 
 
 def _classify(model: nn.Module, modules_to_not_convert, scheme, mode, group_size):
@@ -403,6 +453,7 @@ def _classify(model: nn.Module, modules_to_not_convert, scheme, mode, group_size
                 fp16_linears.append(name)
             continue
         w = mod.weight
+        _check_linear_tensors(name, mod)
         if isinstance(mod, FakeQuantLinear):
             spec = dict(source="fake_quant", scheme=mod.scheme, mode=mod.mode,
                         group_size=mod.group_size)
@@ -491,21 +542,26 @@ def _quant_item(name, spec, report: ExportReport, strict, threshold, verify):
         with torch.no_grad():
             if src == "int4_tensor":
                 codes, sf, zf, g2, target = _int4_tensor_parts(mod.weight)
+                if not (bool(torch.isfinite(sf).all()) and bool(torch.isfinite(zf).all())):
+                    raise ValueError(f"{pfx}weight: the Int4Tensor's scale or zero_point "
+                                     "contains NaN or Inf (refusing to write a broken checkpoint)")
                 if bool((zf == 0).all()):  # symmetric (fp8 activation variant): z = 8
                     s16 = sf.to(torch.float16)
+                    if not bool(torch.isfinite(s16).all()):
+                        raise ValueError(f"{pfx}weight: an Int4Tensor group scale overflows "
+                                         "float16 (the AWQ scale; |scale| > 65504)")
                     z = torch.full_like(codes[:, :G], 8)
                 else:
                     mn = zf - 8.0 * sf
                     codes, s16, z = _fit_integer_zero(target, g, sf, mn)
             else:
                 w = mod.weight.detach()
-                if not w.is_floating_point():
-                    raise TypeError(f"{name}: weight dtype {w.dtype} is not floating point")
                 if (scheme, mode) in _EXACT:
-                    codes, scales, z = quantize_int4(w, g, scheme=scheme, mode=mode)
+                    codes, scales, z = _quantize_int4(w, g, scheme, mode, f"{pfx}weight")
                     s16 = scales.to(torch.float16)
                     if not bool(torch.isfinite(s16).all()):
-                        raise ValueError(f"{name}: a group scale overflows float16")
+                        raise ValueError(f"{pfx}weight: a group scale overflows float16 (the "
+                                         "AWQ scale; |scale| > 65504)")
                     target = None
                     # fp8_int4/torchao keeps s_g in the weight dtype: exact iff it is an fp16
                     # value; if not, the SQNR is always measured
@@ -513,8 +569,8 @@ def _quant_item(name, spec, report: ExportReport, strict, threshold, verify):
                         fq = fake_quant_fp8_int4 if scheme == "fp8_int4" else fake_quant_int4_asym
                         target = fq(w, g, mode=mode)
                 else:  # int4_asym / torchao: float zero point -> best integer zero
+                    _, scales, zf = _quantize_int4(w, g, scheme, mode, f"{pfx}weight")
                     target = fake_quant_int4_asym(w, g, mode="torchao")
-                    _, scales, zf = quantize_int4(w, g, scheme=scheme, mode=mode)
                     sf = scales.to(torch.float32)
                     mn = zf.to(torch.float32) - 8.0 * sf
                     codes, s16, z = _fit_integer_zero(target.to("cpu"), g, sf.to("cpu"),
@@ -528,7 +584,7 @@ def _quant_item(name, spec, report: ExportReport, strict, threshold, verify):
                     not (scheme == "fp8_int4" and mode == "torchao"):
                 raise RuntimeError(f"{name}: internal error: the {scheme}/{mode} export is not "
                                    "bit-exact")
-            if strict and rep.sqnr_db < threshold:
+            if strict and not rep.sqnr_db >= threshold:  # NaN fails too
                 raise ValueError(f"{name}: SQNR {rep.sqnr_db:.2f} dB of the AWQ weights against "
                                  f"the fake-quant weights is below sqnr_threshold={threshold} dB "
                                  f"({scheme}/{mode} cannot be exported exactly)")
@@ -542,11 +598,18 @@ def _quant_item(name, spec, report: ExportReport, strict, threshold, verify):
 
 
 def _plain_item(name, t: torch.Tensor):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: the state dict holds a {type(t).__name__} here (e.g. a "
+                        "module's get_extra_state()), not a tensor: safetensors stores tensors "
+                        "only")
+    if t.is_nested or t.layout != torch.strided:
+        raise ValueError(f"{name}: a {'nested' if t.is_nested else str(t.layout)} tensor; "
+                         "safetensors stores dense (strided) tensors only")
     if t.is_floating_point():
         dt = torch.float16
     else:
         dt = t.dtype
-        _st_dtype(dt)
+    st = _st_dtype(dt, name)
     shape = list(t.shape)
     nb = _nbytes(shape, dt)
 
@@ -555,7 +618,7 @@ def _plain_item(name, t: torch.Tensor):
             return [_to_fp16(name, t).contiguous()]
         return [t.detach().to("cpu").contiguous()]
 
-    return _Item(entries=[(name, _st_dtype(dt), shape, nb)], produce=produce, nbytes=nb)
+    return _Item(entries=[(name, st, shape, nb)], produce=produce, nbytes=nb)
 
 
 def _storage_key(t: torch.Tensor):
@@ -609,6 +672,8 @@ def _plan(model, quant, report, strict, threshold, verify, tie_ok, model_type=No
             continue
         if t is None:
             continue
+        if not isinstance(t, torch.Tensor) or t.is_nested or t.layout != torch.strided:
+            items.append(_plain_item(key, t))  # raises, naming the key
         if _is_int4_tensor(t):
             # an excluded Linear (lm_head / modules_to_not_convert) holding an Int4Tensor
             t = _int4_tensor_parts(t)[4]
@@ -621,6 +686,35 @@ def _plan(model, quant, report, strict, threshold, verify, tie_ok, model_type=No
         seen.setdefault(sk, key)
         items.append(_plain_item(key, t))
     return items + _scaled_act_items(model, model_type, sd)
+
+
+def _check_converted_group_size(model, G, from_layers):
+    """Tensors already in AWQ form (a converted AWQInt4Linear: `qweight`
+    [K, N/8], `qzeros` [K/g, N/8], `scales` [K/g, N]) are written as they
+    are: their group size must be the one config.json records."""
+    sd = model.state_dict()
+    for key, qw in sd.items():
+        if not key.endswith("qweight"):
+            continue
+        base = key[: -len("qweight")]
+        qz, sc = sd.get(base + "qzeros"), sd.get(base + "scales")
+        label = base.rstrip(".") or "<model>"
+        if not all(isinstance(t, torch.Tensor) and t.dim() == 2 for t in (qw, qz, sc)):
+            raise ValueError(f"{label}: qweight without 2-D qzeros and scales beside it is not "
+                             "an AWQ GEMM layer")
+        k, groups = qw.shape[0], sc.shape[0]
+        if groups == 0 or k % groups or qz.shape[0] != groups or qz.shape[1] != qw.shape[1] \
+                or sc.shape[1] != 8 * qw.shape[1]:
+            raise ValueError(f"{label}: inconsistent AWQ tensors: qweight {tuple(qw.shape)}, "
+                             f"qzeros {tuple(qz.shape)}, scales {tuple(sc.shape)}")
+        g = k // groups
+        if g != G:
+            other = ("the other quantized layers use" if from_layers else
+                     "group_size (the value config.json records) is")
+            raise ValueError(f"{label}: converted layer with group size {g} (qweight {k} rows, "
+                             f"scales {groups} rows), but {other} {G}: "
+                             + ("convert all layers with one group size" if from_layers else
+                                f"pass group_size={g} (export_qat_awq does)"))
 
 
 def _check_checkpoint_names(model):
@@ -683,10 +777,15 @@ def _check_fused_weights(model, patterns):
                 "unquantized in fp16. Add it to modules_to_not_convert to accept that")
 
 
-def _fake_quant_fp16(mod: FakeQuantLinear):
-    """The weight an excluded FakeQuantLinear computed with."""
+def _fake_quant_fp16(name: str, mod: FakeQuantLinear):
+    """[the fp16 weight an excluded FakeQuantLinear computed with]."""
     with torch.no_grad():
-        return mod.fake_quant_weight()
+        w = mod.fake_quant_weight()
+        if not bool(torch.isfinite(w).all()) and bool(torch.isfinite(mod.weight).all()):
+            raise ValueError(f"{name}: the fake-quant weight of this {type(mod).__name__} (kept "
+                             "in float16) is not finite although the weight is: a group "
+                             f"scale overflows ({mod.scheme}/{mod.mode}; |w| too large)")
+    return [_to_fp16(name, w)]
 
 
 def _shard(items: List[_Item], limit: int) -> List[List[_Item]]:
@@ -729,15 +828,33 @@ def _config_dict_from(model, hf_config):
                 with open(gp, "rb") as f:
                     gen = f.read()
             p = os.path.join(p, "config.json")
-        with open(p, "r", encoding="utf-8") as f:
-            return json.load(f), gen
+        try:
+            with open(p, "r", encoding="utf-8") as f:
+                d = json.load(f, parse_constant=_no_json_constant)
+        except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+            raise ValueError(f"{p}: not a valid JSON config ({e})") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{p}: a config.json must hold a JSON object, got "
+                             f"{type(d).__name__}")
+        return d, gen
     if isinstance(cfg, dict):
-        return json.loads(json.dumps(cfg)), gen
+        return _json_roundtrip(cfg, None), gen
     if hasattr(cfg, "to_dict"):
-        d = cfg.to_dict()
-        return json.loads(json.dumps(d, default=str)), gen
+        return _json_roundtrip(cfg.to_dict(), str), gen
     raise TypeError("hf_config must be a directory, a config.json path, a dict, a transformers "
                     f"PretrainedConfig or None, got {type(cfg).__name__}")
+
+
+def _no_json_constant(c):
+    raise ValueError(f"{c} is not valid JSON")
+
+
+def _json_roundtrip(d, default):
+    try:
+        return json.loads(json.dumps(d, default=default, allow_nan=False))
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"hf_config: {e} (config.json must be valid JSON: no tensors, NaN or "
+                      "Infinity)") from None
 
 
 def _write_json(path, obj):
@@ -773,9 +890,15 @@ def _fsync_dir(path):
 def check_out_dir(out_dir) -> str:
     """Absolute out_dir; raises FileExistsError unless it is absent or an
     empty directory."""
-    out_dir = os.path.abspath(os.fspath(out_dir))
+    if not isinstance(out_dir, (str, bytes, os.PathLike)):
+        raise TypeError(f"out_dir must be a path, got {type(out_dir).__name__}")
+    out_dir = os.path.abspath(os.fsdecode(os.fspath(out_dir)))
     if os.path.lexists(out_dir):
-        if not os.path.isdir(out_dir) or os.path.islink(out_dir):
+        if os.path.islink(out_dir):
+            raise FileExistsError(_errno.EEXIST, "out_dir is a symbolic link (the export "
+                                  "renames a new directory into place, it does not follow "
+                                  "links)", out_dir)
+        if not os.path.isdir(out_dir):
             raise FileExistsError(_errno.EEXIST, "out_dir exists and is not a directory",
                                   out_dir)
         if os.listdir(out_dir):
@@ -835,15 +958,12 @@ def export_awq(model: nn.Module, out_dir, *, scheme: str = "int4_asym", mode: st
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     _check_scheme_mode(scheme, mode)
-    if group_size not in AWQ_GROUP_SIZES:
-        raise ValueError(f"group_size must be one of {AWQ_GROUP_SIZES} for an AWQ checkpoint, "
-                         f"got {group_size!r}")
+    _check_group_size(group_size, AWQ_GROUP_SIZES, " for an AWQ checkpoint")
     limit = parse_size(max_shard_size)
     if not isinstance(sqnr_threshold, (int, float)) or math.isnan(sqnr_threshold):
         raise ValueError(f"sqnr_threshold must be a number of dB, got {sqnr_threshold!r}")
     check_out_dir(out_dir)
-    if isinstance(modules_to_not_convert, str):
-        modules_to_not_convert = [modules_to_not_convert]
+    modules_to_not_convert = _patterns(modules_to_not_convert)
     quant, fp16_linears = _classify(model, modules_to_not_convert, scheme, mode, group_size)
     if not quant and not any(k.rpartition(".")[2] == "qweight" for k in model.state_dict()):
         raise ValueError("the model has no Linear layer to quantize (none outside lm_head and "
@@ -853,6 +973,7 @@ def export_awq(model: nn.Module, out_dir, *, scheme: str = "int4_asym", mode: st
     cfg, gen = _config_dict(model, hf_config)
     tie_ok = not (cfg is not None and cfg.get("tie_word_embeddings") is False)
     G = next(iter(quant.values()))["group_size"] if quant else group_size
+    _check_converted_group_size(model, G, bool(quant))
 
     out_dir, tmp = _prepare_out_dir(out_dir)
     report = ExportReport(out_dir=out_dir, group_size=G,
@@ -868,7 +989,7 @@ def export_awq(model: nn.Module, out_dir, *, scheme: str = "int4_asym", mode: st
             nm = it.entries[0][0]
             if len(it.entries) == 1 and nm in fq_excluded:
                 m = fq_excluded[nm]
-                it.produce = (lambda m=m, nm=nm: [_to_fp16(nm, _fake_quant_fp16(m))])
+                it.produce = (lambda m=m, nm=nm: _fake_quant_fp16(nm, m))
         shards = _shard(items, limit)
         nsh = len(shards)
         names = (["model.safetensors"] if nsh == 1 else

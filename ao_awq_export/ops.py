@@ -123,7 +123,7 @@ def _check_group(w, group_size):
 
 
 def _check_choice(name, value, choices):
-    if value not in choices:
+    if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
 
 
@@ -314,6 +314,11 @@ def quantize_int4(w: torch.Tensor, group_size: int = 128, *, scheme: str = "fp8_
     dequantize_int4(codes, scales, zeros, ...) reproduces the fake-quant
     output bit for bit.  Non-finite weights and fp16 scale overflow raise.
     """
+    return _quantize_int4(w, group_size, scheme, mode, "w")
+
+
+def _quantize_int4(w, group_size, scheme, mode, name):
+    """quantize_int4, with errors naming the weight `name`."""
     _check_choice("scheme", scheme, SCHEMES)
     _check_weight(w, group_size, mode)
     w = w.detach().contiguous()  # integers: nothing to differentiate
@@ -322,10 +327,16 @@ def quantize_int4(w: torch.Tensor, group_size: int = 128, *, scheme: str = "fp8_
     # scale non-finite, so checking the K/g-times smaller scales is enough;
     # the full scan of w only runs to word the error.
     if w.device.type != "meta" and not bool(torch.isfinite(scales).all()):
+        row, grp = (~torch.isfinite(scales)).nonzero()[0].tolist()
+        where = f"row {row}, group {grp} (columns {grp * group_size}..{(grp + 1) * group_size - 1})"
         if not bool(torch.isfinite(w).all()):
-            raise ValueError("w contains NaN or Inf: quantize_int4 needs finite weights")
-        raise ValueError("w: a group scale overflows float16 (the AWQ fp16 scale; |w| too large: "
-                         "max group range is about 9.8e5 for int4_asym, 5.2e5 for fp8_int4)")
+            r, c = (~torch.isfinite(w)).nonzero()[0].tolist()
+            raise ValueError(f"{name}: contains NaN or Inf (first at [{r}, {c}]): int4 "
+                             "quantization needs finite weights")
+        limit = ("the group's range max - min must stay below about 9.8e5" if scheme == "int4_asym"
+                 else "the group's max |w| must stay below about 5.2e5")
+        raise ValueError(f"{name}: the float16 scale of {where} overflows (|w| too large for an "
+                         f"AWQ fp16 scale: {limit})")
     sdt = _scale_dtype(scheme, mode, w.dtype)
     scales = scales.to(sdt)
     if scheme == "int4_asym" and mode == "torchao":
@@ -350,13 +361,22 @@ def dequantize_int4(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tens
             raise ValueError(f"{nm} is on {t.device}, codes on {codes.device}: same device needed")
     if codes.dtype != torch.uint8:
         raise TypeError(f"codes must be uint8 (quantize_int4's codes), got {codes.dtype}")
-    if not scales.is_floating_point():
-        raise TypeError(f"scales must be floating point, got {scales.dtype}")
+    if scales.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"scales must be float16, bfloat16 or float32, got {scales.dtype}")
+    if scheme == "int4_asym" and mode == "torchao":
+        if zeros.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"zeros must be floating point for int4_asym/torchao (torchao's float "
+                            f"zero point), got {zeros.dtype}")
+    elif zeros.dtype != torch.uint8:
+        raise TypeError(f"zeros must be uint8 integer zero points for {scheme}/{mode} "
+                        f"(quantize_int4's zeros), got {zeros.dtype}")
     if dtype not in _FLOAT_DTYPES:
         raise TypeError(f"dtype must be bfloat16, float16 or float32, got {dtype}")
     n, k = codes.shape
+    if n == 0 or k == 0:
+        raise ValueError(f"codes must not be empty, got shape {tuple(codes.shape)}")
     G = scales.shape[1]
-    if n == 0 or k == 0 or G == 0 or k % G or k // G not in GROUP_SIZES:
+    if G == 0 or k % G or k // G not in GROUP_SIZES:
         raise ValueError(f"scales must be [N, K/g] for codes [N, K] = {tuple(codes.shape)} with "
                          f"g in {GROUP_SIZES}, got {tuple(scales.shape)}")
     if tuple(scales.shape) != (n, G) or tuple(zeros.shape) != (n, G):
@@ -384,6 +404,8 @@ def pack_awq(codes: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"codes must be uint8, got {codes.dtype}")
     if codes.dim() != 2:
         raise ValueError(f"codes must be 2-D [N, K], got shape {tuple(codes.shape)}")
+    if codes.numel() == 0:
+        raise ValueError(f"codes must not be empty, got shape {tuple(codes.shape)}")
     if codes.shape[0] % 8:
         raise ValueError(f"codes.shape[0] (N = {codes.shape[0]}) must be a multiple of 8 "
                          "(AWQ packs 8 output channels per int32)")

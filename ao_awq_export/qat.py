@@ -102,6 +102,9 @@ class AWQQATConfig(AOBaseConfig):
     step: "prepare" (nn.Linear -> QATLinear) or "convert" (QATLinear ->
         AWQInt4Linear; other modules are left alone, as torchao's QATConfig does).
         At convert the module's own scheme / mode / group size are used.
+        prepare leaves a Linear the group size does not divide (and, in mode
+        "awq", one with out_features % 8 != 0) as it is, with a warning, like
+        torchao's Int4WeightOnlyConfig: it never stops half-way.
     act_fake_quant: fp8 per-row activation fake quant; None = on for fp8_int4.
     ste: "autograd" (torch autograd through torchao's formula) or "pure"
         (straight-through gradient, cheaper).
@@ -131,14 +134,19 @@ class AWQQATConfig(AOBaseConfig):
         return (self.scheme == "fp8_int4") if self.act_fake_quant is None else self.act_fake_quant
 
 
+_HEAD_NAMES = ("lm_head", "embed_out")  # embed_out: GPT-NeoX / Pythia's output projection
+
+
 def awq_filter(module: nn.Module, fqn: str = "") -> bool:
-    """A `quantize_` filter_fn: every nn.Linear except `lm_head` (AWQ
-    checkpoints keep the output projection in fp16)."""
+    """A `quantize_` filter_fn: every nn.Linear except the output projection
+    (`lm_head`, or GPT-NeoX's `embed_out`): AWQ checkpoints keep it in fp16.
+    export_qat_awq also refuses a converted `model.get_output_embeddings()`
+    under any other name."""
     from torchao.quantization.quant_api import _is_linear
 
     if not _is_linear(module):
         return False
-    return not (fqn == "lm_head" or fqn.endswith(".lm_head"))
+    return fqn.rpartition(".")[2] not in _HEAD_NAMES
 
 
 # --------------------------------------------------------------------------
@@ -225,6 +233,10 @@ class AWQInt4Linear(nn.Module):
                  act_fake_quant: bool = False, dtype: torch.dtype = torch.float32,
                  device=None):
         super().__init__()
+        _check(scheme, mode, group_size)
+        if in_features <= 0 or out_features <= 0:
+            raise ValueError(f"in_features and out_features must be positive, got "
+                             f"K={in_features}, N={out_features}")
         if in_features % group_size or out_features % 8:
             raise ValueError(f"AWQ needs in_features % group_size == 0 and out_features % 8 == "
                              f"0, got K={in_features}, N={out_features}, g={group_size}")
@@ -249,6 +261,12 @@ class AWQInt4Linear(nn.Module):
     def from_qat_linear(cls, mod: QATLinear) -> "AWQInt4Linear":
         w = mod.weight.detach()
         scheme, mode, g = mod.scheme, mod.mode, mod.group_size
+        if not mod.weight_fake_quant_enabled:
+            raise ValueError(
+                "convert: this QATLinear's weight fake quant is disabled "
+                "(weight_fake_quant_enabled=False; torchao's weight quantizer was disabled), so "
+                "its forward uses the float weight and an int4 module could not equal it; "
+                "enable it, or leave this Linear out of convert with filter_fn")
         if mode == "torchao" and scheme == "int4_asym":
             raise ValueError(
                 "convert: int4_asym in mode 'torchao' has a float zero point, which an AWQ "
@@ -327,6 +345,19 @@ def _torchao_fql():
     return FakeQuantizedLinear
 
 
+def _prepare_skip_reason(module: nn.Linear, config: AWQQATConfig) -> str:
+    """Why prepare leaves this Linear alone ("" if it does not): like torchao's
+    Int4WeightOnlyConfig, which skips weights its group size does not divide,
+    prepare never fails half-way through a model."""
+    if module.in_features % config.group_size:
+        return (f"in_features is not a multiple of group_size {config.group_size}: the int4 "
+                "groups would not tile the rows")
+    if config.mode == "awq" and module.out_features % 8:
+        return ("out_features is not a multiple of 8: an AWQ checkpoint packs 8 output channels "
+                "per int32, so mode 'awq' could never convert or export it")
+    return ""
+
+
 @register_quantize_module_handler(AWQQATConfig)
 def _awq_qat_transform(module: nn.Module, config: AWQQATConfig) -> nn.Module:
     if config.step == "prepare":
@@ -336,6 +367,14 @@ def _awq_qat_transform(module: nn.Module, config: AWQQATConfig) -> nn.Module:
             raise ValueError(f"AWQQATConfig applies to nn.Linear only, got "
                              f"{type(module).__name__} (AWQ checkpoints keep embeddings and "
                              "other modules in fp16)")
+        skip = _prepare_skip_reason(module, config)
+        if skip:
+            warnings.warn(f"AWQQATConfig prepare: {type(module).__name__}(in_features="
+                          f"{module.in_features}, out_features={module.out_features}) left as it "
+                          f"is ({skip}); to export the model, name it in modules_to_not_convert "
+                          "(lm_head stays fp16 anyway)",
+                          stacklevel=2)
+            return module
         if isinstance(module, QATLinear):
             same = (module.scheme, module.mode, module.group_size, module.act_fake_quant,
                     module.ste) == (config.scheme, config.mode, config.group_size,
@@ -348,14 +387,19 @@ def _awq_qat_transform(module: nn.Module, config: AWQQATConfig) -> nn.Module:
                             device="meta")
             lin.weight, lin.bias = module.weight, module.bias
             module = lin
-        if module.weight.device.type == "meta":
-            raise ValueError("prepare: the Linear's weight is on the meta device")
         return QATLinear.from_linear(module, scheme=config.scheme, mode=config.mode,
                                      group_size=config.group_size,
                                      act_fake_quant=config.activations, ste=config.ste)
     # convert: QATLinear -> AWQInt4Linear, anything else untouched (like torchao)
     if isinstance(module, QATLinear):
-        return AWQInt4Linear.from_qat_linear(module)
+        try:
+            return AWQInt4Linear.from_qat_linear(module)
+        except ValueError as e:
+            raise ValueError(
+                f"{e} [QATLinear(in_features={module.in_features}, out_features="
+                f"{module.out_features}, scheme={module.scheme}, mode={module.mode}). Linears "
+                "converted before this one compute exactly what they computed when prepared; "
+                "after fixing this one, run convert again (converted modules are kept)]") from None
     return module
 
 
@@ -392,9 +436,13 @@ def swap_torchao_qat_to_ours(model: nn.Module, *, ste: str = "autograd") -> nn.M
     `Int4WeightFakeQuantizer` (and whose activation quantizer is None or a
     PerRow e4m3 `Float8FakeQuantizer` without bounds) becomes a QATLinear in
     mode "torchao" with the same Parameters and the same forward numerics
-    (fp8 activations: ours gives 0, not NaN, for an all-zero row).  Other
-    torchao QAT modules are left as they are, with a warning.  Returns the
-    model (a new object only if the root itself was swapped)."""
+    (fp8 activations: ours gives 0, not NaN, for an all-zero row; in fp16,
+    inputs or weight rows so small that torchao's scale reciprocals overflow
+    give NaN/Inf there and finite values here).  Other torchao QAT modules
+    (other quantizers, FakeQuantizedEmbedding) are left as they are, with a
+    warning.  The `enabled` flags of torchao's quantizers carry over both
+    ways.  Returns the model (a new object only if the root itself was
+    swapped)."""
     from torchao.quantization.granularity import PerRow
     from torchao.quantization.qat.fake_quantizer import (
         Float8FakeQuantizer,
@@ -406,6 +454,8 @@ def swap_torchao_qat_to_ours(model: nn.Module, *, ste: str = "autograd") -> nn.M
 
     def make(name, mod):
         if not isinstance(mod, FQL):
+            if getattr(mod, "weight_fake_quantizer", None) is not None:  # FakeQuantizedEmbedding
+                skipped.append(f"{name or '<root>'}: {type(mod).__name__} (only Linears swap)")
             return None
         wq, aq = mod.weight_fake_quantizer, mod.activation_fake_quantizer
         if not isinstance(wq, Int4WeightFakeQuantizer):
@@ -430,6 +480,7 @@ def swap_torchao_qat_to_ours(model: nn.Module, *, ste: str = "autograd") -> nn.M
         new = QATLinear.from_linear(mod, scheme=scheme, mode="torchao", group_size=g,
                                     act_fake_quant=act, ste=ste)
         new.weight_fake_quant_enabled = bool(wq.enabled)
+        new._torchao_act_quantizer = aq is not None  # so that the swap back rebuilds it as it was
         return new
 
     out = _swap_modules(model, make)
@@ -476,8 +527,11 @@ def swap_ours_to_torchao_qat(model: nn.Module) -> nn.Module:
             return None
         adt = _e4m3() if mod.scheme == "fp8_int4" else torch.bfloat16
         wcfg = Int4WeightFakeQuantizeConfig(group_size=mod.group_size, activation_dtype=adt)
+        # an activation quantizer when fp8_int4 fake-quantizes activations, or when the
+        # module came from torchao with one (possibly disabled): what torchao had
+        had = getattr(mod, "_torchao_act_quantizer", mod.scheme == "fp8_int4")
         acfg = Float8FakeQuantizeConfig(dtype=_e4m3(), granularity=PerRow()) \
-            if mod.scheme == "fp8_int4" else None
+            if mod.act_fake_quant or had else None
         with torch.device("meta"):
             new = FQL(mod.in_features, mod.out_features, mod.bias is not None,
                       activation_config=acfg, weight_config=wcfg)
@@ -502,7 +556,7 @@ def export_qat_awq(model: nn.Module, out_dir, **kwargs):
     to the returned report (exact by construction).  Other kwargs go to
     export_awq."""
     def is_head(n):
-        return n == "lm_head" or n.endswith(".lm_head")
+        return n.rpartition(".")[2] in _HEAD_NAMES
 
     conv = {n: m for n, m in model.named_modules() if isinstance(m, AWQInt4Linear)}
     groups = {m.group_size for n, m in model.named_modules()

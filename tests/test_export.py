@@ -463,7 +463,7 @@ def test_write_failure_injected_enospc(tmp_path, monkeypatch):
 
 
 def test_failure_in_quantization_leaves_nothing(tmp_path, monkeypatch):
-    real = ex.quantize_int4
+    real = ex._quantize_int4
     n = {"i": 0}
 
     def flaky(*a, **k):
@@ -472,7 +472,7 @@ def test_failure_in_quantization_leaves_nothing(tmp_path, monkeypatch):
             raise RuntimeError("boom")
         return real(*a, **k)
 
-    monkeypatch.setattr(ex, "quantize_int4", flaky)
+    monkeypatch.setattr(ex, "_quantize_int4", flaky)
     with pytest.raises(RuntimeError, match="boom"):
         export_awq(Tiny(), str(tmp_path / "o"), group_size=32, progress=False)
     assert os.listdir(tmp_path) == []
@@ -774,11 +774,11 @@ def test_empty_tensors_are_not_tied_and_non_finite_tensors_refused(tmp_path):
             name = "0.bias" if target == "bias" else "1.weight"
             with pytest.raises(ValueError, match=rf"^{re.escape(name)}: .*{what}"):
                 export_awq(m, str(tmp_path / "bad"), group_size=32, progress=False)
-    # quantized-layer errors name the layer
+    # quantized-layer errors name the tensor
     m = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 16))
     with torch.no_grad():
-        m[1].weight[0, 0] = float("nan")
-    with pytest.raises(ValueError, match=r"^1: .*NaN or Inf"):
+        m[1].weight[0, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"^1\.weight: contains NaN or Inf \(first at \[0, 5\]\)"):
         export_awq(m, str(tmp_path / "bad"), group_size=32, progress=False)
     assert sorted(os.listdir(tmp_path)) == ["o"]
 
@@ -909,3 +909,186 @@ def test_transformers_gptqmodel_scaled_activation_archs(tmp_path, arch):
     _, nl, diff, scale = line[0].split()
     assert int(nl) == 8 and float(diff) == float(diff)  # not NaN
     assert float(diff) <= 2e-3 * max(1.0, float(scale)), line
+
+
+# ----------------------------------------------------------------------------
+# bad input found in review: every case a clear exception naming the tensor
+# ----------------------------------------------------------------------------
+def _int4_tensor_linear(w, g, zero=None):
+    """nn.Linear holding a torchao Int4Tensor of w (built as in
+    test_int4_tensor_weights); `zero` overrides the zero points [N, K/g]."""
+    from torchao.quantization import Int4Tensor
+
+    codes, scale, zp = ao_awq_export.quantize_int4(w, g, scheme="int4_asym", mode="torchao")
+    zp = zp if zero is None else zero
+    signed = codes.to(torch.int16) - 8
+    lo, hi = signed[:, 0::2] & 0xF, signed[:, 1::2] & 0xF
+    qdata = (lo | (hi << 4)).to(torch.uint8).view(torch.int8)
+    it = Int4Tensor(qdata, scale.t().contiguous().to(w.dtype), zp.t().contiguous().to(w.dtype),
+                    [1, g], w.shape)
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=False).to(w.dtype)
+    lin.weight = nn.Parameter(it, requires_grad=False)
+    return lin
+
+
+def test_int4_tensor_non_finite_or_overflowing_scales_refused(tmp_path):
+    torch.manual_seed(5)
+    w = torch.randn(16, 64, dtype=torch.float32)
+    for strict in (False, True):
+        for zero, bad, msg in ((torch.zeros(16, 2), float("nan"), "NaN or Inf"),
+                               (torch.zeros(16, 2), 1e6, "overflows float16"),
+                               (None, float("nan"), "NaN or Inf")):
+            lin = _int4_tensor_linear(w, 32, zero)
+            with torch.no_grad():
+                if zero is None:
+                    lin.weight.zero_point[1, 3] = bad
+                else:
+                    lin.weight.scale[1, 3] = bad
+            with pytest.raises(ValueError, match=rf"^0\.weight: .*{msg}"):
+                export_awq(nn.Sequential(lin), str(tmp_path / "o"), group_size=32,
+                           strict=strict, progress=False)
+    assert os.listdir(tmp_path) == []
+
+
+def test_converted_layers_group_size_must_match(tmp_path):
+    from torchao.quantization import quantize_
+
+    from ao_awq_export.qat import AWQQATConfig
+
+    torch.manual_seed(6)
+    m = nn.Sequential(nn.Linear(128, 32), nn.Linear(32, 8))
+    quantize_(m, AWQQATConfig(group_size=64), filter_fn=lambda mod, f: f == "0")
+    quantize_(m, AWQQATConfig(step="convert"))
+    assert type(m[0]).__name__ == "AWQInt4Linear"
+    with pytest.raises(ValueError, match=r"^0: converted layer with group size 64 .*pass "
+                                         r"group_size=64"):
+        export_awq(m, str(tmp_path / "o"), modules_to_not_convert=["1"], progress=False)
+    with pytest.raises(ValueError, match=r"^0: converted layer with group size 64.*other "
+                                         r"quantized layers use 32"):
+        export_awq(m, str(tmp_path / "o"), group_size=32, progress=False)  # [1]: RTN at 32
+    assert os.listdir(tmp_path) == []
+    rep = export_awq(m, str(tmp_path / "o"), group_size=64, modules_to_not_convert=["1"],
+                     progress=False)
+    cfg = json.load(open(tmp_path / "o" / "config.json"))
+    assert cfg["quantization_config"]["group_size"] == 64 == rep.group_size
+    t, _ = read_export(str(tmp_path / "o"))
+    assert tuple(t["0.qzeros"].shape) == (2, 4) and tuple(t["0.scales"].shape) == (2, 32)
+
+
+def test_excluded_fake_quant_with_overflowing_scale_says_so(tmp_path):
+    m = nn.Sequential(nn.Linear(64, 16), FakeQuantLinear(64, 16, group_size=32, mode="awq"))
+    with torch.no_grad():
+        m[1].weight.uniform_(-1e6, 1e6)  # finite, but range / 15 > 65504
+    with pytest.raises(ValueError, match=r"^1\.weight: the fake-quant weight .* not finite "
+                                         r"although the weight is: a group scale overflows"):
+        export_awq(m, str(tmp_path / "o"), group_size=32, modules_to_not_convert=["1"],
+                   progress=False)
+    assert os.listdir(tmp_path) == []
+
+
+class _ExtraState(nn.Module):
+    def get_extra_state(self):
+        return {"step": 3}
+
+    def set_extra_state(self, state):
+        pass
+
+
+def test_state_dict_entries_safetensors_cannot_hold(tmp_path):
+    cases = []
+    m = nn.Sequential(nn.Linear(64, 16), _ExtraState())
+    cases.append((m, TypeError, r"^1\._extra_state: the state dict holds a dict"))
+    m = nn.Sequential(nn.Linear(64, 16))
+    m.register_buffer("sp", torch.eye(3).to_sparse())
+    cases.append((m, ValueError, r"^sp: a torch\.sparse_coo tensor"))
+    m = nn.Sequential(nn.Linear(64, 16))
+    m.register_buffer("c", torch.ones(3, dtype=torch.complex64))
+    cases.append((m, TypeError, r"^c: dtype torch\.complex64 cannot be stored"))
+    m = nn.Sequential(nn.Linear(64, 16))
+    m[0].bias = nn.Parameter(torch.ones(16, dtype=torch.complex64))
+    cases.append((m, TypeError, r"^0\.bias: dtype torch\.complex64 is not a real floating"))
+    for m, err, msg in cases:
+        with pytest.raises(err, match=msg):
+            export_awq(m, str(tmp_path / "o"), group_size=32, progress=False)
+    assert os.listdir(tmp_path) == []
+
+
+def test_linear_tensors_must_match_their_sizes(tmp_path, caplog):
+    def bad(setup, err, msg):
+        m = nn.Sequential(nn.Linear(128, 16), nn.Linear(16, 8))
+        setup(m[0])
+        with pytest.raises(err, match=msg):
+            export_awq(m, str(tmp_path / "o"), group_size=32, modules_to_not_convert=["1"],
+                       progress=False)
+
+    bad(lambda l: setattr(l, "weight", nn.Parameter(torch.randn(8, 128))), ValueError,
+        r"^0\.weight: shape \(8, 128\) does not match .* \[16, 128\]")
+    bad(lambda l: setattr(l, "weight", nn.Parameter(torch.randn(16, 64))), ValueError,
+        r"^0\.weight: shape \(16, 64\) does not match")
+    bad(lambda l: setattr(l, "bias", nn.Parameter(torch.randn(8))), ValueError,
+        r"^0\.bias: shape \(8,\) does not match .* \[16\]")
+    bad(lambda l: setattr(l, "weight", None), TypeError, r"^0\.weight: NoneType, not a tensor")
+    with caplog.at_level("WARNING"):
+        bad(lambda l: setattr(l, "weight", nn.Parameter(torch.randn(16, 128, 1))), ValueError,
+            r"^0\.weight: shape \(16, 128, 1\) does not match")
+    assert "unquantized" not in caplog.text  # no contradicting "written in fp16" warning
+    with pytest.raises(ValueError, match=r"^0: an empty Linear"):
+        export_awq(nn.Sequential(nn.Linear(64, 0)), str(tmp_path / "o"), group_size=32,
+                   progress=False)
+    assert os.listdir(tmp_path) == []
+
+
+def test_argument_types_and_configs(tmp_path):
+    m = nn.Sequential(nn.Linear(128, 16))
+    out = str(tmp_path / "o")
+    for g in (128.0, np.int64(128), True):
+        with pytest.raises(TypeError, match="group_size must be an int"):
+            export_awq(m, out, group_size=g, progress=False)
+        with pytest.raises(TypeError, match="group_size must be an int"):
+            FakeQuantLinear(128, 16, group_size=g)
+    for kw in (dict(scheme=[]), dict(mode={})):
+        with pytest.raises(ValueError, match="must be one of"):
+            export_awq(m, out, progress=False, **kw)
+    with pytest.raises(TypeError, match="modules_to_not_convert must hold strings.*1"):
+        export_awq(m, out, modules_to_not_convert=["x", 1], progress=False)
+    with pytest.raises(TypeError, match="modules_to_not_convert must be a string or a list"):
+        export_awq(m, out, modules_to_not_convert=5, progress=False)
+    cfg = tmp_path / "cfg.json"
+    for text, msg in (("[1, 2]", "a config.json must hold a JSON object, got list"),
+                      ('{"a": ', "not a valid JSON config"),
+                      ('{"a": NaN}', "not a valid JSON config.*NaN")):
+        cfg.write_text(text)
+        with pytest.raises(ValueError, match=rf"cfg\.json: {msg}"):
+            export_awq(m, out, hf_config=str(cfg), progress=False)
+    cfg.write_bytes(b'{"a": "\xff"}')
+    with pytest.raises(ValueError, match=r"cfg\.json: not a valid JSON config"):
+        export_awq(m, out, hf_config=str(cfg), progress=False)
+    with pytest.raises(TypeError, match="hf_config: .*Tensor"):
+        export_awq(m, out, hf_config={"w": torch.ones(1)}, progress=False)
+    with pytest.raises(ValueError, match="hf_config: .*(NaN|nan)"):
+        export_awq(m, out, hf_config={"x": float("nan")}, progress=False)
+    os.mkdir(tmp_path / "real")
+    os.symlink(tmp_path / "real", tmp_path / "link")
+    with pytest.raises(FileExistsError, match="symbolic link"):
+        export_awq(m, str(tmp_path / "link"), progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["cfg.json", "link", "real"]
+    export_awq(m, os.fsencode(out), progress=False)  # a bytes path is a path
+    assert os.path.exists(os.path.join(out, "model.safetensors"))
+
+
+def test_cli_unreadable_checkpoints(tmp_path):
+    torch.save(nn.Linear(2, 2).state_dict(), tmp_path / "sd.pt")
+    data = (tmp_path / "sd.pt").read_bytes()
+    files = {"empty.pt": b"", "trunc.pt": data[: len(data) // 2],
+             "garbage.pt": b"\x80\x04not a checkpoint" * 8}
+    env = dict(os.environ, PYTHONPATH=REPO)
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+        for extra in ([], ["--allow-pickle"]):
+            r = subprocess.run([sys.executable, "-m", "ao_awq_export", "export",
+                                str(tmp_path / name), str(tmp_path / "o")] + extra,
+                               capture_output=True, text=True, env=env, cwd=REPO, timeout=180)
+            assert r.returncode == 1, r.stderr
+            assert "Traceback" not in r.stderr and "--allow-pickle" not in r.stderr, r.stderr
+            assert f"{name}: cannot read the checkpoint" in r.stderr, r.stderr
+    assert not (tmp_path / "o").exists()

@@ -224,6 +224,47 @@ def test_nonfinite_propagates_per_group():
     assert out[0].isnan().all() and out[2].isnan().all() and torch.isfinite(out[1]).all()
 
 
+def test_fp16_scale_overflow_policy():
+    """mode "awq": a group whose fp16 scale overflows computes non-finite values
+    in that group only (like torchao's own fp16 scales would), and every step
+    that stores scales (quantize_int4, convert, export) raises, saying where."""
+    w = make_weight(16, 128, torch.float32, 32, seed=3, special=False)
+    w[3, 70] = 1.2e6   # int4_asym: range/15 > 65504; fp8_int4: max|w|/8 > 65504
+    for scheme, fn in OPS.items():
+        out = fn(w, 32, mode="awq")
+        assert not torch.isfinite(out[3, 64:96]).any(), scheme
+        keep = torch.ones_like(out, dtype=torch.bool)
+        keep[3] = False
+        assert torch.isfinite(out[keep]).all() and torch.isfinite(out[3, :64]).all()
+        with pytest.raises(ValueError, match=r"w: the float16 scale of row 3, group 2 "
+                                             r"\(columns 64\.\.95\) overflows"):
+            aq.quantize_int4(w, 32, scheme=scheme, mode="awq")
+    w[3, 70] = float("nan")
+    with pytest.raises(ValueError, match=r"w: contains NaN or Inf \(first at \[3, 70\]\)"):
+        aq.quantize_int4(w, 32, scheme="int4_asym", mode="awq")
+
+
+def test_bad_choices_and_empty_codes():
+    w = make_weight(8, 64, torch.float32, 32, seed=4, special=False)
+    for bad in ([], {"a": 1}, None, 1):
+        with pytest.raises(ValueError, match="scheme must be one of"):
+            aq.quantize_int4(w, 32, scheme=bad)
+        with pytest.raises(ValueError, match="mode must be one of"):
+            aq.fake_quant_int4_asym(w, 32, mode=bad)
+    for shape in ((0, 128), (16, 0)):
+        with pytest.raises(ValueError, match="codes must not be empty"):
+            aq.pack_awq(torch.empty(shape, dtype=torch.uint8))
+    c, s, z = aq.quantize_int4(w, 32, scheme="int4_asym", mode="awq")
+    with pytest.raises(ValueError, match="codes must not be empty"):
+        aq.dequantize_int4(c[:, :0], s, z, scheme="int4_asym", mode="awq")
+    for bad_z in (z.bool(), z.float(), z.to(torch.complex64)):
+        with pytest.raises(TypeError, match="zeros must be uint8"):
+            aq.dequantize_int4(c, s, bad_z, scheme="int4_asym", mode="awq")
+    c, s, z = aq.quantize_int4(w, 32, scheme="int4_asym", mode="torchao")
+    with pytest.raises(TypeError, match="zeros must be floating point"):
+        aq.dequantize_int4(c, s, z.to(torch.uint8), scheme="int4_asym", mode="torchao")
+
+
 # ---------------------------------------------------------------------------
 # fp8 activation rows
 # ---------------------------------------------------------------------------

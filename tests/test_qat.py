@@ -117,13 +117,32 @@ def test_prepare_keeps_parameters_and_keys(scheme):
 
 def test_prepare_default_filter_embedding_and_errors():
     m = MLP()
-    quantize_(m, AWQQATConfig(group_size=64))  # torchao's default filter: every Linear
+    quantize_(m, AWQQATConfig(group_size=64, mode="torchao"))  # torchao's default: every Linear
     assert isinstance(m.head, QATLinear) and type(m.emb) is nn.Embedding
     # asking for the embedding is refused (AWQ keeps embeddings in fp16)
     with pytest.raises(ValueError, match="nn.Linear only"):
         quantize_(MLP(), AWQQATConfig(), filter_fn=lambda mod, f: isinstance(mod, nn.Embedding))
-    with pytest.raises(ValueError, match="multiple of group_size"):
-        quantize_(nn.Sequential(nn.Linear(48, 8)), AWQQATConfig(group_size=32))
+    # Linears the config cannot handle are left alone with a warning, like torchao's
+    # Int4WeightOnlyConfig, and nothing fails half-way: the others are all prepared
+    m = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 48), nn.Linear(48, 64), nn.Linear(64, 64))
+    lin2 = m[2]
+    with pytest.warns(UserWarning, match=r"in_features=48.*not a multiple of group_size 32"):
+        quantize_(m, AWQQATConfig(group_size=32))
+    assert m[2] is lin2 and [type(x) for x in m] == [QATLinear, QATLinear, nn.Linear, QATLinear]
+    # mode "awq" also leaves out_features % 8 != 0 (it could never convert); "torchao" keeps it
+    m = MLP()
+    head = m.head
+    with pytest.warns(UserWarning, match=r"out_features=50.*multiple of 8"):
+        quantize_(m, AWQQATConfig(group_size=64))
+    assert m.head is head and isinstance(m.a, QATLinear) and isinstance(m.b, QATLinear)
+    quantize_(m, AWQQATConfig(step="convert"))  # so convert never meets it
+    assert isinstance(m.a, AWQInt4Linear) and m.head is head
+    # a meta-device model (torchao's build-on-meta flow) prepares too, sharing its Parameters
+    with torch.device("meta"):
+        m = MLP()
+    w = m.a.weight
+    quantize_(m, AWQQATConfig(group_size=64), filter_fn=head_filter)
+    assert isinstance(m.a, QATLinear) and m.a.weight is w
     with pytest.raises(ValueError, match="scheme"):
         AWQQATConfig(scheme="int8")
     with pytest.raises(ValueError, match="mode"):
@@ -397,7 +416,7 @@ def test_torch_export_captures_our_ops():
 # torchao interop
 # --------------------------------------------------------------------------
 @pytest.mark.parametrize("base", ["int4_weight_only", "fp8_act_int4_weight"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_torchao_prepared_swap_bit_identical(base, dtype):
     if base == "int4_weight_only":
         cfg, scheme, act = Int4WeightOnlyConfig(group_size=32), "int4_asym", False
@@ -441,6 +460,83 @@ def test_torchao_prepared_swap_bit_identical(base, dtype):
     assert torch.equal(m(x), y_ao)
     # torchao's convert step accepts the swapped-back model's modules
     assert m[0].weight_fake_quantizer.config.group_size == (32 if not act else 128)
+
+
+@pytest.mark.parametrize("w_on", [True, False])
+@pytest.mark.parametrize("act", ["none", "on", "off"])
+def test_torchao_swap_keeps_enabled_flags_and_quantizers(w_on, act):
+    """torchao's `enabled` flags and the presence of an activation quantizer
+    survive the swap to our ops and back, and the forward equals torchao's in
+    every state."""
+    from torchao.quantization.qat.fake_quantize_config import (
+        Float8FakeQuantizeConfig,
+        Int4WeightFakeQuantizeConfig,
+    )
+    from torchao.quantization.granularity import PerRow
+
+    acfg = None if act == "none" else Float8FakeQuantizeConfig(torch.float8_e4m3fn, PerRow())
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(256, 64)).to(torch.bfloat16)
+    quantize_(m, QATConfig(activation_config=acfg,
+                           weight_config=Int4WeightFakeQuantizeConfig(group_size=128),
+                           step="prepare"))
+    m[0].weight_fake_quantizer.enabled = w_on
+    if act == "off":
+        m[0].activation_fake_quantizer.enabled = False
+    x = torch.randn(4, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        y_ao = m(x)
+    swap_torchao_qat_to_ours(m)
+    assert isinstance(m[0], QATLinear) and m[0].scheme == "fp8_int4"
+    assert m[0].weight_fake_quant_enabled == w_on and m[0].act_fake_quant == (act == "on")
+    with torch.no_grad():
+        assert torch.equal(m(x), y_ao)
+        if not w_on or act == "on":  # the flags matter: the other setting computes otherwise
+            m[0].weight_fake_quant_enabled, m[0].act_fake_quant = True, False
+            assert not torch.equal(m(x), y_ao)
+            m[0].weight_fake_quant_enabled, m[0].act_fake_quant = w_on, act == "on"
+    swap_ours_to_torchao_qat(m)
+    assert isinstance(m[0], FakeQuantizedLinear)
+    assert m[0].weight_fake_quantizer.enabled == w_on
+    aq_ = m[0].activation_fake_quantizer
+    assert (aq_ is None) == (act == "none")
+    if aq_ is not None:
+        assert aq_.enabled == (act == "on")
+    with torch.no_grad():
+        assert torch.equal(m(x), y_ao)
+    # a converted model must compute what the prepared one did: a disabled weight fake
+    # quant cannot become int4, and the error says the model is left usable
+    swap_torchao_qat_to_ours(m)
+    if not w_on:
+        with pytest.raises(ValueError, match=r"weight fake quant is disabled.*run convert again"):
+            quantize_(m, AWQQATConfig(step="convert"))
+        assert isinstance(m[0], QATLinear)
+        m[0].weight_fake_quant_enabled = True
+    m.half()  # fp8_int4/torchao converts exactly when its scales are fp16 values
+    xh = x.half()
+    with torch.no_grad():
+        y = m(xh)
+        quantize_(m, AWQQATConfig(step="convert"))
+        assert isinstance(m[0], AWQInt4Linear) and torch.equal(m(xh), y)
+
+
+def test_torchao_swap_warns_about_modules_it_leaves():
+    from torchao.quantization.qat.embedding import FakeQuantizedEmbedding
+
+    m = MLP()
+    quantize_(m, QATConfig(Int4WeightOnlyConfig(group_size=32), step="prepare"),
+              filter_fn=lambda mod, f: isinstance(mod, (nn.Linear, nn.Embedding)))
+    assert isinstance(m.emb, FakeQuantizedEmbedding)
+    with pytest.warns(UserWarning, match=r"emb: FakeQuantizedEmbedding"):
+        swap_torchao_qat_to_ours(m)
+    assert isinstance(m.a, QATLinear) and isinstance(m.emb, FakeQuantizedEmbedding)
+
+
+def test_awq_filter_leaves_output_projections():
+    assert awq_filter(nn.Linear(8, 8), "model.layers.0.mlp.up_proj")
+    for fqn in ("lm_head", "model.lm_head", "embed_out", "gpt_neox.embed_out"):
+        assert not awq_filter(nn.Linear(8, 8), fqn)
+    assert not awq_filter(nn.Embedding(8, 8), "model.embed_tokens")
 
 
 def test_swap_back_refuses_awq_mode():

@@ -1016,7 +1016,8 @@ def export_awq(model: nn.Module, out_dir, *, scheme: str = "int4_asym", mode: st
                         if _st_dtype(t.dtype) != e[1] or list(t.shape) != list(e[2]):
                             raise RuntimeError(f"internal error: {e[0]} produced "
                                                f"{t.dtype}{list(t.shape)}, planned {e[1]}{e[2]}")
-                        t = t.contiguous()
+                        # raw bytes: a lazy negation / conjugation must be applied first
+                        t = t.resolve_neg().resolve_conj().contiguous()
                         _C.st_write(handle, idx, t.data_ptr(), t.numel() * t.element_size())
                         weight_map[e[0]] = fname
                         idx += 1

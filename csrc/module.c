@@ -471,6 +471,8 @@ static PyObject *py_torch_sum(PyObject *self, PyObject *args) {
     PyErr_SetString(PyExc_ValueError, "torch_sum: vw must be a power of two in 4..32");
   else if (buf.len % (Py_ssize_t)sizeof(float))
     PyErr_SetString(PyExc_ValueError, "torch_sum: the buffer must hold float32 values");
+  else if ((uintptr_t)buf.buf % _Alignof(float))
+    PyErr_SetString(PyExc_ValueError, "torch_sum: the buffer must be 4-byte aligned");
   else
     res = PyFloat_FromDouble((double)aoq_cpu_torch_sum((const float *)buf.buf,
                                                         (int64_t)(buf.len / sizeof(float)), vw, half));

@@ -104,7 +104,8 @@ static PyObject *py_st_open(PyObject *self, PyObject *args, PyObject *kw) {
 
   seq = PySequence_List(entries);
   if (!seq) {
-    PyErr_SetString(PyExc_TypeError, "entries must be a sequence of (name, dtype, shape)");
+    if (PyErr_ExceptionMatches(PyExc_TypeError)) /* anything else (KeyboardInterrupt...) stays */
+      PyErr_SetString(PyExc_TypeError, "entries must be a sequence of (name, dtype, shape)");
     goto done;
   }
   n = PyList_Size(seq);
@@ -133,8 +134,8 @@ static PyObject *py_st_open(PyObject *self, PyObject *args, PyObject *kw) {
      * so a sequence that changes its length between them cannot matter */
     PyObject *st = PySequence_Tuple(PyTuple_GetItem(t, 2));
     if (!st) {
-      PyErr_Clear();
-      PyErr_Format(PyExc_TypeError, "entries[%zd]: shape must be a sequence of ints", i);
+      if (PyErr_ExceptionMatches(PyExc_TypeError))
+        PyErr_Format(PyExc_TypeError, "entries[%zd]: shape must be a sequence of ints", i);
       goto done;
     }
     keep[nkeep++] = st;
@@ -167,14 +168,20 @@ static PyObject *py_st_open(PyObject *self, PyObject *args, PyObject *kw) {
       ents[i].name_len = (size_t)len;
       ents[i].dtype = PyUnicode_AsUTF8AndSize(dt, &len);
       if (!ents[i].dtype) goto done;
+      if ((size_t)len != strlen(ents[i].dtype)) {
+        PyErr_Format(PyExc_ValueError, "entries[%zd]: dtype contains a NUL character", i);
+        goto done;
+      }
       Py_ssize_t nd = PyTuple_Size(shp);
       ents[i].ndim = (int)nd;
       ents[i].shape = shapes + d0;
       for (Py_ssize_t d = 0; d < nd; d++) {
         long long x = PyLong_AsLongLong(PyTuple_GetItem(shp, d)); /* borrowed */
         if (x == -1 && PyErr_Occurred()) {
-          PyErr_Clear();
-          PyErr_Format(PyExc_TypeError, "entries[%zd]: shape must be a sequence of ints", i);
+          if (PyErr_ExceptionMatches(PyExc_OverflowError))
+            PyErr_Format(PyExc_ValueError, "entries[%zd]: shape value out of range", i);
+          else if (PyErr_ExceptionMatches(PyExc_TypeError))
+            PyErr_Format(PyExc_TypeError, "entries[%zd]: shape must be a sequence of ints", i);
           goto done;
         }
         shapes[d0 + d] = (int64_t)x;
@@ -295,6 +302,18 @@ static PyObject *py_st_write(PyObject *self, PyObject *args, PyObject *kw) {
     PyErr_SetString(PyExc_TypeError, "data must be an int address");
     return NULL;
 #endif
+  }
+  /* obtaining the buffer may have run Python code (__buffer__, 3.12+) that
+   * closed, aborted or is using this writer: look again */
+  if (!h->w || h->busy) {
+#if !defined(Py_LIMITED_API) || Py_LIMITED_API + 0 >= 0x030B0000
+    if (have_view) PyBuffer_Release(&view);
+#endif
+    PyErr_SetString(PyExc_RuntimeError, h->busy ? "safetensors writer is in use by another "
+                                                  "thread"
+                                                : "safetensors writer was closed or aborted "
+                                                  "while its data buffer was being obtained");
+    return NULL;
   }
   char err[ERRLEN] = {0};
   int rc;

@@ -818,10 +818,74 @@ def test_st_open_reads_each_shape_once(tmp_path):
         h = _C.st_open(p, [("a", "U8", Shifty())])
     except (TypeError, ValueError):
         return
-    _C.st_write(h, 0, torch.zeros(4, dtype=torch.uint8).data_ptr(), 4)
+    z = torch.zeros(4, dtype=torch.uint8)  # alive during the write (a raw address)
+    _C.st_write(h, 0, z.data_ptr(), 4)
     _C.st_close(h)
     with safe_open(p, "pt") as f:
         assert list(f.get_tensor("a").shape) == [4]
+
+
+def test_st_open_keeps_foreign_errors_and_checks_sizes(tmp_path):
+    p = str(tmp_path / "x.safetensors")
+
+    def entries():
+        yield ("a", "F32", [1])
+        raise KeyError("from the caller")
+
+    with pytest.raises(KeyError, match="from the caller"):  # not replaced by a TypeError
+        _C.st_open(p, entries())
+    with pytest.raises(ValueError, match="dtype contains a NUL"):
+        _C.st_open(p, [("a", "F32\x00junk", [1])])
+    with pytest.raises(ValueError, match="shape value out of range"):
+        _C.st_open(p, [("a", "F32", [2 ** 70])])
+    big = [(f"t{i}", "U8", [2 ** 62]) for i in range(4)] + [("b", "U8", [8])]
+    with pytest.raises(ValueError, match="total data size overflows"):
+        _C.st_open(p, big)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="__buffer__ (Python code run while the "
+                    "writer takes a buffer) exists from Python 3.12 on")
+def test_st_write_survives_a_buffer_that_closes_the_writer(tmp_path):
+    h = _C.st_open(str(tmp_path / "x.safetensors"), [("a", "U8", [4])])
+
+    class Evil:
+        def __buffer__(self, flags):
+            _C.st_abort(h)
+            return memoryview(b"abcd")
+
+    with pytest.raises(RuntimeError, match="closed or aborted while its data buffer"):
+        _C.st_write(h, 0, Evil())
+    assert os.listdir(tmp_path) == []
+
+
+def test_export_writes_lazy_negated_tensors_negated(tmp_path):
+    m = nn.Sequential(nn.Linear(64, 16))
+    m.register_buffer("n", torch.arange(1, 5, dtype=torch.int32)._neg_view())
+    assert m.n.is_neg()
+    export_awq(m, str(tmp_path / "o"), group_size=32, progress=False)
+    t, _ = read_export(str(tmp_path / "o"))
+    assert t["n"].tolist() == [-1, -2, -3, -4]
+
+
+def test_unaligned_half_tensors(tmp_path):
+    """16-bit data at an odd address (torch.frombuffer with an odd offset):
+    same results as an aligned copy."""
+    torch.manual_seed(7)
+    for dt in (torch.bfloat16, torch.float16):
+        w = torch.randn(8, 64).to(dt)
+        raw = bytearray(1 + w.numel() * 2)
+        raw[1:] = w.view(torch.uint8).flatten().numpy().tobytes()
+        wu = torch.frombuffer(raw, dtype=dt, count=w.numel(), offset=1).view(8, 64)
+        assert wu.data_ptr() % 2 == 1 and torch.equal(wu, w)
+        for fn in (ao_awq_export.fake_quant_int4_asym, ao_awq_export.fake_quant_fp8_int4):
+            a = wu.clone().requires_grad_()  # clone: aligned, the reference
+            ref = fn(a, 32)
+            ref.backward(torch.ones_like(ref))
+            assert torch.equal(fn(wu, 32), ref)
+        assert torch.equal(ao_awq_export.fake_quant_fp8_rows(wu), ao_awq_export.fake_quant_fp8_rows(w))
+    with pytest.raises(ValueError, match="4-byte aligned"):
+        _C.torch_sum(memoryview(bytes(4001))[1:], 8, True)
 
 
 def test_cli_checks_arguments_before_loading(tmp_path):

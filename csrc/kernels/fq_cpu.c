@@ -120,12 +120,16 @@ static float row_sum_strided(const float *v, int64_t K) {
  * extreme elements get torch's gradient bit for bit; vw comes from a probe of
  * the running torch (ao_awq_export/ops.py). */
 #define AOQ_TV_MAX 32
+/* set from Python with the GIL held, read by kernels running without it:
+ * relaxed atomics (only the sum order depends on them) */
 static int g_torch_vw = 0, g_torch_half = 0;
+#define TORCH_VW() __atomic_load_n(&g_torch_vw, __ATOMIC_RELAXED)
+#define TORCH_HALF() __atomic_load_n(&g_torch_half, __ATOMIC_RELAXED)
 
 int aoq_cpu_set_torch_sum(int vw, int half_ok) {
   if (vw != 0 && (vw < 4 || vw > AOQ_TV_MAX || (vw & (vw - 1)))) return AOQ_ERR_ARG;
-  g_torch_vw = vw;
-  g_torch_half = half_ok != 0;
+  __atomic_store_n(&g_torch_vw, vw, __ATOMIC_RELAXED);
+  __atomic_store_n(&g_torch_half, half_ok != 0, __ATOMIC_RELAXED);
   return AOQ_OK;
 }
 
@@ -219,13 +223,24 @@ static float gsum(const float *v, int64_t g, int tv, int half) {
   return tv ? aoq_cpu_torch_sum(v, g, tv, half) : group_sum(v, g);
 }
 
+/* 16-bit elements go through memcpy: a tensor's data need not be 2-byte
+ * aligned (torch.frombuffer with an odd offset); compilers turn these into
+ * plain (unaligned) loads and stores */
+AOQ_INLINE uint16_t ld16(const unsigned char *p, int64_t k) {
+  uint16_t v;
+  memcpy(&v, p + 2 * k, sizeof v);
+  return v;
+}
+
+AOQ_INLINE void st16(unsigned char *p, int64_t k, uint16_t v) { memcpy(p + 2 * k, &v, sizeof v); }
+
 AOQ_INLINE void load_row(const void *p, int64_t off, float *dst, int64_t K, int dt) {
   if (dt == AOQ_BF16) {
-    const uint16_t *s = (const uint16_t *)p + off;
-    for (int64_t k = 0; k < K; k++) dst[k] = aoq_bf16_bits_to_f32(s[k]);
+    const unsigned char *s = (const unsigned char *)p + 2 * off;
+    for (int64_t k = 0; k < K; k++) dst[k] = aoq_bf16_bits_to_f32(ld16(s, k));
   } else if (dt == AOQ_F16) {
-    const uint16_t *s = (const uint16_t *)p + off;
-    for (int64_t k = 0; k < K; k++) dst[k] = aoq_f16_bits_to_f32(s[k]);
+    const unsigned char *s = (const unsigned char *)p + 2 * off;
+    for (int64_t k = 0; k < K; k++) dst[k] = aoq_f16_bits_to_f32(ld16(s, k));
   } else {
     memcpy(dst, (const float *)p + off, (size_t)K * sizeof(float));
   }
@@ -233,11 +248,11 @@ AOQ_INLINE void load_row(const void *p, int64_t off, float *dst, int64_t K, int 
 
 AOQ_INLINE void store_row(void *p, int64_t off, const float *src, int64_t K, int dt) {
   if (dt == AOQ_BF16) {
-    uint16_t *d = (uint16_t *)p + off;
-    for (int64_t k = 0; k < K; k++) d[k] = aoq_f32_to_bf16_bits(src[k]);
+    unsigned char *d = (unsigned char *)p + 2 * off;
+    for (int64_t k = 0; k < K; k++) st16(d, k, aoq_f32_to_bf16_bits(src[k]));
   } else if (dt == AOQ_F16) {
-    uint16_t *d = (uint16_t *)p + off;
-    for (int64_t k = 0; k < K; k++) d[k] = aoq_f32_to_f16_bits(src[k]);
+    unsigned char *d = (unsigned char *)p + 2 * off;
+    for (int64_t k = 0; k < K; k++) st16(d, k, aoq_f32_to_f16_bits(src[k]));
   } else {
     memcpy((float *)p + off, src, (size_t)K * sizeof(float));
   }
@@ -418,7 +433,7 @@ AOQ_INLINE void fp8_row_bwd(const float *x, const float *gh, float *gw, float *t
 AOQ_INLINE void sym_group_bwd(const float *wd, const float *G, float *gwd, float *tmp, int64_t g, int dt,
                           int awq, int st, int tv) {
   const int half = dt != AOQ_F32; /* torchao sums this stage in the weight dtype */
-  if (half && !g_torch_half) tv = 0;
+  if (half && !TORCH_HALF()) tv = 0;
   aoq_sym_group p = aoq_sym_group_params(wd, g, dt, awq);
   #pragma omp simd
   for (int64_t k = 0; k < g; k++) {
@@ -503,7 +518,7 @@ AOQ_INLINE void asym_group_bwd(const float *x, const float *G, float *gx, float 
 AOQ_INLINE void fq_bwd_rows(const void *grad, const void *w, void *gw, int64_t N, int64_t K,
                             int64_t g, int dt, int scheme, int awq, int cs, int st, int tp, float *b) {
   float *x = b, *G = b + K, *wd = b + 2 * K, *gg = b + 3 * K, *tmp = b + 4 * K;
-  const int tv = (!awq && !cs) ? g_torch_vw : 0; /* torchao mode, torch's CPU rules */
+  const int tv = (!awq && !cs) ? TORCH_VW() : 0; /* torchao mode, torch's CPU rules */
 #pragma omp for schedule(static)
   for (int64_t n = 0; n < N; n++) {
     load_row(w, n * K, x, K, dt);
@@ -559,7 +574,7 @@ AOQ_INLINE void rows_rows(const void *grad, const void *x, void *out, int64_t R,
     load_row(x, r * K, xr, K, dt);
     if (grad) {
       load_row(grad, r * K, G, K, dt);
-      fp8_row_bwd(xr, G, o, tmp, K, 0, dt, cs, st, cs ? 0 : g_torch_vw, R == 1 ? tp : 0);
+      fp8_row_bwd(xr, G, o, tmp, K, 0, dt, cs, st, cs ? 0 : TORCH_VW(), R == 1 ? tp : 0);
     } else {
       float s = aoq_fp8_row_scale(xr, K, dt, cs, NULL);
 #pragma omp simd

@@ -269,6 +269,7 @@ int aoq_st_open(const char *final_path, const aoq_st_entry *entries, size_t n,
   }
 
   /* validate entries */
+  uint64_t total = 0;
   for (size_t i = 0; i < n; i++) {
     const aoq_st_entry *e = &entries[i];
     if (!e->name || !e->name_len) {
@@ -322,6 +323,13 @@ int aoq_st_open(const char *final_path, const aoq_st_entry *entries, size_t n,
       }
       nb *= (uint64_t)s;
     }
+    if (nb > (UINT64_C(1) << 62) - total) { /* offsets must fit an off_t */
+      rc = AOQ_ST_EARG;
+      msg(err, errlen, "%s: tensor '%.200s': the total data size overflows", final_path,
+          w->names[i]);
+      goto fail;
+    }
+    total += nb;
     w->end[i] = nb; /* size for now */
     refs[i].s = e->name;
     refs[i].n = e->name_len;

@@ -212,14 +212,23 @@ def _nbytes(shape, dt) -> int:
                                (8 if dt == torch.bool else torch.iinfo(dt).bits)) // 8
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    """torch.isfinite(t).all() in slices of _CHUNK_ELEMS elements: a whole-
+    tensor check would allocate a bool mask as large as the tensor (half a
+    GB for a 1 GB fp16 embedding) on top of the export's working set."""
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(flat[i:i + _CHUNK_ELEMS]).all())
+               for i in range(0, flat.numel(), _CHUNK_ELEMS))
+
+
 def _to_fp16(name: str, t: torch.Tensor) -> torch.Tensor:
     t = t.detach()
     if not t.is_floating_point():
         raise TypeError(f"{name}: dtype {t.dtype} is not a real floating-point type (written as "
                         "float16)")
-    out = t.to(device="cpu", dtype=torch.float16)
-    if not bool(torch.isfinite(out).all()):
-        if not bool(torch.isfinite(t).all()):
+    out = t.to(device="cpu", dtype=torch.float16).contiguous()
+    if not _all_finite(out):
+        if not _all_finite(t):
             raise ValueError(f"{name}: contains NaN or Inf (refusing to write a broken "
                              "checkpoint)")
         raise ValueError(f"{name}: values exceed the float16 range (|x| > 65504); "
@@ -781,7 +790,7 @@ def _fake_quant_fp16(name: str, mod: FakeQuantLinear):
     """[the fp16 weight an excluded FakeQuantLinear computed with]."""
     with torch.no_grad():
         w = mod.fake_quant_weight()
-        if not bool(torch.isfinite(w).all()) and bool(torch.isfinite(mod.weight).all()):
+        if not _all_finite(w) and _all_finite(mod.weight.detach()):
             raise ValueError(f"{name}: the fake-quant weight of this {type(mod).__name__} (kept "
                              "in float16) is not finite although the weight is: a group "
                              f"scale overflows ({mod.scheme}/{mod.mode}; |w| too large)")

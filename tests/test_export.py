@@ -1156,3 +1156,18 @@ def test_cli_unreadable_checkpoints(tmp_path):
             assert "Traceback" not in r.stderr and "--allow-pickle" not in r.stderr, r.stderr
             assert f"{name}: cannot read the checkpoint" in r.stderr, r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_finiteness_check_in_slices():
+    """_all_finite (the export's check of every fp16 tensor it writes) looks at
+    every slice, the last partial one included."""
+    n = 2 * ex._CHUNK_ELEMS + 5
+    t = torch.zeros(n, dtype=torch.float16)
+    assert ex._all_finite(t) and ex._all_finite(t[:0])
+    for i in (0, ex._CHUNK_ELEMS - 1, ex._CHUNK_ELEMS, n - 1):
+        u = t.clone()
+        u[i] = float("inf")
+        assert not ex._all_finite(u)
+        w = torch.zeros(n, 2, dtype=torch.float16)
+        w[i, 1] = float("inf")
+        assert not ex._all_finite(w[:, 1]) and ex._all_finite(w[:, 0])  # strided views

@@ -309,6 +309,12 @@ def main():
               f"{rr['largest_shard'] / 1e6:.0f} MB (ratio {grow / rr['largest_shard']:.2f}); "
               f"model resident {rr['base'] / 1e9:.2f} GB"
               + ("" if rr["reset"] else " [peak counter not reset: includes model build]"))
+        # export_awq streams layer after layer: beyond the model it should hold about
+        # one layer's working set, less than a 500 MB shard (0.70 GB here once, a
+        # regression); --small's 20 MB shards are smaller than one layer's working set
+        if not a.small:
+            print(f"  streaming target (growth below the largest shard): "
+                  f"{'met' if grow < rr['largest_shard'] else 'NOT MET'}")
 
 
 if __name__ == "__main__":

@@ -917,11 +917,19 @@ def check_out_dir(out_dir) -> str:
 
 
 def _prepare_out_dir(out_dir: str):
+    """(out_dir, temporary directory beside it, parent directories created
+    here, deepest first: removed again if the export fails)."""
     out_dir = check_out_dir(out_dir)
     parent = os.path.dirname(out_dir)
+    created = []
+    p = parent
+    while not os.path.lexists(p) and os.path.dirname(p) != p:
+        created.append(p)
+        p = os.path.dirname(p)
     try:
         os.makedirs(parent, exist_ok=True)
     except OSError as e:
+        _remove_empty_dirs(created)
         raise type(e)(e.errno, f"cannot create the parent directory of out_dir: {e.strerror}",
                       parent) from None
     base = os.path.basename(out_dir)
@@ -929,13 +937,23 @@ def _prepare_out_dir(out_dir: str):
         tmp = os.path.join(parent, f".{base[:100]}.tmp-{uuid.uuid4().hex[:12]}")
         try:
             os.mkdir(tmp, 0o777)
-            return out_dir, tmp
+            return out_dir, tmp, created
         except FileExistsError:
             continue
         except OSError as e:
+            _remove_empty_dirs(created)
             raise type(e)(e.errno, f"cannot write in the parent directory of out_dir: "
                           f"{e.strerror}", parent) from None
+    _remove_empty_dirs(created)
     raise FileExistsError(_errno.EEXIST, "cannot create a temporary directory", parent)
+
+
+def _remove_empty_dirs(dirs):
+    for d in dirs:  # deepest first; stops at the first one something else has filled
+        try:
+            os.rmdir(d)
+        except OSError:
+            return
 
 
 # test hook: called with each open writer handle (fault injection)
@@ -984,7 +1002,7 @@ def export_awq(model: nn.Module, out_dir, *, scheme: str = "int4_asym", mode: st
     G = next(iter(quant.values()))["group_size"] if quant else group_size
     _check_converted_group_size(model, G, bool(quant))
 
-    out_dir, tmp = _prepare_out_dir(out_dir)
+    out_dir, tmp, created = _prepare_out_dir(out_dir)
     report = ExportReport(out_dir=out_dir, group_size=G,
                           modules_to_not_convert=fp16_linears or None)
     handle = None
@@ -1072,6 +1090,7 @@ def export_awq(model: nn.Module, out_dir, *, scheme: str = "int4_asym", mode: st
             _C.st_abort(handle)
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+            _remove_empty_dirs(created)
         raise
     inexact = [l for l in report.layers if not l.exact]
     if inexact:

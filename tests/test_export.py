@@ -476,6 +476,13 @@ def test_failure_in_quantization_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="boom"):
         export_awq(Tiny(), str(tmp_path / "o"), group_size=32, progress=False)
     assert os.listdir(tmp_path) == []
+    # parent directories the export created are removed again, existing ones kept
+    os.mkdir(tmp_path / "keep")
+    n["i"] = 0
+    with pytest.raises(RuntimeError, match="boom"):
+        export_awq(Tiny(), str(tmp_path / "keep" / "a" / "b" / "o"), group_size=32,
+                   progress=False)
+    assert os.listdir(tmp_path) == ["keep"] and os.listdir(tmp_path / "keep") == []
 
 
 # ----------------------------------------------------------------------------

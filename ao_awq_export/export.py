@@ -36,7 +36,7 @@ import re
 import shutil
 import uuid
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -47,6 +47,8 @@ from .ops import (
     GROUP_SIZES,
     MODES,
     SCHEMES,
+    _check_choice,
+    _check_group_size,
     _quantize_int4,
     fake_quant_fp8_int4,
     fake_quant_int4_asym,
@@ -127,17 +129,8 @@ class FakeQuantLinear(nn.Linear):
 
 
 def _check_scheme_mode(scheme, mode):
-    if not isinstance(scheme, str) or scheme not in SCHEMES:
-        raise ValueError(f"scheme must be one of {tuple(SCHEMES)}, got {scheme!r}")
-    if not isinstance(mode, str) or mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-
-
-def _check_group_size(group_size, allowed, what=""):
-    if isinstance(group_size, bool) or not isinstance(group_size, int):
-        raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
-    if group_size not in allowed:
-        raise ValueError(f"group_size must be one of {allowed}{what}, got {group_size!r}")
+    _check_choice("scheme", scheme, SCHEMES)
+    _check_choice("mode", mode, MODES)
 
 
 # --------------------------------------------------------------------------

@@ -112,11 +112,16 @@ def _check_tensor(name, t, *, dims=None, empty_rows_ok=False):
                          "kernels (rebuild with nvcc and a CUDA torch present)")
 
 
-def _check_group(w, group_size):
+def _check_group_size(group_size, allowed=GROUP_SIZES, what=""):
+    """group_size is an int (not a bool, float or numpy scalar) in `allowed`."""
     if isinstance(group_size, bool) or not isinstance(group_size, int):
         raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
-    if group_size not in GROUP_SIZES:
-        raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {group_size}")
+    if group_size not in allowed:
+        raise ValueError(f"group_size must be one of {allowed}{what}, got {group_size!r}")
+
+
+def _check_group(w, group_size):
+    _check_group_size(group_size)
     if w.shape[1] % group_size:
         raise ValueError(f"w.shape[1] (K = {w.shape[1]}) must be a multiple of group_size "
                          f"({group_size})")

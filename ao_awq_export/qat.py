@@ -51,6 +51,8 @@ from .ops import (
     MODES,
     SCHEMES,
     STES,
+    _check_choice,
+    _check_group_size,
     fake_quant_fp8_int4,
     fake_quant_fp8_rows,
     fake_quant_int4_asym,
@@ -75,16 +77,10 @@ STEPS = ("prepare", "convert")
 
 
 def _check(scheme, mode, group_size, ste="autograd"):
-    if scheme not in SCHEMES:
-        raise ValueError(f"scheme must be one of {tuple(SCHEMES)}, got {scheme!r}")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if ste not in STES:
-        raise ValueError(f"ste must be one of {STES}, got {ste!r}")
-    if isinstance(group_size, bool) or not isinstance(group_size, int):
-        raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
-    if group_size not in GROUP_SIZES:
-        raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {group_size!r}")
+    _check_choice("scheme", scheme, SCHEMES)
+    _check_choice("mode", mode, MODES)
+    _check_choice("ste", ste, STES)
+    _check_group_size(group_size)
 
 
 # --------------------------------------------------------------------------

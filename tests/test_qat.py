@@ -754,6 +754,11 @@ def test_config_and_dequantize_argument_checks():
     for bad in (64.0, np.int64(64)):
         with pytest.raises(TypeError, match="group_size must be an int"):
             AWQQATConfig(group_size=bad)
+    for kw in (dict(scheme=[]), dict(mode={}), dict(ste=None)):  # unhashable / not str
+        with pytest.raises(ValueError, match="must be one of"):
+            AWQQATConfig(**kw)
+    with pytest.raises(ValueError, match="group_size must be one of"):
+        AWQInt4Linear(96, 16, group_size=48)
     torch.manual_seed(0)
     w = torch.randn(8, 128, requires_grad=True)
     c, s, z = aq.quantize_int4(w, 64, scheme="int4_asym", mode="awq")

@@ -599,7 +599,8 @@ def _quant_item(name, spec, report: ExportReport, strict, threshold, verify):
     return _Item(entries=entries, produce=produce, nbytes=sum(e[3] for e in entries))
 
 
-def _plain_item(name, t: torch.Tensor):
+def _check_storable(name, t):
+    """A state-dict entry safetensors can hold: a dense tensor."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: the state dict holds a {type(t).__name__} here (e.g. a "
                         "module's get_extra_state()), not a tensor: safetensors stores tensors "
@@ -607,6 +608,10 @@ def _plain_item(name, t: torch.Tensor):
     if t.is_nested or t.layout != torch.strided:
         raise ValueError(f"{name}: a {'nested' if t.is_nested else str(t.layout)} tensor; "
                          "safetensors stores dense (strided) tensors only")
+
+
+def _plain_item(name, t: torch.Tensor):
+    _check_storable(name, t)
     if t.is_floating_point():
         dt = torch.float16
     else:
@@ -674,8 +679,7 @@ def _plan(model, quant, report, strict, threshold, verify, tie_ok, model_type=No
             continue
         if t is None:
             continue
-        if not isinstance(t, torch.Tensor) or t.is_nested or t.layout != torch.strided:
-            items.append(_plain_item(key, t))  # raises, naming the key
+        _check_storable(key, t)  # before _storage_key / the meta check look at it
         if _is_int4_tensor(t):
             # an excluded Linear (lm_head / modules_to_not_convert) holding an Int4Tensor
             t = _int4_tensor_parts(t)[4]
@@ -783,11 +787,14 @@ def _fake_quant_fp16(name: str, mod: FakeQuantLinear):
     """[the fp16 weight an excluded FakeQuantLinear computed with]."""
     with torch.no_grad():
         w = mod.fake_quant_weight()
+    try:
+        return [_to_fp16(name, w)]
+    except ValueError:  # word it: the weight itself may be finite
         if not _all_finite(w) and _all_finite(mod.weight.detach()):
             raise ValueError(f"{name}: the fake-quant weight of this {type(mod).__name__} (kept "
                              "in float16) is not finite although the weight is: a group "
-                             f"scale overflows ({mod.scheme}/{mod.mode}; |w| too large)")
-    return [_to_fp16(name, w)]
+                             f"scale overflows ({mod.scheme}/{mod.mode}; |w| too large)") from None
+        raise
 
 
 def _shard(items: List[_Item], limit: int) -> List[List[_Item]]:

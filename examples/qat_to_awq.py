@@ -7,7 +7,7 @@ checkpoints and evaluated after loading those checkpoints back.
     python examples/qat_to_awq.py --quick    # a few seconds (smoke test)
     python examples/qat_to_awq.py --hf-check # also load the checkpoints with
                                              # transformers + GPTQModel (real AWQ consumer)
-    python examples/qat_to_awq.py --preset 2m  # 2.3 M parameters, about 9 minutes
+    python examples/qat_to_awq.py --preset 2m  # 2.3 M parameters, 8-9 minutes
 
 Text (no download): by default the Python reference documentation that ships
 with CPython itself (`pydoc_data.topics`: about 79 documents, 465 k
@@ -38,7 +38,7 @@ few minutes are so undertrained that int4 costs under 0.5 % there, with a
 sign that varies between group sizes: a "recovery" measured against that is
 noise.  `--preset 2m` keeps the trained width-64 body and reaches 2.3 M
 parameters the way TinyStories-style models do, with a 16384-token vocabulary
-(embed_tokens and lm_head, which stay fp16 in the AWQ file); it needs about 9
+(embed_tokens and lm_head, which stay fp16 in the AWQ file); it needs 8-9
 minutes, most of it in the lm_head, whose training matmuls run in bfloat16
 there (mixed precision: fp32 weights, softmax and gradients; `--head-dtype
 fp32` for full fp32, about 1.5x slower).  Shorter 2m runs (1200 or 1800
@@ -326,15 +326,15 @@ def main(argv=None):
     ap.add_argument("--preset", choices=("small", "2m"), default="small",
                     help="small: width 64, bytes, 0.25 M parameters (the defaults); 2m: width 64, "
                          "BPE 16384 on the stdlib sources, 2.3 M parameters, bf16 lm_head matmuls "
-                         "(about 9 minutes)")
+                         "(8-9 minutes)")
     ap.add_argument("--head-dtype", choices=("fp32", "bf16"), default=None,
                     help="dtype of the lm_head's matmuls in training (mixed precision; weights, "
                          "softmax and gradients stay fp32): default bf16 with a BPE vocabulary, "
                          "fp32 with bytes")
     ap.add_argument("--out", default=None, help="directory for the two exports (kept)")
     ap.add_argument("--hf-check", action="store_true",
-                    help="also evaluate through transformers + GPTQModel (its first use "
-                         "JIT-compiles a CPU kernel: minutes)")
+                    help="also evaluate through transformers + GPTQModel (its first use may "
+                         "JIT-compile a CPU kernel: minutes)")
     args = ap.parse_args(argv)
     if args.preset == "2m":
         args.text, args.vocab = "stdlib", 16384

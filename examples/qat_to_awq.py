@@ -3,21 +3,21 @@ quantization (PTQ, round to nearest) with quantization-aware training (QAT,
 our fake-quant ops through torchao's quantize_), both exported as AWQ GEMM
 checkpoints and evaluated after loading those checkpoints back.
 
-    python examples/qat_to_awq.py            # about 3-4 minutes on 2 CPU cores
+    python examples/qat_to_awq.py            # 2.3 M parameters, 4-5 minutes on 2 CPU cores
     python examples/qat_to_awq.py --quick    # a few seconds (smoke test)
     python examples/qat_to_awq.py --hf-check # also load the checkpoints with
                                              # transformers + GPTQModel (real AWQ consumer)
-    python examples/qat_to_awq.py --preset 2m  # 2.3 M parameters, 8-9 minutes
+    python examples/qat_to_awq.py --preset small  # 0.25 M parameters, bytes, 3-4 minutes
 
-Text (no download): by default the Python reference documentation that ships
-with CPython itself (`pydoc_data.topics`: about 79 documents, 465 k
-characters) with UTF-8 bytes as tokens (vocabulary 256); with `--text stdlib`
-the standard library's top-level modules (about 168 files, 4 MB).  With
-`--vocab V` > 256 a byte-level BPE of V tokens is trained here on the training
-documents only (`tokenizers`, installed with transformers).  Documents are
-split by index: every 8th (sorted by name) is held out for evaluation, the
-rest is training text.  The numbers depend on the Python version (the texts
-differ between versions).
+Text (no download): with the default preset ("2m") the standard library's
+top-level modules (`--text stdlib`: about 168 files, 4 MB) in a 16384-token
+byte-level BPE trained here on the training documents only (`tokenizers`,
+installed with transformers); with `--preset small` the Python reference
+documentation that ships with CPython (`--text pydoc`, `pydoc_data.topics`:
+about 79 documents, 465 k characters) with UTF-8 bytes as tokens.  Documents
+are split by index: every 8th (sorted by name) is held out for evaluation,
+the rest is training text.  The numbers depend on the Python version (the
+texts differ between versions).
 
 The comparison is fair by construction: the float model is trained for
 `steps` steps; QAT branches off the float checkpoint at step `steps -
@@ -31,21 +31,25 @@ with round to nearest.  The quantized models are evaluated from the exported
 files, through a loader written here from the AWQ format description (it
 does not use ao_awq_export).
 
-Model size: the default (width 64, 0.25 M parameters) is what 2 cores train
-far enough in 3-4 minutes for int4 round to nearest to visibly hurt (+2-3 %
-perplexity).  Wider models (widths 128-256, 1-3.5 M parameters) trained for a
-few minutes are so undertrained that int4 costs under 0.5 % there, with a
-sign that varies between group sizes: a "recovery" measured against that is
-noise.  `--preset 2m` keeps the trained width-64 body and reaches 2.3 M
-parameters the way TinyStories-style models do, with a 16384-token vocabulary
-(embed_tokens and lm_head, which stay fp16 in the AWQ file); it needs 8-9
-minutes, most of it in the lm_head, whose training matmuls run in bfloat16
-there (mixed precision: fp32 weights, softmax and gradients; `--head-dtype
-fp32` for full fp32, about 1.5x slower).  Shorter 2m runs (1200 or 1800
-steps) are too undertrained: int4 costs them about 0.5 %, and QAT's
-recovery of that falls to 15-80 % depending on the seed.  At this size one
-run's recovery moves by tens of points with the seed, and even with float
-rounding differences: README reports several seeds.
+Presets (each sets the text, vocabulary, group size and step counts; the
+explicit options override them):
+
+* "2m" (default): width 64, 4 layers, 2.3 M parameters the way
+  TinyStories-style models reach them: a 0.21 M-parameter body with a
+  16384-token vocabulary (embed_tokens and lm_head, which stay fp16 in the
+  AWQ file); group size 64, 1200 steps, QAT for the last 400.  Most of the
+  time goes into the lm_head, whose training matmuls run in bfloat16 (mixed
+  precision: fp32 weights, softmax and gradients; `--head-dtype fp32` for
+  full fp32, about 1.5x slower).
+* "small": the same body with bytes as tokens (0.25 M parameters); group size
+  32, 2400 steps, QAT for the last 800.
+
+Wider bodies (widths 128-256, 1-3.5 M parameters) trained for a few minutes
+are so undertrained that int4 costs them under 0.5 %, with a sign that varies
+between group sizes: a "recovery" measured against that is noise.  At this
+size one run's recovery moves by tens of points with the seed, and even with
+float rounding differences: README reports several seeds, and
+docs/demo_notes.md the other settings tried.
 """
 from __future__ import annotations
 
@@ -306,12 +310,20 @@ def load_awq_transformers(path):
 
 
 # --------------------------------------------------------------------------
+# text, vocabulary, int4 group size, total steps, QAT steps (the last ones)
+PRESETS = {
+    "2m": dict(text="stdlib", vocab=16384, group_size=64, steps=1200, qat_steps=400),
+    "small": dict(text="pydoc", vocab=256, group_size=32, steps=2400, qat_steps=800),
+}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny run for tests (seconds)")
     ap.add_argument("--steps", type=int, default=None, help="total training steps")
     ap.add_argument("--qat-steps", type=int, default=None, help="last steps done with QAT")
-    ap.add_argument("--group-size", type=int, default=32, choices=(32, 64, 128))
+    ap.add_argument("--group-size", type=int, default=None, choices=(32, 64, 128),
+                    help="int4 group size (default: the preset's, 64 or 32)")
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--seq", type=int, default=128)
@@ -319,14 +331,17 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--wd", type=float, default=0.1, help="AdamW weight decay")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--text", choices=("pydoc", "stdlib"), default="pydoc",
-                    help="pydoc_data.topics (465 k chars) or the stdlib's top-level modules (4 MB)")
-    ap.add_argument("--vocab", type=int, default=256,
-                    help="256: bytes; larger: a byte-level BPE of that size trained here")
-    ap.add_argument("--preset", choices=("small", "2m"), default="small",
-                    help="small: width 64, bytes, 0.25 M parameters (the defaults); 2m: width 64, "
-                         "BPE 16384 on the stdlib sources, 2.3 M parameters, bf16 lm_head matmuls "
-                         "(8-9 minutes)")
+    ap.add_argument("--text", choices=("pydoc", "stdlib"), default=None,
+                    help="pydoc_data.topics (465 k chars) or the stdlib's top-level modules "
+                         "(4 MB); default: the preset's")
+    ap.add_argument("--vocab", type=int, default=None,
+                    help="256: bytes; larger: a byte-level BPE of that size trained here; "
+                         "default: the preset's")
+    ap.add_argument("--preset", choices=tuple(PRESETS), default="2m",
+                    help="2m (default): width 64, BPE 16384 on the stdlib sources, 2.3 M "
+                         "parameters, group size 64, 1200 steps (4-5 minutes); small: width 64, "
+                         "bytes of pydoc_data, 0.25 M parameters, group size 32, 2400 steps "
+                         "(3-4 minutes)")
     ap.add_argument("--head-dtype", choices=("fp32", "bf16"), default=None,
                     help="dtype of the lm_head's matmuls in training (mixed precision; weights, "
                          "softmax and gradients stay fp32): default bf16 with a BPE vocabulary, "
@@ -336,18 +351,17 @@ def main(argv=None):
                     help="also evaluate through transformers + GPTQModel (its first use may "
                          "JIT-compile a CPU kernel: minutes)")
     args = ap.parse_args(argv)
-    if args.preset == "2m":
-        args.text, args.vocab = "stdlib", 16384
-    args.head_dtype = args.head_dtype or ("fp32" if args.vocab == 256 else "bf16")
-    args.head_mm_dtype = dict(fp32=torch.float32, bf16=torch.bfloat16)[args.head_dtype]
-    if args.vocab < 256:
-        ap.error("--vocab must be 256 (bytes) or larger (a byte-level BPE)")
     if args.quick:
         args.layers, args.seq, args.batch = 2, 64, 8
         args.steps = args.steps or 12
         args.qat_steps = args.qat_steps or 6
-    args.steps = args.steps or 2400
-    args.qat_steps = args.qat_steps or 800
+    for k, v in PRESETS[args.preset].items():  # what the options left unset
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    args.head_dtype = args.head_dtype or ("fp32" if args.vocab == 256 else "bf16")
+    args.head_mm_dtype = dict(fp32=torch.float32, bf16=torch.bfloat16)[args.head_dtype]
+    if args.vocab < 256:
+        ap.error("--vocab must be 256 (bytes) or larger (a byte-level BPE)")
     if not 0 < args.qat_steps <= args.steps - max(1, args.steps // 20):
         ap.error("need 0 < --qat-steps <= --steps - warmup (--steps // 20): QAT branches "
                  "off after the warmup")

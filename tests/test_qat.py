@@ -698,8 +698,38 @@ def test_demo_quick(tmp_path, preset, monkeypatch):
     for k in ("float", "ptq", "qat"):
         assert 1.0 < r[k] < vocab
     assert os.path.isfile(tmp_path / "qat_awq" / "model.safetensors")
-    with open(tmp_path / "ptq_awq" / "config.json") as f:
-        assert json.load(f)["vocab_size"] == vocab
+    for d in ("ptq_awq", "qat_awq"):  # the preset's vocabulary and group size
+        with open(tmp_path / d / "config.json") as f:
+            cfg = json.load(f)
+        assert cfg["vocab_size"] == vocab
+        assert cfg["quantization_config"]["group_size"] == {"small": 32, "2m": 64}[preset]
+
+
+def test_demo_presets_and_overrides(monkeypatch):
+    demo = _load_demo()
+    assert demo.PRESETS["2m"] == dict(text="stdlib", vocab=16384, group_size=64, steps=1200,
+                                      qat_steps=400)
+    assert demo.PRESETS["small"] == dict(text="pydoc", vocab=256, group_size=32, steps=2400,
+                                         qat_steps=800)
+    # the default is the 2m preset; explicit options override a preset's values
+    ap_args = {}
+
+    def fake_load_text(args):  # stop main() right after argument handling
+        ap_args.update(vars(args))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "load_text", fake_load_text)
+    for argv, want in (([], dict(demo.PRESETS["2m"], head_dtype="bf16")),
+                       (["--preset", "small", "--group-size", "64", "--steps", "300",
+                         "--qat-steps", "100"],
+                        dict(text="pydoc", vocab=256, group_size=64, steps=300, qat_steps=100,
+                             head_dtype="fp32")),
+                       (["--vocab", "512"], dict(text="stdlib", vocab=512, steps=1200)),
+                       (["--quick"], dict(steps=12, qat_steps=6, layers=2, group_size=64))):
+        ap_args.clear()
+        with pytest.raises(KeyboardInterrupt):
+            demo.main(argv)
+        assert {k: ap_args[k] for k in want} == want, argv
 
 
 # --------------------------------------------------------------------------

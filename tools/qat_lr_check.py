@@ -11,16 +11,17 @@ branch point several times over the same batches:
 and prints held-out perplexities and, for each QAT run, the recovery against
 the demo's float run and against every float' run.  Comparing qat:0.5 with
 float:1 mixes "QAT" with "a lower learning rate helps at the end anyway";
-qat:0.5 against float:0.5 does not.  README's numbers, e.g.
+qat:0.5 against float:0.5 does not.  docs/demo_notes.md's numbers came from
 
-    python tools/qat_lr_check.py --preset 2m --runs float:0.5,qat:1,qat:0.5
-    python tools/qat_lr_check.py --preset 2m --seed 1 --runs float:0.5,qat:1,qat:0.5
+    python tools/qat_lr_check.py --preset 2m --steps 2400 --qat-steps 800 --group-size 32 \
+        --runs float:0.5,qat:1,qat:0.5            (and --seed 1)
 
-(about 12 minutes each on 2 cores; quantized models are evaluated in memory,
-which equals the exported file in mode "awq").  README's learning-rate figures
-were taken before the demo's schedule ended in a linear decay to zero (its
-cosine ended at 0.1 x lr then, and the loss was unfused: commit d7a3a3a
-reproduces them); this tool uses the demo's current schedule and loss (for
+(about 12 minutes each on 2 cores, half that with the current 2m preset's
+1200 steps; quantized models are evaluated in memory, which equals the
+exported file in mode "awq").  Those learning-rate figures were taken
+before the demo's schedule ended in a linear decay to zero (its cosine ended
+at 0.1 x lr then, and the loss was unfused: commit d7a3a3a reproduces them);
+this tool uses the demo's current schedule and loss (for
 2m: bf16 lm_head matmuls in training, as the demo).
 """
 import argparse
@@ -39,20 +40,22 @@ from ptq_damage_sweep import rtn  # noqa: E402
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--preset", choices=("small", "2m"), default="2m")
+    ap.add_argument("--preset", choices=tuple(demo.PRESETS), default="2m")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--wd", type=float, default=0.1)
-    ap.add_argument("--steps", type=int, default=2400)
-    ap.add_argument("--qat-steps", type=int, default=800)
-    ap.add_argument("--group-size", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=None, help="default: the demo preset's")
+    ap.add_argument("--qat-steps", type=int, default=None, help="default: the demo preset's")
+    ap.add_argument("--group-size", type=int, default=None, help="default: the demo preset's")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--runs", default="float:0.5,qat:1,qat:0.5")
     a = ap.parse_args()
-    a.text, a.vocab = ("stdlib", 16384) if a.preset == "2m" else ("pydoc", 256)
+    for k, v in demo.PRESETS[a.preset].items():  # text, vocab, group size, steps as the demo
+        if getattr(a, k, None) is None:
+            setattr(a, k, v)
     a.head_mm_dtype = torch.bfloat16 if a.preset == "2m" else torch.float32  # as the demo
     a.log_every = max(1, a.steps // 6)
     from torchao.quantization import quantize_

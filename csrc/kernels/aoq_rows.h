@@ -155,7 +155,9 @@ AOQ_HD aoq_asym_group aoq_asym_group_from_minmax(float mx, float mn, int awq, in
   if (awq) {
     p.s = dc / 15.0f;
     p.s16 = aoq_f16_bits_to_f32(aoq_f32_to_f16_bits(p.s));
-    p.zi = aoq_clamp(aoq_rint(-mn / p.s16), 0.f, 15.f);
+    /* + 0: a zero point of zero is +0 whichever signed zero the group's min
+     * was (the CPU and GPU reductions may meet +0 and -0 in either order) */
+    p.zi = aoq_clamp(aoq_rint(-mn / p.s16), 0.f, 15.f) + 0.0f;
     p.z = 0.f;
   } else {
     p.s = aoq_div_scalar(dc, 15.0f, cs);

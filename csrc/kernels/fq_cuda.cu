@@ -107,7 +107,7 @@ __device__ __forceinline__ void copy_chunk(T *dst, const T *src) {
 template <int DT, int E, bool VEC>
 __device__ __forceinline__ void load_chunk(const void *p, int64_t idx, float *v) {
   typedef typename Elt<DT>::T T;
-  T raw[E];
+  alignas(16) T raw[E];  // copy_chunk may move it as 16-byte words
   copy_chunk<T, E, VEC>(raw, reinterpret_cast<const T *>(p) + idx);
 #pragma unroll
   for (int e = 0; e < E; e++) v[e] = aoq_load(raw, e, DT);
@@ -116,7 +116,7 @@ __device__ __forceinline__ void load_chunk(const void *p, int64_t idx, float *v)
 template <int DT, int E, bool VEC>
 __device__ __forceinline__ void store_chunk(void *p, int64_t idx, const float *v) {
   typedef typename Elt<DT>::T T;
-  T raw[E];
+  alignas(16) T raw[E];  // copy_chunk may move it as 16-byte words
 #pragma unroll
   for (int e = 0; e < E; e++) aoq_store(raw, e, v[e], DT);
   copy_chunk<T, E, VEC>(reinterpret_cast<T *>(p) + idx, raw);

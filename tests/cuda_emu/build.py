@@ -1,0 +1,64 @@
+"""Build a CUDA source of ours for the CPU emulator (tests/cuda_emu/cuda_runtime.h).
+
+The only rewrite is the launch syntax: `kernel<<<grid, block, smem, stream>>>(`
+becomes `aoq_emu::launch(kernel, grid, block, smem, stream)(`; every other
+line is compiled as written, by the host C++ compiler with contraction off
+(the CUDA build uses --fmad=false), against the emulated runtime.  Libraries
+are cached under build/cuda_emu/ by a hash of the sources and the command.
+"""
+import ctypes
+import hashlib
+import os
+import re
+import subprocess
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+OUT = os.path.join(ROOT, "build", "cuda_emu")
+
+LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[^<>;{}]*>)?)\s*<<<(.*?)>>>\s*\(", re.S)
+
+
+def rewrite_launches(src):
+    """Replace each CUDA launch by a call of the emulator's launcher; the line
+    count does not change (diagnostics keep the .cu line numbers)."""
+    out, n = LAUNCH.subn(lambda m: "aoq_emu::launch(%s, %s)(" % (m.group(1), m.group(2)), src)
+    return out, n
+
+
+def build(cu_path, extra_flags=()):
+    """Compile cu_path into a shared library for the emulator and load it."""
+    cxx = os.environ.get("CXX", "g++")
+    with open(cu_path) as f:
+        src = f.read()
+    body, n = rewrite_launches(src)
+    if n == 0:
+        raise RuntimeError(f"{cu_path}: no kernel launch found to rewrite")
+    if "<<<" in body:
+        raise RuntimeError(f"{cu_path}: a launch the rewrite did not understand is left")
+    flags = ["-std=c++17", "-O2", "-ffp-contract=off", "-fno-fast-math", "-U_FORTIFY_SOURCE",
+             "-fno-strict-aliasing", "-fPIC", "-shared", "-Wall", "-Werror", "-Wno-maybe-uninitialized", "-Wno-unknown-pragmas", "-Wno-unused-function",
+             "-DAOQ_WITH_CUDA=1", "-I" + HERE, "-I" + os.path.join(ROOT, "csrc", "kernels"),
+             "-I" + os.path.join(ROOT, "csrc"), *extra_flags]
+    with open(os.path.join(HERE, "cuda_runtime.h")) as f:
+        runtime = f.read()
+    headers = ""
+    for h in sorted(os.listdir(os.path.join(ROOT, "csrc", "kernels"))):
+        if h.endswith(".h"):
+            with open(os.path.join(ROOT, "csrc", "kernels", h)) as f:
+                headers += f.read()
+    key = hashlib.sha256("\0".join([body, runtime, headers, cxx, *flags]).encode()).hexdigest()[:16]
+    name = os.path.splitext(os.path.basename(cu_path))[0]
+    os.makedirs(OUT, exist_ok=True)
+    lib = os.path.join(OUT, f"{name}_{key}.so")
+    if not os.path.exists(lib):
+        cpp = os.path.join(OUT, f"{name}_{key}.cpp")
+        rel = os.path.relpath(cu_path, ROOT)
+        with open(cpp, "w") as f:
+            f.write(f'#line 1 "{rel}"\n' + body)
+        tmp = lib + f".tmp{os.getpid()}"
+        r = subprocess.run([cxx, *flags, "-o", tmp, cpp], capture_output=True, text=True)
+        if r.returncode:
+            raise RuntimeError(f"emulator build of {rel} failed:\n{r.stderr[-6000:]}")
+        os.replace(tmp, lib)
+    return ctypes.CDLL(lib)

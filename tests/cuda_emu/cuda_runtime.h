@@ -1,0 +1,374 @@
+// A CPU stand-in for the part of the CUDA runtime and device language that
+// csrc/kernels/fq_cuda.cu uses, so that the CUDA kernels themselves (their
+// indexing, warp and block reductions, vector loads, masks) run and are tested
+// bit for bit on a machine with no GPU.  Test infrastructure only: see
+// tests/cuda_emu/build.py, which compiles fq_cuda.cu against this header with
+// the host compiler after rewriting each `kernel<<<grid, block, smem,
+// stream>>>(args)` into `aoq_emu::launch(kernel, grid, block, smem,
+// stream)(args)`.
+//
+// Execution model.  Blocks run one after another; the threads of a block run
+// as cooperative fibers (ucontext) on one OS thread, each until it reaches a
+// barrier, in an order the test chooses (ascending, descending, random: a
+// result that depends on it reveals a data race).  __syncthreads() is a block barrier; every warp shuffle is a warp
+// barrier (all 32 lanes deposit their value, then all read).  Shuffles by a
+// partial warp, a __syncthreads() not reached by every live thread of the
+// block, or lanes of one warp at different shuffle counts are reported as
+// launch errors (the GPU would hang or give undefined results there).
+// __shared__ variables are function statics: one block at a time uses them.
+// A 16-byte vector access (uint4) or 8-byte one (uint2) at an address not
+// aligned to its size is a launch error, as it is a fault on the GPU.
+#ifndef AOQ_CUDA_EMU_RUNTIME_H
+#define AOQ_CUDA_EMU_RUNTIME_H
+
+#include <setjmp.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+#include <ucontext.h>
+
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+
+typedef int cudaError_t;
+typedef void *cudaStream_t;
+enum {
+  cudaSuccess = 0,
+  cudaErrorInvalidValue = 1,
+  cudaErrorInvalidConfiguration = 9,
+  cudaErrorInvalidDevice = 101,
+  cudaErrorMisalignedAddress = 716,
+  cudaErrorLaunchFailure = 719,
+};
+
+struct dim3 {
+  unsigned x, y, z;
+};
+
+namespace aoq_emu {
+
+// emulated devices: index 0 .. ndev-1 (set by the test through aoq_emu_set_devices)
+inline int &ndev() {
+  static int n = 1;
+  return n;
+}
+inline int &cur_device() {
+  static int d = 0;
+  return d;
+}
+inline cudaError_t &pending_error() {
+  static cudaError_t e = cudaSuccess;
+  return e;
+}
+inline char *error_detail() {
+  static char msg[256];
+  return msg;
+}
+inline void fail(cudaError_t e, const char *what, unsigned block, unsigned thread) {
+  if (pending_error() == cudaSuccess) {
+    pending_error() = e;
+    snprintf(error_detail(), 256, "%s (block %u, thread %u)", what, block, thread);
+  }
+}
+
+enum { READY, AT_WARP, AT_BLOCK, DONE };
+
+struct Fiber {
+  ucontext_t uc;
+  jmp_buf jb;
+  int state;
+  int started;
+  long warp_syncs, block_syncs;
+  int site;       // source line of the barrier it waits at
+  uint32_t slot;  // shuffle value deposited at the current warp barrier
+};
+
+struct Block {
+  std::vector<Fiber> f;
+  std::vector<char> stacks;
+  size_t stack_size = 128 * 1024;
+  unsigned nthreads = 0, cur = 0;
+  dim3 tid{0, 0, 0}, bid{0, 0, 0}, bdim{1, 1, 1}, gdim{1, 1, 1};
+  jmp_buf sched;
+  void (*body)(void *) = nullptr;
+  void *body_arg = nullptr;
+  bool aborted = false;
+};
+inline Block &blk() {
+  static Block b;
+  return b;
+}
+
+inline void yield_to_scheduler() {
+  Block &b = blk();
+  if (!_setjmp(b.f[b.cur].jb)) _longjmp(b.sched, 1);
+}
+
+inline void fiber_entry() {
+  Block &b = blk();
+  b.body(b.body_arg);
+  b.f[b.cur].state = DONE;
+  _longjmp(b.sched, 1);
+}
+
+inline void syncthreads(int site) {
+  Block &b = blk();
+  b.f[b.cur].site = site;
+  b.f[b.cur].state = AT_BLOCK;
+  b.f[b.cur].block_syncs++;
+  yield_to_scheduler();
+}
+
+inline uint32_t shuffle(uint32_t v, unsigned mask, int src_of_lane /* -1: own */, int site) {
+  Block &b = blk();
+  b.f[b.cur].site = site;
+  if (mask != 0xffffffffu) fail(cudaErrorLaunchFailure, "shuffle with a partial mask", b.bid.x, b.cur);
+  Fiber &me = b.f[b.cur];
+  me.slot = v;
+  me.state = AT_WARP;
+  me.warp_syncs++;
+  yield_to_scheduler();  // every lane has deposited
+  const unsigned warp0 = b.cur & ~31u;
+  const uint32_t r = src_of_lane < 0 ? v : b.f[warp0 + (unsigned)src_of_lane].slot;
+  b.f[b.cur].state = AT_WARP;
+  b.f[b.cur].warp_syncs++;
+  yield_to_scheduler();  // every lane has read
+  return r;
+}
+
+// the order in which the threads of a block run between two barriers: 0
+// ascending, 1 descending, 2 random.  A kernel whose results change with it
+// has a data race (two threads touching one location between barriers).
+inline int &sched_order() {
+  static int o = 0;
+  return o;
+}
+inline uint64_t &rng() {
+  static uint64_t r = 0x9e3779b97f4a7c15ull;
+  return r;
+}
+
+// run one block of nthreads fibers to completion
+inline void run_block() {
+  Block &b = blk();
+  const unsigned n = b.nthreads;
+  for (unsigned t = 0; t < n; t++) {
+    Fiber &f = b.f[t];
+    f.state = READY;
+    f.started = 0;
+    f.warp_syncs = f.block_syncs = 0;
+  }
+  unsigned live = n;
+  std::vector<unsigned> order(n);
+  for (unsigned i = 0; i < n; i++) order[i] = sched_order() == 1 ? n - 1 - i : i;
+  while (live) {
+    if (sched_order() == 2)  // a new random order for every barrier interval
+      for (unsigned i = n - 1; i > 0; i--) {
+        rng() = rng() * 6364136223846793005ull + 1442695040888963407ull;
+        const unsigned j = (unsigned)((rng() >> 33) % (i + 1));
+        const unsigned tmp = order[i];
+        order[i] = order[j];
+        order[j] = tmp;
+      }
+    for (unsigned i = 0; i < n; i++) {
+      const unsigned t = order[i];
+      Fiber &f = b.f[t];
+      if (f.state != READY) continue;
+      b.cur = t;
+      b.tid = dim3{t, 0, 0};
+      if (!_setjmp(b.sched)) {
+        if (!f.started) {
+          f.started = 1;
+          getcontext(&f.uc);
+          f.uc.uc_stack.ss_sp = b.stacks.data() + (size_t)t * b.stack_size;
+          f.uc.uc_stack.ss_size = b.stack_size;
+          f.uc.uc_link = nullptr;
+          makecontext(&f.uc, fiber_entry, 0);
+          ucontext_t here;
+          swapcontext(&here, &f.uc);  // never returns here: the fiber longjmps to b.sched
+        } else {
+          _longjmp(f.jb, 1);
+        }
+      }
+      if (f.state == DONE) live--;
+    }
+    if (!live) break;
+    // release every warp whose 32 lanes wait at a warp barrier
+    bool released = false;
+    for (unsigned w0 = 0; w0 < n; w0 += 32) {
+      unsigned at = 0;
+      const unsigned wn = (n - w0) < 32 ? (n - w0) : 32;
+      for (unsigned l = 0; l < wn; l++) at += b.f[w0 + l].state == AT_WARP;
+      if (!at) continue;
+      if (at != 32) {
+        fail(cudaErrorLaunchFailure, "warp shuffle not reached by all 32 lanes of the warp", b.bid.x, w0);
+        b.aborted = true;
+        return;
+      }
+      for (unsigned l = 1; l < 32; l++)
+        if (b.f[w0 + l].warp_syncs != b.f[w0].warp_syncs || b.f[w0 + l].site != b.f[w0].site) {
+          fail(cudaErrorLaunchFailure, "lanes of a warp at different shuffles", b.bid.x, w0 + l);
+          b.aborted = true;
+          return;
+        }
+      for (unsigned l = 0; l < 32; l++) b.f[w0 + l].state = READY;
+      released = true;
+    }
+    if (released) continue;
+    // otherwise every live thread must wait at the same __syncthreads
+    for (unsigned t = 0; t < n; t++) {
+      Fiber &f = b.f[t];
+      if (f.state == DONE) {
+        fail(cudaErrorLaunchFailure, "__syncthreads after some threads of the block returned", b.bid.x, t);
+        b.aborted = true;
+        return;
+      }
+      if (f.state != AT_BLOCK || f.block_syncs != b.f[0].block_syncs || f.site != b.f[0].site) {
+        fail(cudaErrorLaunchFailure, "threads of a block at different __syncthreads", b.bid.x, t);
+        b.aborted = true;
+        return;
+      }
+    }
+    for (unsigned t = 0; t < n; t++) b.f[t].state = READY;
+  }
+}
+
+template <typename... P>
+struct Launch {
+  void (*kernel)(P...);
+  unsigned grid, block;
+  template <typename... A>
+  void operator()(A... a) {
+    if (pending_error() != cudaSuccess) return;
+    if (grid == 0 || block == 0 || block > 1024) {
+      fail(cudaErrorInvalidConfiguration, "invalid launch configuration", grid, block);
+      return;
+    }
+    Block &b = blk();
+    b.nthreads = block;
+    if (b.f.size() < block) b.f.resize(block);
+    if (b.stacks.size() < (size_t)block * b.stack_size) b.stacks.resize((size_t)block * b.stack_size);
+    b.bdim = dim3{block, 1, 1};
+    b.gdim = dim3{grid, 1, 1};
+    // the fibers call the kernel through a closure over the launch arguments
+    auto tuple_call = [](void *p) {
+      auto *c = static_cast<std::pair<void (*)(P...), std::tuple<A...>> *>(p);
+      std::apply([&](A... x) { c->first(x...); }, c->second);
+    };
+    std::pair<void (*)(P...), std::tuple<A...>> closure(kernel, std::tuple<A...>(a...));
+    b.body = tuple_call;
+    b.body_arg = &closure;
+    for (unsigned x = 0; x < grid && pending_error() == cudaSuccess; x++) {
+      b.bid = dim3{x, 0, 0};
+      b.aborted = false;
+      run_block();
+    }
+  }
+};
+
+template <typename... P>
+Launch<P...> launch(void (*k)(P...), unsigned grid, unsigned block, size_t, cudaStream_t) {
+  return Launch<P...>{k, grid, block};
+}
+
+inline void check_align(const void *p, unsigned a) {
+  if ((uintptr_t)p % a) fail(cudaErrorMisalignedAddress, "misaligned vector access", blk().bid.x, blk().cur);
+}
+
+}  // namespace aoq_emu
+
+#define threadIdx (aoq_emu::blk().tid)
+#define blockIdx (aoq_emu::blk().bid)
+#define blockDim (aoq_emu::blk().bdim)
+#define gridDim (aoq_emu::blk().gdim)
+
+// barriers carry their source line, so that threads waiting at two different
+// __syncthreads (or shuffles) are told apart
+#define __syncthreads() aoq_emu::syncthreads(__LINE__)
+
+template <typename T>
+inline T aoq_emu_shfl(unsigned mask, T v, int src, int site) {
+  static_assert(sizeof(T) == 4, "32-bit shuffles only");
+  uint32_t u;
+  memcpy(&u, &v, 4);
+  u = aoq_emu::shuffle(u, mask, src, site);
+  memcpy(&v, &u, 4);
+  return v;
+}
+#define __shfl_xor_sync(mask, v, off) aoq_emu_shfl((mask), (v), (int)((threadIdx.x & 31u) ^ (unsigned)(off)), __LINE__)
+#define __shfl_down_sync(mask, v, off)                                                                   \
+  aoq_emu_shfl((mask), (v), (threadIdx.x & 31u) + (unsigned)(off) < 32u ? (int)((threadIdx.x & 31u) + (off)) \
+                                                                       : -1, __LINE__)
+#define __shfl_sync(mask, v, src) aoq_emu_shfl((mask), (v), (int)(src) & 31, __LINE__)
+
+// vector types whose copies check the alignment the GPU requires
+struct uint2 {
+  unsigned x, y;
+  uint2() = default;
+  uint2(const uint2 &o) {
+    aoq_emu::check_align(&o, 8);
+    x = o.x;
+    y = o.y;
+  }
+  uint2 &operator=(const uint2 &o) {
+    aoq_emu::check_align(this, 8);
+    aoq_emu::check_align(&o, 8);
+    x = o.x;
+    y = o.y;
+    return *this;
+  }
+};
+struct uint4 {
+  unsigned x, y, z, w;
+  uint4() = default;
+  uint4(const uint4 &o) {
+    aoq_emu::check_align(&o, 16);
+    x = o.x, y = o.y, z = o.z, w = o.w;
+  }
+  uint4 &operator=(const uint4 &o) {
+    aoq_emu::check_align(this, 16);
+    aoq_emu::check_align(&o, 16);
+    x = o.x, y = o.y, z = o.z, w = o.w;
+    return *this;
+  }
+};
+
+inline cudaError_t cudaGetDevice(int *d) {
+  *d = aoq_emu::cur_device();
+  return cudaSuccess;
+}
+inline cudaError_t cudaSetDevice(int d) {
+  if (d < 0 || d >= aoq_emu::ndev()) return cudaErrorInvalidDevice;
+  aoq_emu::cur_device() = d;
+  return cudaSuccess;
+}
+inline cudaError_t cudaGetLastError() {
+  cudaError_t e = aoq_emu::pending_error();
+  aoq_emu::pending_error() = cudaSuccess;
+  return e;
+}
+inline const char *cudaGetErrorString(cudaError_t e) {
+  switch (e) {
+    case cudaSuccess: return "no error";
+    case cudaErrorInvalidDevice: return "invalid device ordinal";
+    case cudaErrorInvalidConfiguration: return "invalid configuration argument";
+    default: return aoq_emu::error_detail();
+  }
+}
+
+// knobs for the tests (this header is compiled into exactly one translation unit)
+extern "C" void aoq_emu_set_devices(int n) { aoq_emu::ndev() = n; }
+extern "C" int aoq_emu_get_device(void) { return aoq_emu::cur_device(); }
+extern "C" void aoq_emu_set_order(int o) { aoq_emu::sched_order() = o; }
+
+#endif

@@ -1,0 +1,270 @@
+"""The CUDA kernels of csrc/kernels/fq_cuda.cu, run on the CPU by the emulator
+in tests/cuda_emu/ (fibers for threads, real warp-shuffle and __syncthreads
+semantics), compared bit for bit with the CPU kernels of the extension.
+
+This runs the CUDA kernels' own code: their row/warp/lane indexing, the
+canonical reduction trees, the vectorized and scalar load paths, the masks
+and the launchers' argument checks and device handling.  It does not run
+nvcc's code generation or the device intrinsics (aoq_math.h's __CUDA_ARCH__
+branches: rintf and the float/uint casts); tests/test_cuda.py covers those
+on a GPU.  Division semantics: torchao mode is compared with the CPU kernel
+under CUDA's rule (div_mode 1), AWQ modes with the default one (see
+test_cuda.py).
+"""
+import ctypes
+import os
+
+import pytest
+import torch
+
+import ao_awq_export  # noqa: F401  (registers torch.ops.ao_awq)
+from tests.cuda_emu.build import build, rewrite_launches
+from tests.test_fake_quant import assert_bits_equal, make_weight
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+SCH = {"fp8_int4": 0, "int4_asym": 1}
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+P = ctypes.c_void_p
+I64 = ctypes.c_int64
+I = ctypes.c_int
+
+
+@pytest.fixture(scope="module")
+def lib():
+    # AOQ_EMU_CU: another version of the kernels (a patch under trial) to test
+    return setup_lib(build(os.environ.get("AOQ_EMU_CU") or os.path.join(ROOT, "csrc", "kernels", "fq_cuda.cu")))
+
+
+def setup_lib(lib):
+    lib.aoq_cuda_fq_fwd.argtypes = [P, P, P, P, P, I64, I64, I64, I, I, I, I, I, P]
+    lib.aoq_cuda_fq_bwd.argtypes = [P, P, P, I64, I64, I64, I, I, I, I, I, I, P]
+    lib.aoq_cuda_fp8_rows_fwd.argtypes = [P, P, I64, I64, I, I, I, P]
+    lib.aoq_cuda_fp8_rows_bwd.argtypes = [P, P, P, I64, I64, I, I, I, I, P]
+    lib.aoq_cuda_pack_awq.argtypes = [P, P, I64, I64, I, P]
+    lib.aoq_cuda_last_error.restype = ctypes.c_char_p
+    lib.aoq_emu_set_devices.argtypes = [I]
+    lib.aoq_emu_set_devices(1)
+    lib.aoq_emu_set_order.argtypes = [I]
+    return lib
+
+
+def ptr(t):
+    return None if t is None else t.data_ptr()
+
+
+def check(lib, rc):
+    assert rc == 0, f"launcher returned {rc}: {lib.aoq_cuda_last_error().decode()}"
+
+
+def emu_fwd(lib, w, g, scheme, awq, cs, outputs=True):
+    n, k = w.shape
+    out = torch.empty_like(w)
+    codes = torch.empty(n, k, dtype=torch.uint8) if outputs else None
+    scales = torch.empty(n, k // g) if outputs else None
+    zeros = torch.empty(n, k // g) if outputs else None
+    check(lib, lib.aoq_cuda_fq_fwd(ptr(w), ptr(out), ptr(codes), ptr(scales), ptr(zeros), n, k, g,
+                                   DT[w.dtype], SCH[scheme], awq, cs, 0, None))
+    return out, codes, scales, zeros
+
+
+def emu_bwd(lib, grad, w, g, scheme, awq, cs, st, gw=None):
+    n, k = w.shape
+    gw = torch.empty_like(w) if gw is None else gw
+    check(lib, lib.aoq_cuda_fq_bwd(ptr(grad), ptr(w), ptr(gw), n, k, g, DT[w.dtype], SCH[scheme], awq,
+                                   cs, st, 0, None))
+    return gw
+
+
+def test_launch_rewrite():
+    src = ("k<A, B, true><<<(unsigned)N, TPB, 0, st>>>(x, y);\n"
+           "pack<<<(unsigned)((t + 255) / 256), 256, 0,\n (cudaStream_t)s>>>(\n c);")
+    out, n = rewrite_launches(src)
+    assert n == 2 and "<<<" not in out and out.count("\n") == src.count("\n")
+    assert out.startswith("aoq_emu::launch(k<A, B, true>, (unsigned)N, TPB, 0, st)(x, y);")
+
+
+# the GPU test's shapes are cut down (the emulator switches fibers at every
+# shuffle); these still cover one row, one group per row, rows whose group
+# count is not a multiple of the 8 warps, a row of 28672 elements at g=128
+# (the issue's largest shape), and the edge rows of make_weight
+CASES = [(1, 1), (9, 3), (8, 16), (2, 17), (2, 224)]  # (rows, groups per row)
+
+
+@pytest.mark.parametrize("scheme", list(SCH))
+@pytest.mark.parametrize("mode", ["torchao", "awq"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("g", [32, 64, 128, 256])
+def test_emulated_gpu_kernels_equal_cpu(lib, scheme, mode, dtype, g):
+    compare_with_cpu(lib, scheme, mode, dtype, g)
+
+
+def compare_with_cpu(lib, scheme, mode, dtype, g):
+    awq = int(mode == "awq")
+    cs = 1 - awq
+    for i, (n, groups) in enumerate(CASES):
+        k = groups * g
+        w = make_weight(n, k, dtype, g, seed=i)
+        out, codes, scales, zeros = emu_fwd(lib, w, g, scheme, awq, cs)
+        what = f"{scheme} {mode} {dtype} g{g} {n}x{k}"
+        assert_bits_equal(out, torch.ops.ao_awq.fq_weight(w, g, SCH[scheme], bool(awq), False, cs), what)
+        c2, s2, z2 = torch.ops.ao_awq.quantize(w, g, SCH[scheme], bool(awq), cs)
+        assert torch.equal(codes, c2), what + " codes"
+        assert_bits_equal(scales, s2, what + " scales")
+        assert_bits_equal(zeros, z2, what + " zeros")
+        gout = (torch.randn(n, k, generator=torch.Generator().manual_seed(i)) * 1e3).to(dtype)
+        for st in (0, 1):
+            gw = emu_bwd(lib, gout, w, g, scheme, awq, cs, st)
+            ref = torch.ops.ao_awq.fq_weight_backward(gout, w, g, SCH[scheme], bool(awq), bool(st), cs)
+            assert_bits_equal(gw, ref, what + f" grad st={st}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_emulated_fp8_rows(lib, dtype):
+    """Forward under both division rules; the backward under CUDA's, the one
+    the GPU runs (the CPU's rule sums in torch's CPU order, see fq_cpu.c)."""
+    for cs in (0, 1):
+        x = (torch.randn(6, 300, generator=torch.Generator().manual_seed(cs)) * 3).to(dtype)
+        x[0] = 0
+        x[1, 7] = 1e4 if dtype != torch.float16 else 6e4
+        out = torch.empty_like(x)
+        check(lib, lib.aoq_cuda_fp8_rows_fwd(ptr(x), ptr(out), 6, 300, DT[dtype], cs, 0, None))
+        assert_bits_equal(out, torch.ops.ao_awq.fp8_rows(x, False, cs), f"rows {dtype} cs={cs}")
+        g = (torch.randn(6, 300, generator=torch.Generator().manual_seed(5)) * 100).to(dtype)
+        for st in (0, 1) if cs else ():
+            gx = torch.empty_like(x)
+            check(lib, lib.aoq_cuda_fp8_rows_bwd(ptr(g), ptr(x), ptr(gx), 6, 300, DT[dtype], cs, st, 0, None))
+            assert_bits_equal(gx, torch.ops.ao_awq.fp8_rows_backward(g, x, bool(st), cs),
+                              f"rows grad {dtype} cs={cs} st={st}")
+
+
+def test_emulated_pack(lib):
+    c = torch.randint(0, 16, (64, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    packed = torch.empty(40, 8, dtype=torch.int32)
+    check(lib, lib.aoq_cuda_pack_awq(ptr(c), ptr(packed), 64, 40, 0, None))
+    assert torch.equal(packed, torch.ops.ao_awq.pack_awq(c))
+
+
+@pytest.mark.parametrize("scheme", list(SCH))
+def test_emulated_unaligned_takes_scalar_path(lib, scheme):
+    """A buffer 2 bytes off 16-byte alignment: the launcher must pick the
+    scalar loads (the emulator reports a misaligned vector access as the GPU
+    would) and give the aligned results."""
+    g, n, k = 128, 9, 384
+    w = make_weight(n, k, torch.bfloat16, g, seed=2)
+    base = torch.empty(n * k + 1, dtype=torch.bfloat16)
+    wu = base[1:].view(n, k)
+    wu.copy_(w)
+    assert wu.data_ptr() % 16 != 0
+    outs_u = emu_fwd(lib, wu, g, scheme, 0, 1)
+    outs_a = emu_fwd(lib, w, g, scheme, 0, 1)
+    for a, b in zip(outs_u, outs_a):
+        assert torch.equal(a, b)
+    gout = torch.randn(n, k).to(torch.bfloat16)
+    gbase = torch.empty(n * k + 1, dtype=torch.bfloat16)
+    gw = emu_bwd(lib, gout, wu, g, scheme, 0, 1, 0, gw=gbase[1:].view(n, k))
+    assert torch.equal(gw, emu_bwd(lib, gout, w, g, scheme, 0, 1, 0))
+
+
+@pytest.mark.parametrize("scheme", list(SCH))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_emulated_no_race_thread_order(lib, scheme, dtype):
+    """Every kernel gives the same bits whatever order the threads of a block
+    run in between barriers (descending, random): no data race the schedule
+    could expose (the emulator's stand-in for racecheck)."""
+    g, n = 64, 9
+    w = make_weight(n, 17 * g, dtype, g, seed=4)
+    gout = (torch.randn(n, 17 * g, generator=torch.Generator().manual_seed(4)) * 1e3).to(dtype)
+    x = (torch.randn(4, 700, generator=torch.Generator().manual_seed(4)) * 3).to(dtype)
+    gx = (x * 7).to(dtype)
+    codes = torch.randint(0, 16, (64, 24), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
+
+    def run_all():
+        res = list(emu_fwd(lib, w, g, scheme, 0, 1)) + [emu_bwd(lib, gout, w, g, scheme, 1, 0, 1)]
+        rows, grows, packed = torch.empty_like(x), torch.empty_like(x), torch.empty(24, 8, dtype=torch.int32)
+        check(lib, lib.aoq_cuda_fp8_rows_fwd(ptr(x), ptr(rows), 4, 700, DT[dtype], 1, 0, None))
+        check(lib, lib.aoq_cuda_fp8_rows_bwd(ptr(gx), ptr(x), ptr(grows), 4, 700, DT[dtype], 1, 1, 0, None))
+        check(lib, lib.aoq_cuda_pack_awq(ptr(codes), ptr(packed), 64, 24, 0, None))
+        return res + [rows, grows, packed]
+
+    base = run_all()
+    try:
+        for order in (1, 2, 2):
+            lib.aoq_emu_set_order(order)
+            for a, b in zip(run_all(), base):
+                assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), f"thread order {order}"
+    finally:
+        lib.aoq_emu_set_order(0)
+
+
+def test_emulated_launcher_errors(lib):
+    """Argument checks and device handling of the launchers."""
+    w = make_weight(8, 256, torch.bfloat16, 128)
+    out = torch.empty_like(w)
+    args = (ptr(w), ptr(out), None, None, None)
+    assert lib.aoq_cuda_fq_fwd(*args, 8, 250, 128, 2, 0, 0, 1, 0, None) == 1  # K % g
+    assert lib.aoq_cuda_fq_fwd(*args, 0, 256, 128, 2, 0, 0, 1, 0, None) == 1  # no rows
+    assert lib.aoq_cuda_pack_awq(None, None, 12, 4, 0, None) == 1  # R % 8
+    # device index: 1 fails with one device, works with two and restores the current device
+    assert lib.aoq_cuda_fq_fwd(*args, 8, 256, 128, 2, 0, 0, 1, 1, None) == 2
+    assert lib.aoq_cuda_last_error().decode() == "invalid device ordinal"
+    lib.aoq_emu_set_devices(2)
+    try:
+        check(lib, lib.aoq_cuda_fq_fwd(*args, 8, 256, 128, 2, 0, 0, 1, 1, None))
+        assert lib.aoq_emu_get_device() == 0
+        assert torch.equal(out, torch.ops.ao_awq.fq_weight(w, 128, 0, False, False, 1))
+    finally:
+        lib.aoq_emu_set_devices(1)
+
+
+# ---------------------------------------------------------------------------
+# the emulator itself (tests/cuda_emu/selftest.cu)
+# ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def selftest():
+    lib = build(os.path.join(ROOT, "tests", "cuda_emu", "selftest.cu"))
+    lib.emu_selftest.argtypes = [I, P, P, ctypes.c_uint, ctypes.c_uint]
+    lib.emu_selftest_error.restype = ctypes.c_char_p
+    lib.aoq_emu_set_order.argtypes = [I]
+    return lib
+
+
+def test_emulator_shuffles_and_block_reduction(selftest):
+    out = torch.full((3 * 4,), -1.0)
+    assert selftest.emu_selftest(0, ptr(out), None, 3, 256) == 0
+    for b in range(3):
+        v = torch.arange(1, 257, dtype=torch.float32) + b * 1000
+        assert out[b * 4 + 0] == v[:32].max()             # xor tree of warp 0, at its lane 0
+        assert out[b * 4 + 1] == v[32:64].sum()           # down tree of warp 1, at its lane 0
+        assert out[b * 4 + 2] == v[5]                     # broadcast of lane 5 (warp 0)
+        assert out[b * 4 + 3] == v.sum()                  # block sum through __shared__
+
+
+@pytest.mark.parametrize("which, message", [
+    (1, "misaligned vector access"),
+    (2, "warp shuffle not reached by all 32 lanes"),
+    (3, "threads of a block at different __syncthreads"),
+    (4, "__syncthreads after some threads of the block returned"),
+])
+def test_emulator_reports_faults(selftest, which, message):
+    buf = torch.zeros(512)
+    rc = selftest.emu_selftest(which, ptr(buf), ptr(buf), 1, 128)
+    assert rc != 0 and message in selftest.emu_selftest_error(rc).decode()
+    # the error is consumed: the next good launch succeeds
+    assert selftest.emu_selftest(0, ptr(buf), None, 1, 64) == 0
+
+
+def test_emulator_thread_order_exposes_a_race(selftest):
+    """The thread-order check has teeth: a kernel that reads a neighbour's
+    __shared__ write without a barrier gives different results by order."""
+    outs = []
+    try:
+        for order in (0, 1):
+            selftest.aoq_emu_set_order(order)
+            out = torch.zeros(128)
+            assert selftest.emu_selftest(5, ptr(out), None, 1, 128) == 0
+            outs.append(out)
+    finally:
+        selftest.aoq_emu_set_order(0)
+    assert not torch.equal(outs[0], outs[1])
+    assert torch.equal(outs[1], (torch.arange(128.0) + 1) % 128)  # descending: each read sees the write

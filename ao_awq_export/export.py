@@ -663,7 +663,9 @@ def _scaled_act_items(model, model_type, have):
     return items
 
 
-def _plan(model, quant, report, strict, threshold, verify, tie_ok, model_type=None):
+def _plan(model, quant, report, strict, threshold, verify, tie_ok, model_type=None, tied=None):
+    """The items to write, in state-dict order.  tied: receives the keys left
+    out because they share storage with an earlier one."""
     sd = model.state_dict(keep_vars=True)
     owner = {}
     for qn in quant:
@@ -688,6 +690,8 @@ def _plan(model, quant, report, strict, threshold, verify, tie_ok, model_type=No
         sk = _storage_key(t)
         if sk in seen and tie_ok:
             log.info("%s is tied to %s: written once", key, seen[sk])
+            if tied is not None:
+                tied.append(key)
             continue
         seen.setdefault(sk, key)
         items.append(_plain_item(key, t))
@@ -1007,8 +1011,9 @@ def export_awq(model: nn.Module, out_dir, *, scheme: str = "int4_asym", mode: st
                           modules_to_not_convert=fp16_linears or None)
     handle = None
     try:
+        tied: List[str] = []
         items = _plan(model, quant, report, strict, sqnr_threshold, verify, tie_ok,
-                      (cfg or {}).get("model_type"))
+                      (cfg or {}).get("model_type"), tied)
         # an excluded FakeQuantLinear keeps the weight it trained with
         fq_excluded = {f"{n}.weight": m for n, m in model.named_modules()
                        if isinstance(m, FakeQuantLinear) and n not in quant}
@@ -1066,6 +1071,11 @@ def export_awq(model: nn.Module, out_dir, *, scheme: str = "int4_asym", mode: st
         conf = dict(cfg or {})
         conf.pop("quantization_config", None)
         conf["torch_dtype"] = "float16"
+        if "tie_word_embeddings" not in conf and any(
+                k.rpartition(".")[0].rpartition(".")[2] == "lm_head" for k in tied):
+            # lm_head.weight was left out as the embedding's twin: say so, or a
+            # loader whose default is untied (vLLM's Llama) finds it missing
+            conf["tie_word_embeddings"] = True
         if "dtype" in conf:
             conf["dtype"] = "float16"
         conf["quantization_config"] = {

@@ -210,6 +210,7 @@ def test_exact_modes_bit_for_bit(outdir, scheme, mode, dtype, g):
     assert t["norm.weight"].dtype == torch.float16 and t["step"].dtype == torch.int64
     cfg = json.load(open(os.path.join(outdir, "config.json")))
     assert cfg["torch_dtype"] == "float16"
+    assert cfg["tie_word_embeddings"] is True  # lm_head.weight left out: the config says why
     assert cfg["quantization_config"] == {
         "quant_method": "awq", "bits": 4, "group_size": g, "zero_point": True,
         "version": "gemm", "modules_to_not_convert": None}
@@ -241,6 +242,7 @@ def test_rtn_plain_linear_excludes_and_config(outdir, tmp_path):
     assert torch.equal(t["lm_head.weight"], m.lm_head.weight.detach().half())  # untied
     cfg = json.load(open(os.path.join(outdir, "config.json")))
     assert cfg["model_type"] == "tiny" and cfg["torch_dtype"] == "float16"
+    assert cfg["tie_word_embeddings"] is False
     assert cfg["quantization_config"]["modules_to_not_convert"] == ["extra", "down_fq"]
     assert "old" not in cfg["quantization_config"]
     assert json.load(open(os.path.join(outdir, "generation_config.json"))) == {"max_new_tokens": 5}

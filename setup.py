@@ -100,6 +100,7 @@ class BuildExt(build_ext):
                 obj = os.path.join(objdir, os.path.basename(cu) + ".o")
                 cmd = [NVCC, "-c", cu, "-o", obj, "-O3", "--fmad=false", "-std=c++17",
                        "-Xcompiler", "-fPIC", "-DAOQ_WITH_CUDA=1", "-I" + os.path.join(HERE, "csrc")]
+                cmd += os.environ.get("AOQ_NVCC_FLAGS", "").split()  # e.g. kernel tuning knobs
                 for a in archs:
                     cmd += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
                 # PTX of the newest target too, so newer GPUs can JIT it

@@ -99,6 +99,19 @@ def test_emulated_gpu_kernels_equal_cpu(lib, scheme, mode, dtype, g):
     compare_with_cpu(lib, scheme, mode, dtype, g)
 
 
+@pytest.mark.parametrize("unroll", [(1, 1), (3, 3)], ids=str)
+def test_emulated_unroll_variants(unroll):
+    """The groups-in-flight knobs (AOQ_U forward, AOQ_UB backward; 4 and 2 by
+    default) change the loop structure, never the results."""
+    lib = build(os.environ.get("AOQ_EMU_CU") or os.path.join(ROOT, "csrc", "kernels", "fq_cuda.cu"),
+                (f"-DAOQ_U={unroll[0]}", f"-DAOQ_UB={unroll[1]}"))
+    setup_lib(lib)
+    for scheme in SCH:
+        for mode in ("torchao", "awq"):
+            compare_with_cpu(lib, scheme, mode, torch.bfloat16, 64)
+            compare_with_cpu(lib, scheme, mode, torch.float32, 256)
+
+
 def compare_with_cpu(lib, scheme, mode, dtype, g):
     awq = int(mode == "awq")
     cs = 1 - awq

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One full GPU check, for a session lent a GPU (device tool) or any CUDA box:
 # build with CUDA kernels in place, run CPU + GPU tests, compute-sanitizer
-# (memcheck, racecheck) on a GPU test subset, then the benchmarks.
+# (memcheck, racecheck) on a GPU test subset, then the benchmarks (default
+# build, then AOQ_U=1/AOQ_UB=1 for comparison: run last, the least needed).
 # Wheels of missing packages (torchao) may sit in .whl/ (see README).
 set -u
 OUT=${OUT:-/tmp/gpu_out}
@@ -26,3 +27,6 @@ timeout 300 compute-sanitizer --tool racecheck --error-exitcode 9 python3 -m pyt
 echo "racecheck rc=${PIPESTATUS[0]}"
 echo "== bench"
 python3 benchmarks/bench_fake_quant.py --device cuda 2>&1 | grep -v "Failed to load\|_pytree" | tee "$OUT/bench.txt"
+echo "== bench, one group per warp at a time (AOQ_U=1, AOQ_UB=1), for the unroll's effect"
+AOQ_NVCC_FLAGS="-DAOQ_U=1 -DAOQ_UB=1" AOQ_CUDA=1 python3 setup.py build_ext --inplace --force > "$OUT/build_u1.log" 2>&1 || { tail -30 "$OUT/build_u1.log"; exit 1; }
+python3 benchmarks/bench_fake_quant.py --device cuda 2>&1 | grep -v "Failed to load\|_pytree" | tee "$OUT/bench_u1.txt"

@@ -122,7 +122,38 @@ __device__ __forceinline__ void store_chunk(void *p, int64_t idx, const float *v
   copy_chunk<T, E, VEC>(reinterpret_cast<T *>(p) + idx, raw);
 }
 
-// row amax |x| over a whole row (strided by thread), NaN-propagating
+// groups handled per warp iteration: their loads are all issued before any
+// use, to keep enough bytes in flight (the order of groups, and so the
+// canonical sum order, is unchanged: w, w+NW, w+2NW, ...).  Build-time knobs
+// (AOQ_NVCC_FLAGS="-DAOQ_U=1 -DAOQ_UB=1" gives one group per warp at a time,
+// the kernels as measured at 2f42080 apart from the row-amax pass).
+#ifndef AOQ_U
+#define AOQ_U 4
+#endif
+#ifndef AOQ_UB
+#define AOQ_UB 2 /* backward: two tensors per group */
+#endif
+
+// row amax |x| (NaN-propagating) over a weight row, chunk layout, vector loads
+template <int DT, int E, bool VEC>
+__device__ float row_amax_chunks(const void *w, int64_t base, int64_t G, float *sh) {
+  const int g = 32 * E, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  float a = 0.f;
+  for (int64_t j0 = warp; j0 < G; j0 += AOQ_NW * AOQ_U) {
+    float v[AOQ_U][E];
+#pragma unroll
+    for (int u = 0; u < AOQ_U; u++)
+      if (j0 + u * AOQ_NW < G) load_chunk<DT, E, VEC>(w, base + (j0 + u * AOQ_NW) * g + lane * E, v[u]);
+#pragma unroll
+    for (int u = 0; u < AOQ_U; u++)
+      if (j0 + u * AOQ_NW < G)
+#pragma unroll
+        for (int e = 0; e < E; e++) a = nanmax(a, v[u][e] < 0.f ? -v[u][e] : v[u][e]);
+  }
+  return block_max(a, sh);
+}
+
+// row amax |x| over an activation row (any K, strided by thread)
 template <int DT>
 __device__ float row_amax(const void *w, int64_t base, int64_t K, float *sh) {
   float a = 0.f;
@@ -146,54 +177,64 @@ __global__ void __launch_bounds__(TPB) fq_fwd_kernel(const void *__restrict__ w,
   const int64_t n = blockIdx.x, base = n * K, G = K / g;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   float s_row = 0.f;
-  if (scheme == AOQ_SCHEME_FP8_INT4) s_row = aoq_fp8_scale_from_amax(row_amax<DT>(w, base, K, sh), DT, cs);
-  for (int64_t j = warp; j < G; j += AOQ_NW) {
-    const int64_t idx = base + j * g + lane * E;
-    float v[E], y[E];
-    uint8_t q[E];
-    load_chunk<DT, E, VEC>(w, idx, v);
-    float sc, zr;
-    if (scheme == AOQ_SCHEME_FP8_INT4) {
-      float m = 0.f;
+  if (scheme == AOQ_SCHEME_FP8_INT4)
+    s_row = aoq_fp8_scale_from_amax(row_amax_chunks<DT, E, VEC>(w, base, G, sh), DT, cs);
+  for (int64_t j0 = warp; j0 < G; j0 += AOQ_NW * AOQ_U) {
+    float vv[AOQ_U][E];
 #pragma unroll
-      for (int e = 0; e < E; e++) {
-        v[e] = aoq_fp8_rt(v[e], s_row, DT);
-        m = nanmax(m, v[e] < 0.f ? -v[e] : v[e]);
+    for (int u = 0; u < AOQ_U; u++)
+      if (j0 + u * AOQ_NW < G) load_chunk<DT, E, VEC>(w, base + (j0 + u * AOQ_NW) * g + lane * E, vv[u]);
+#pragma unroll
+    for (int u = 0; u < AOQ_U; u++) {
+      const int64_t j = j0 + u * AOQ_NW;
+      if (j >= G) break;
+      const int64_t idx = base + j * g + lane * E;
+      float *v = vv[u];
+      float y[E];
+      uint8_t q[E];
+      float sc, zr;
+      if (scheme == AOQ_SCHEME_FP8_INT4) {
+        float m = 0.f;
+#pragma unroll
+        for (int e = 0; e < E; e++) {
+          v[e] = aoq_fp8_rt(v[e], s_row, DT);
+          m = nanmax(m, v[e] < 0.f ? -v[e] : v[e]);
+        }
+        aoq_sym_group p = aoq_sym_group_from_max(warp_max(m), DT, awq);
+#pragma unroll
+        for (int e = 0; e < E; e++) {
+          float qc = aoq_clamp(aoq_sym_code_raw(v[e], &p, DT), -8.f, 7.f);
+          y[e] = aoq_sym_deq(qc, &p, DT);
+          q[e] = qc == qc ? (uint8_t)(int)(qc + 8.f) : 0;
+        }
+        sc = p.sdq;
+        zr = 8.f;
+      } else {
+        float mx = v[0], mn = v[0];
+#pragma unroll
+        for (int e = 0; e < E; e++) {
+          mx = nanmax(mx, v[e]);
+          mn = nanmin(mn, v[e]);
+        }
+        aoq_asym_group p = aoq_asym_group_from_minmax(warp_max(mx), warp_min(mn), awq, cs);
+#pragma unroll
+        for (int e = 0; e < E; e++) {
+          float qc = aoq_clamp(aoq_asym_code_raw(v[e], &p, awq), 0.f, 15.f);
+          y[e] = aoq_asym_deq(qc, &p, awq);
+          q[e] = qc == qc ? (uint8_t)(int)qc : 0;
+        }
+        sc = awq ? p.s16 : p.s;
+        zr = awq ? p.zi : p.z;
       }
-      aoq_sym_group p = aoq_sym_group_from_max(warp_max(m), DT, awq);
+      if (out) store_chunk<DT, E, VEC>(out, idx, y);
+      if (codes) {
 #pragma unroll
-      for (int e = 0; e < E; e++) {
-        float qc = aoq_clamp(aoq_sym_code_raw(v[e], &p, DT), -8.f, 7.f);
-        y[e] = aoq_sym_deq(qc, &p, DT);
-        q[e] = qc == qc ? (uint8_t)(int)(qc + 8.f) : 0;
+        for (int e = 0; e < E; e++) codes[idx + e] = q[e];
       }
-      sc = p.sdq;
-      zr = 8.f;
-    } else {
-      float mx = v[0], mn = v[0];
-#pragma unroll
-      for (int e = 0; e < E; e++) {
-        mx = nanmax(mx, v[e]);
-        mn = nanmin(mn, v[e]);
+      if (lane == 0) {
+        if (scales) scales[n * G + j] = sc;
+        if (zeros) zeros[n * G + j] = zr;
       }
-      aoq_asym_group p = aoq_asym_group_from_minmax(warp_max(mx), warp_min(mn), awq, cs);
-#pragma unroll
-      for (int e = 0; e < E; e++) {
-        float qc = aoq_clamp(aoq_asym_code_raw(v[e], &p, awq), 0.f, 15.f);
-        y[e] = aoq_asym_deq(qc, &p, awq);
-        q[e] = qc == qc ? (uint8_t)(int)qc : 0;
-      }
-      sc = awq ? p.s16 : p.s;
-      zr = awq ? p.zi : p.z;
-    }
-    if (out) store_chunk<DT, E, VEC>(out, idx, y);
-    if (codes) {
-#pragma unroll
-      for (int e = 0; e < E; e++) codes[idx + e] = q[e];
-    }
-    if (lane == 0) {
-      if (scales) scales[n * G + j] = sc;
-      if (zeros) zeros[n * G + j] = zr;
     }
   }
 }
@@ -210,7 +251,7 @@ __global__ void __launch_bounds__(TPB) fp8_int4_bwd_kernel(const void *__restric
   const int g = 32 * E;
   const int64_t n = blockIdx.x, base = n * K, G = K / g;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const float a0 = row_amax<DT>(w, base, K, sh);
+  const float a0 = row_amax_chunks<DT, E, VEC>(w, base, G, sh);
   const float s_row = aoq_fp8_scale_from_amax(a0, DT, cs);
   if (s_row == 0.f) {  // forward gave 0 (torchao: NaN)
     for (int64_t k = threadIdx.x; k < K; k += TPB) aoq_store(gw, base + k, 0.f, DT);
@@ -218,58 +259,69 @@ __global__ void __launch_bounds__(TPB) fp8_int4_bwd_kernel(const void *__restric
   }
   float acc_a = 0.f, acc_b = 0.f;
   int cnt_row = 0;
-  for (int64_t j = warp; j < G; j += AOQ_NW) {
-    const int64_t idx = base + j * g + lane * E;
-    float x[E], Gv[E], wd[E], gwd[E], q2[E];
-    load_chunk<DT, E, VEC>(w, idx, x);
-    load_chunk<DT, E, VEC>(grad, idx, Gv);
-    float m = 0.f;
+  for (int64_t j0 = warp; j0 < G; j0 += AOQ_NW * AOQ_UB) {
+    float xx[AOQ_UB][E], gg[AOQ_UB][E];
 #pragma unroll
-    for (int e = 0; e < E; e++) {
-      wd[e] = aoq_fp8_rt(x[e], s_row, DT);
-      m = nanmax(m, wd[e] < 0.f ? -wd[e] : wd[e]);
-    }
-    aoq_sym_group p = aoq_sym_group_from_max(warp_max(m), DT, awq);
-    float t1 = 0.f, t2 = 0.f;
-    int cnt = 0;
+    for (int u = 0; u < AOQ_UB; u++)
+      if (j0 + u * AOQ_NW < G) {
+        load_chunk<DT, E, VEC>(w, base + (j0 + u * AOQ_NW) * g + lane * E, xx[u]);
+        load_chunk<DT, E, VEC>(grad, base + (j0 + u * AOQ_NW) * g + lane * E, gg[u]);
+      }
 #pragma unroll
-    for (int e = 0; e < E; e++) {
-      q2[e] = aoq_sym_code_raw(wd[e], &p, DT);
-      float qc = aoq_clamp(q2[e], -8.f, 7.f);
-      t1 += awq ? Gv[e] * qc : aoq_round_to(Gv[e] * qc, DT);
-    }
-    const float g_sg_a = aoq_round_to(warp_sum(t1), DT);
+    for (int u = 0; u < AOQ_UB; u++) {
+      const int64_t j = j0 + u * AOQ_NW;
+      if (j >= G) break;
+      const int64_t idx = base + j * g + lane * E;
+      float *x = xx[u], *Gv = gg[u];
+      float wd[E], gwd[E], q2[E];
+      float m = 0.f;
 #pragma unroll
-    for (int e = 0; e < E; e++) {
-      float gd = aoq_round_to(Gv[e] * (awq ? p.sdq : p.sg), DT);
-      float gq = aoq_in(q2[e], -8.f, 7.f, st) ? gd : 0.f;
-      gwd[e] = aoq_sym_gwd(gq, &p, DT);
-      t2 += aoq_round_to(gq * wd[e], DT);
-      cnt += ((wd[e] < 0.f ? -wd[e] : wd[e]) == p.m);
-    }
-    const float g_r = aoq_round_to(warp_sum(t2), DT);
-    float g_sg = aoq_sym_gsg(g_sg_a, g_r, &p, DT);
-    if (!aoq_ge(p.m8, aoq_eps_in(1e-6f, DT), st)) g_sg = 0.f;
-    const float g_m = aoq_round_to(g_sg * 0.125f, DT);
-    cnt = warp_isum(cnt);
-    const float each = cnt ? aoq_round_to(g_m / (float)cnt, DT) : 0.f;
-    float gx[E];
+      for (int e = 0; e < E; e++) {
+        wd[e] = aoq_fp8_rt(x[e], s_row, DT);
+        m = nanmax(m, wd[e] < 0.f ? -wd[e] : wd[e]);
+      }
+      aoq_sym_group p = aoq_sym_group_from_max(warp_max(m), DT, awq);
+      float t1 = 0.f, t2 = 0.f;
+      int cnt = 0;
 #pragma unroll
-    for (int e = 0; e < E; e++) {
-      gwd[e] = aoq_round_to(
-          gwd[e] + aoq_round_to(aoq_masked(each, (wd[e] < 0.f ? -wd[e] : wd[e]) == p.m) * aoq_sgn(wd[e]), DT),
-          DT);
-      // row stage
-      const float gh = gwd[e];
-      const float t = x[e] / s_row;
-      acc_a += gh * aoq_fp8_e4m3_round(aoq_clamp(t, -AOQ_FP8_MAX, AOQ_FP8_MAX));
-      float gt = aoq_fp8_e4m3_round(gh * s_row);
-      if (!aoq_in(t, -AOQ_FP8_MAX, AOQ_FP8_MAX, st)) gt = 0.f;
-      gx[e] = gt / s_row;
-      acc_b += -gt * (t / s_row);
-      cnt_row += ((x[e] < 0.f ? -x[e] : x[e]) == a0);
+      for (int e = 0; e < E; e++) {
+        q2[e] = aoq_sym_code_raw(wd[e], &p, DT);
+        float qc = aoq_clamp(q2[e], -8.f, 7.f);
+        t1 += awq ? Gv[e] * qc : aoq_round_to(Gv[e] * qc, DT);
+      }
+      const float g_sg_a = aoq_round_to(warp_sum(t1), DT);
+#pragma unroll
+      for (int e = 0; e < E; e++) {
+        float gd = aoq_round_to(Gv[e] * (awq ? p.sdq : p.sg), DT);
+        float gq = aoq_in(q2[e], -8.f, 7.f, st) ? gd : 0.f;
+        gwd[e] = aoq_sym_gwd(gq, &p, DT);
+        t2 += aoq_round_to(gq * wd[e], DT);
+        cnt += ((wd[e] < 0.f ? -wd[e] : wd[e]) == p.m);
+      }
+      const float g_r = aoq_round_to(warp_sum(t2), DT);
+      float g_sg = aoq_sym_gsg(g_sg_a, g_r, &p, DT);
+      if (!aoq_ge(p.m8, aoq_eps_in(1e-6f, DT), st)) g_sg = 0.f;
+      const float g_m = aoq_round_to(g_sg * 0.125f, DT);
+      cnt = warp_isum(cnt);
+      const float each = cnt ? aoq_round_to(g_m / (float)cnt, DT) : 0.f;
+      float gx[E];
+#pragma unroll
+      for (int e = 0; e < E; e++) {
+        gwd[e] = aoq_round_to(
+            gwd[e] + aoq_round_to(aoq_masked(each, (wd[e] < 0.f ? -wd[e] : wd[e]) == p.m) * aoq_sgn(wd[e]), DT),
+            DT);
+        // row stage
+        const float gh = gwd[e];
+        const float t = x[e] / s_row;
+        acc_a += gh * aoq_fp8_e4m3_round(aoq_clamp(t, -AOQ_FP8_MAX, AOQ_FP8_MAX));
+        float gt = aoq_fp8_e4m3_round(gh * s_row);
+        if (!aoq_in(t, -AOQ_FP8_MAX, AOQ_FP8_MAX, st)) gt = 0.f;
+        gx[e] = gt / s_row;
+        acc_b += -gt * (t / s_row);
+        cnt_row += ((x[e] < 0.f ? -x[e] : x[e]) == a0);
+      }
+      store_chunk<DT, E, VEC>(gw, idx, gx);  // D(gx); row extremes fixed below
     }
-    store_chunk<DT, E, VEC>(gw, idx, gx);  // D(gx); row extremes fixed below
   }
   const float sum_a = block_sum(acc_a, sh);
   const float sum_b = block_sum(acc_b, sh);
@@ -296,69 +348,80 @@ __global__ void __launch_bounds__(TPB) asym_bwd_kernel(const void *__restrict__ 
   const int g = 32 * E;
   const int64_t n = blockIdx.x, base = n * K, G = K / g;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  for (int64_t j = warp; j < G; j += AOQ_NW) {
-    const int64_t idx = base + j * g + lane * E;
-    float x[E], Gv[E], gx[E];
-    load_chunk<DT, E, VEC>(w, idx, x);
-    load_chunk<DT, E, VEC>(grad, idx, Gv);
-    float mx = x[0], mn = x[0];
+  for (int64_t j0 = warp; j0 < G; j0 += AOQ_NW * AOQ_UB) {
+    float xx[AOQ_UB][E], gg[AOQ_UB][E];
 #pragma unroll
-    for (int e = 0; e < E; e++) {
-      mx = nanmax(mx, x[e]);
-      mn = nanmin(mn, x[e]);
+    for (int u = 0; u < AOQ_UB; u++)
+      if (j0 + u * AOQ_NW < G) {
+        load_chunk<DT, E, VEC>(w, base + (j0 + u * AOQ_NW) * g + lane * E, xx[u]);
+        load_chunk<DT, E, VEC>(grad, base + (j0 + u * AOQ_NW) * g + lane * E, gg[u]);
+      }
+#pragma unroll
+    for (int u = 0; u < AOQ_UB; u++) {
+      const int64_t j = j0 + u * AOQ_NW;
+      if (j >= G) break;
+      const int64_t idx = base + j * g + lane * E;
+      float *x = xx[u], *Gv = gg[u];
+      float gx[E];
+      float mx = x[0], mn = x[0];
+#pragma unroll
+      for (int e = 0; e < E; e++) {
+        mx = nanmax(mx, x[e]);
+        mn = nanmin(mn, x[e]);
+      }
+      aoq_asym_group p = aoq_asym_group_from_minmax(warp_max(mx), warp_min(mn), awq, cs);
+      float g_s, g_mn; /* g_s ends as the gradient of the group max */
+      if (!awq) {
+        float a = 0.f, b = 0.f, c = 0.f, d = 0.f;
+#pragma unroll
+        for (int e = 0; e < E; e++) {
+          a += Gv[e];
+          b += Gv[e] * (aoq_clamp(aoq_asym_code_raw(x[e], &p, 0), 0.f, 15.f) - 8.f);
+        }
+        const float g_z = warp_sum(a), g_s_a = warp_sum(b);
+#pragma unroll
+        for (int e = 0; e < E; e++) {
+          float u = (x[e] - p.mn) / p.s;
+          float q = aoq_rint(u);
+          float gq = aoq_in(q, 0.f, 15.f, st) ? Gv[e] * p.s : 0.f;
+          gx[e] = gq / p.s;
+          c += -gq * (u / p.s);
+          d += gx[e];
+        }
+        const float g_s_b = warp_sum(c), g_mn_a = -warp_sum(d);
+        aoq_asym_gminmax_torchao(g_s_a, g_s_b, g_z, g_mn_a, &p, cs, st, &g_s, &g_mn);
+      } else {
+        float a = 0.f, b = 0.f, c = 0.f, d = 0.f;
+#pragma unroll
+        for (int e = 0; e < E; e++) {
+          a += Gv[e] * p.s16;
+          b += Gv[e] * (aoq_clamp(aoq_asym_code_raw(x[e], &p, 1), 0.f, 15.f) - p.zi);
+        }
+        const float g_z_a = -warp_sum(a), g_s_a = warp_sum(b);
+#pragma unroll
+        for (int e = 0; e < E; e++) {
+          float v = aoq_asym_code_raw(x[e], &p, 1);
+          float gv = aoq_in(v, 0.f, 15.f, st) ? Gv[e] * p.s16 : 0.f;
+          gx[e] = gv / p.s16;
+          c += -gv * ((x[e] / p.s16) / p.s16);
+          d += gv;
+        }
+        const float g_s_b = warp_sum(c), g_z_b = warp_sum(d);
+        aoq_asym_gminmax_awq(g_s_a, g_s_b, g_z_a, g_z_b, &p, st, &g_s, &g_mn);
+      }
+      int cx = 0, cn = 0;
+#pragma unroll
+      for (int e = 0; e < E; e++) {
+        cx += (x[e] == p.mx);
+        cn += (x[e] == p.mn);
+      }
+      cx = warp_isum(cx);
+      cn = warp_isum(cn);
+      const float ex = cx ? g_s / (float)cx : 0.f, en = cn ? g_mn / (float)cn : 0.f;
+#pragma unroll
+      for (int e = 0; e < E; e++) gx[e] = (gx[e] + aoq_masked(ex, x[e] == p.mx)) + aoq_masked(en, x[e] == p.mn);
+      store_chunk<DT, E, VEC>(gw, idx, gx);
     }
-    aoq_asym_group p = aoq_asym_group_from_minmax(warp_max(mx), warp_min(mn), awq, cs);
-    float g_s, g_mn; /* g_s ends as the gradient of the group max */
-    if (!awq) {
-      float a = 0.f, b = 0.f, c = 0.f, d = 0.f;
-#pragma unroll
-      for (int e = 0; e < E; e++) {
-        a += Gv[e];
-        b += Gv[e] * (aoq_clamp(aoq_asym_code_raw(x[e], &p, 0), 0.f, 15.f) - 8.f);
-      }
-      const float g_z = warp_sum(a), g_s_a = warp_sum(b);
-#pragma unroll
-      for (int e = 0; e < E; e++) {
-        float u = (x[e] - p.mn) / p.s;
-        float q = aoq_rint(u);
-        float gq = aoq_in(q, 0.f, 15.f, st) ? Gv[e] * p.s : 0.f;
-        gx[e] = gq / p.s;
-        c += -gq * (u / p.s);
-        d += gx[e];
-      }
-      const float g_s_b = warp_sum(c), g_mn_a = -warp_sum(d);
-      aoq_asym_gminmax_torchao(g_s_a, g_s_b, g_z, g_mn_a, &p, cs, st, &g_s, &g_mn);
-    } else {
-      float a = 0.f, b = 0.f, c = 0.f, d = 0.f;
-#pragma unroll
-      for (int e = 0; e < E; e++) {
-        a += Gv[e] * p.s16;
-        b += Gv[e] * (aoq_clamp(aoq_asym_code_raw(x[e], &p, 1), 0.f, 15.f) - p.zi);
-      }
-      const float g_z_a = -warp_sum(a), g_s_a = warp_sum(b);
-#pragma unroll
-      for (int e = 0; e < E; e++) {
-        float v = aoq_asym_code_raw(x[e], &p, 1);
-        float gv = aoq_in(v, 0.f, 15.f, st) ? Gv[e] * p.s16 : 0.f;
-        gx[e] = gv / p.s16;
-        c += -gv * ((x[e] / p.s16) / p.s16);
-        d += gv;
-      }
-      const float g_s_b = warp_sum(c), g_z_b = warp_sum(d);
-      aoq_asym_gminmax_awq(g_s_a, g_s_b, g_z_a, g_z_b, &p, st, &g_s, &g_mn);
-    }
-    int cx = 0, cn = 0;
-#pragma unroll
-    for (int e = 0; e < E; e++) {
-      cx += (x[e] == p.mx);
-      cn += (x[e] == p.mn);
-    }
-    cx = warp_isum(cx);
-    cn = warp_isum(cn);
-    const float ex = cx ? g_s / (float)cx : 0.f, en = cn ? g_mn / (float)cn : 0.f;
-#pragma unroll
-    for (int e = 0; e < E; e++) gx[e] = (gx[e] + aoq_masked(ex, x[e] == p.mx)) + aoq_masked(en, x[e] == p.mn);
-    store_chunk<DT, E, VEC>(gw, idx, gx);
   }
 }
 

@@ -13,6 +13,8 @@ test_cuda.py).
 """
 import ctypes
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -89,6 +91,8 @@ def test_launch_rewrite():
 # count is not a multiple of the 8 warps, a row of 28672 elements at g=128
 # (the issue's largest shape), and the edge rows of make_weight
 CASES = [(1, 1), (9, 3), (8, 16), (2, 17), (2, 224)]  # (rows, groups per row)
+if os.environ.get("AOQ_EMU_ASAN") == "1":
+    CASES = CASES[:4]  # ASan slows the fibers ~30x: the long row stays in the plain run
 
 
 @pytest.mark.parametrize("scheme", list(SCH))
@@ -208,6 +212,48 @@ def test_emulated_no_race_thread_order(lib, scheme, dtype):
                 assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), f"thread order {order}"
     finally:
         lib.aoq_emu_set_order(0)
+
+
+def _asan_preload():
+    """libasan, and libstdc++ beside it (python does not link libstdc++, and
+    ASan must see its __cxa_throw at start-up, or torch's first C++ exception
+    stops the process)."""
+    libs = []
+    for name in ("libasan.so", "libstdc++.so"):
+        r = subprocess.run([os.environ.get("CXX", "g++"), f"-print-file-name={name}"],
+                           capture_output=True, text=True)
+        p = r.stdout.strip()
+        if not (os.path.isabs(p) and os.path.exists(p)):
+            return None
+        libs.append(os.path.realpath(p))
+    return " ".join(libs)
+
+
+@pytest.mark.skipif(os.environ.get("AOQ_EMU_ASAN") == "1", reason="this is the ASan run")
+def test_emulated_kernels_under_asan():
+    """The emulated memcheck: the kernels built with AddressSanitizer, rerun in
+    a process with libasan preloaded (torch's CPU tensors get redzones), must
+    stay clean; and an out-of-bounds read is caught (the check has teeth)."""
+    asan = _asan_preload()
+    if asan is None:
+        pytest.skip("the host compiler has no libasan")
+    env = dict(os.environ, LD_PRELOAD=asan, ASAN_OPTIONS="detect_leaks=0", AOQ_EMU_ASAN="1",
+               OMP_NUM_THREADS="1")
+    sel = ("(equal_cpu and ((bfloat16 and (32 or 128)) or (float32 and (64 or 256)))) or fp8_rows "
+           "or pack or unaligned or launcher or emulator")
+    r = subprocess.run([sys.executable, "-m", "pytest", os.path.abspath(__file__), "-q", "-p",
+                        "no:cacheprovider", "-k", sel], env=env, cwd=ROOT, capture_output=True,
+                       text=True, timeout=1200)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0 and "AddressSanitizer" not in out, out[-4000:]
+    assert " passed" in out and " failed" not in out
+    code = ("import torch; from tests.cuda_emu.build import build; import ctypes;"
+            "lib = build('tests/cuda_emu/selftest.cu');"
+            "lib.emu_selftest.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint];"
+            "x = torch.zeros(64); lib.emu_selftest(6, x.data_ptr(), None, 1, 64)")
+    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode != 0 and "heap-buffer-overflow" in r.stderr, r.stderr[-3000:]
 
 
 def test_emulated_launcher_errors(lib):

@@ -5,6 +5,8 @@ becomes `aoq_emu::launch(kernel, grid, block, smem, stream)(`; every other
 line is compiled as written, by the host C++ compiler with contraction off
 (the CUDA build uses --fmad=false), against the emulated runtime.  Libraries
 are cached under build/cuda_emu/ by a hash of the sources and the command.
+AOQ_EMU_ASAN=1 builds with AddressSanitizer (out-of-bounds accesses of the
+kernels to their buffers are reported, like compute-sanitizer's memcheck).
 """
 import ctypes
 import hashlib
@@ -40,6 +42,10 @@ def build(cu_path, extra_flags=()):
              "-fno-strict-aliasing", "-fPIC", "-shared", "-Wall", "-Werror", "-Wno-maybe-uninitialized", "-Wno-unknown-pragmas", "-Wno-unused-function",
              "-DAOQ_WITH_CUDA=1", "-I" + HERE, "-I" + os.path.join(ROOT, "csrc", "kernels"),
              "-I" + os.path.join(ROOT, "csrc"), *extra_flags]
+    if os.environ.get("AOQ_EMU_ASAN") == "1":
+        # the emulated memcheck: the process must run with libasan preloaded
+        # (tests/test_cuda_emu.py::test_emulated_kernels_under_asan)
+        flags += ["-fsanitize=address", "-fno-omit-frame-pointer", "-DAOQ_EMU_STACK=32768"]
     with open(os.path.join(HERE, "cuda_runtime.h")) as f:
         runtime = f.read()
     headers = ""

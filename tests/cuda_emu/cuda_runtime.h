@@ -83,6 +83,12 @@ inline void fail(cudaError_t e, const char *what, unsigned block, unsigned threa
 
 enum { READY, AT_WARP, AT_BLOCK, DONE };
 
+// bytes of stack per emulated thread (the kernels' frames are small; ASan's
+// unpoisoning at every switch costs in proportion)
+#ifndef AOQ_EMU_STACK
+#define AOQ_EMU_STACK (128 * 1024)
+#endif
+
 struct Fiber {
   ucontext_t uc;
   jmp_buf jb;
@@ -96,7 +102,7 @@ struct Fiber {
 struct Block {
   std::vector<Fiber> f;
   std::vector<char> stacks;
-  size_t stack_size = 128 * 1024;
+  size_t stack_size = AOQ_EMU_STACK;
   unsigned nthreads = 0, cur = 0;
   dim3 tid{0, 0, 0}, bid{0, 0, 0}, bdim{1, 1, 1}, gdim{1, 1, 1};
   jmp_buf sched;
@@ -109,15 +115,61 @@ inline Block &blk() {
   return b;
 }
 
+// AddressSanitizer builds (the emulated memcheck, see build.py): tell ASan
+// about every stack switch, or it takes the fiber stacks for corruption.
+#if defined(__SANITIZE_ADDRESS__)
+}  // namespace aoq_emu
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+namespace aoq_emu {
+struct MainStack {
+  const void *bottom = nullptr;
+  size_t size = 0;
+};
+inline MainStack &main_stack() {
+  static MainStack m;
+  return m;
+}
+// on a fiber, about to jump to the scheduler (exiting: the fiber is done)
+inline void asan_to_main(bool exiting) {
+  static void *fake;
+  __sanitizer_start_switch_fiber(exiting ? nullptr : &fake, main_stack().bottom, main_stack().size);
+}
+// on a fiber, just arrived from the scheduler
+inline void asan_on_fiber() {
+  __sanitizer_finish_switch_fiber(nullptr, &main_stack().bottom, &main_stack().size);
+}
+// on the scheduler, about to jump to a fiber's stack / just back from one
+inline void asan_to_fiber(const void *stack, size_t size) {
+  static void *fake;
+  __sanitizer_start_switch_fiber(&fake, stack, size);
+}
+inline void asan_on_main() { __sanitizer_finish_switch_fiber(nullptr, nullptr, nullptr); }
+// a fiber stack about to be reused: clear what an abandoned fiber left poisoned
+inline void asan_fresh_stack(void *stack, size_t size) { __asan_unpoison_memory_region(stack, size); }
+#else
+inline void asan_fresh_stack(void *, size_t) {}
+inline void asan_to_main(bool) {}
+inline void asan_on_fiber() {}
+inline void asan_to_fiber(const void *, size_t) {}
+inline void asan_on_main() {}
+#endif
+
 inline void yield_to_scheduler() {
   Block &b = blk();
-  if (!_setjmp(b.f[b.cur].jb)) _longjmp(b.sched, 1);
+  if (!_setjmp(b.f[b.cur].jb)) {
+    asan_to_main(false);
+    _longjmp(b.sched, 1);
+  }
+  asan_on_fiber();
 }
 
 inline void fiber_entry() {
+  asan_on_fiber();
   Block &b = blk();
   b.body(b.body_arg);
   b.f[b.cur].state = DONE;
+  asan_to_main(true);
   _longjmp(b.sched, 1);
 }
 
@@ -187,8 +239,10 @@ inline void run_block() {
       b.cur = t;
       b.tid = dim3{t, 0, 0};
       if (!_setjmp(b.sched)) {
+        asan_to_fiber(b.stacks.data() + (size_t)t * b.stack_size, b.stack_size);
         if (!f.started) {
           f.started = 1;
+          asan_fresh_stack(b.stacks.data() + (size_t)t * b.stack_size, b.stack_size);
           getcontext(&f.uc);
           f.uc.uc_stack.ss_sp = b.stacks.data() + (size_t)t * b.stack_size;
           f.uc.uc_stack.ss_size = b.stack_size;
@@ -200,6 +254,7 @@ inline void run_block() {
           _longjmp(f.jb, 1);
         }
       }
+      asan_on_main();
       if (f.state == DONE) live--;
     }
     if (!live) break;

@@ -61,6 +61,11 @@ __global__ void race_kernel(float *out) {
   out[threadIdx.x] = sh[(threadIdx.x + 1) % blockDim.x];
 }
 
+// reads one element past the end of its blockDim.x-element buffer
+__global__ void oob_kernel(float *out) {
+  out[threadIdx.x] = out[threadIdx.x + 1];
+}
+
 }  // namespace
 
 extern "C" int emu_selftest(int which, void *a, void *b, unsigned grid, unsigned block) {
@@ -71,6 +76,7 @@ extern "C" int emu_selftest(int which, void *a, void *b, unsigned grid, unsigned
     case 3: divergent_sync_kernel<<<grid, block, 0, 0>>>((float *)a); break;
     case 4: early_return_sync_kernel<<<grid, block, 0, 0>>>((float *)a); break;
     case 5: race_kernel<<<grid, block, 0, 0>>>((float *)a); break;
+    case 6: oob_kernel<<<grid, block, 0, 0>>>((float *)a); break;
     default: return -1;
   }
   return (int)cudaGetLastError();

@@ -155,6 +155,32 @@ def test_emulated_fp8_rows(lib, dtype):
                               f"rows grad {dtype} cs={cs} st={st}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_emulated_fp8_row_tail(lib, dtype):
+    """The last step of the fp8 row backward revisits only the row extremes
+    and stored -0 gradients, unless there are more than it can list or the
+    row's extreme gradient is NaN: every branch against the CPU's full pass."""
+    g, n, k = 64, 6, 640
+    w = make_weight(n, k, dtype, g, seed=7, special=False)
+    w[0] = torch.where(torch.arange(k) % 3 == 0, -0.5, 0.5).to(dtype)  # 640 extremes: list overflows
+    w[1, 5] = 2.0                                                       # one extreme
+    w[2] *= 1e-6                                                        # gradients underflow to +-0 in fp8
+    gout = (torch.randn(n, k, generator=torch.Generator().manual_seed(7)) * 1e3).to(dtype)
+    gout[3] = -0.0                                                      # every stored gradient -0
+    gout[4, ::7] = -0.0
+    gout[5, 9] = float("nan")                                           # NaN reaches `each`: whole row NaN
+    for st in (0, 1):
+        gw = emu_bwd(lib, gout, w, g, "fp8_int4", 0, 1, st)
+        assert_bits_equal(gw, torch.ops.ao_awq.fq_weight_backward(gout, w, g, 0, False, bool(st), 1),
+                          f"fp8_int4 row tail {dtype} st={st}")
+        assert gw[5].isnan().all()
+        gx = torch.empty_like(w)
+        check(lib, lib.aoq_cuda_fp8_rows_bwd(ptr(gout), ptr(w), ptr(gx), n, k, DT[dtype], 1, st, 0, None))
+        assert_bits_equal(gx, torch.ops.ao_awq.fp8_rows_backward(gout, w, bool(st), 1),
+                          f"rows row tail {dtype} st={st}")
+    assert (gw[3] == 0).all() and int(torch.signbit(gw[3].float()).sum()) > 0
+
+
 def test_emulated_pack(lib):
     c = torch.randint(0, 16, (64, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     packed = torch.empty(40, 8, dtype=torch.int32)

@@ -366,6 +366,13 @@ inline T aoq_emu_shfl(unsigned mask, T v, int src, int site) {
                                                                        : -1, __LINE__)
 #define __shfl_sync(mask, v, src) aoq_emu_shfl((mask), (v), (int)(src) & 31, __LINE__)
 
+// atomics: the fibers of a block never run at the same time
+inline int atomicAdd(int *p, int v) {
+  const int old = *p;
+  *p = old + v;
+  return old;
+}
+
 // vector types whose copies check the alignment the GPU requires
 struct uint2 {
   unsigned x, y;

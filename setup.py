@@ -98,7 +98,7 @@ class BuildExt(build_ext):
             os.makedirs(objdir, exist_ok=True)
             for cu in sorted(glob.glob(os.path.join(HERE, "csrc", "kernels", "*.cu"))):
                 obj = os.path.join(objdir, os.path.basename(cu) + ".o")
-                cmd = [NVCC, "-c", cu, "-o", obj, "-O3", "--fmad=false", "-std=c++17",
+                cmd = [NVCC, "-c", cu, "-o", obj, "-O3", "--fmad=false", "-std=c++17", "--threads", "0",
                        "-Xcompiler", "-fPIC", "-DAOQ_WITH_CUDA=1", "-I" + os.path.join(HERE, "csrc")]
                 cmd += os.environ.get("AOQ_NVCC_FLAGS", "").split()  # e.g. kernel tuning knobs
                 for a in archs:

@@ -100,6 +100,28 @@ def test_gpu_fp8_rows(dtype):
     assert_bits_equal(xr.grad.cpu(), torch.ops.ao_awq.fp8_rows_backward(g.cpu(), x.cpu(), aq.ops.CLAMP_STRICT, 1), "rows grad")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gpu_fp8_row_tail(dtype):
+    """The fp8 row backwards' last step revisits only the row extremes and
+    stored -0 gradients (whole row on list overflow or a NaN extreme
+    gradient): each branch against the CPU kernel (see test_cuda_emu.py)."""
+    g, n, k = 64, 6, 640
+    w = make_weight(n, k, dtype, g, seed=7, special=False)
+    w[0] = torch.where(torch.arange(k) % 3 == 0, -0.5, 0.5).to(dtype)
+    w[1, 5] = 2.0
+    w[2] *= 1e-6
+    gout = (torch.randn(n, k, generator=torch.Generator().manual_seed(7)) * 1e3).to(dtype)
+    gout[3] = -0.0
+    gout[4, ::7] = -0.0
+    gout[5, 9] = float("nan")
+    st = aq.ops.CLAMP_STRICT
+    ours = torch.ops.ao_awq.fq_weight_backward(gout.cuda(), w.cuda(), g, 0, False, st, 1)
+    assert_bits_equal(ours.cpu(), torch.ops.ao_awq.fq_weight_backward(gout, w, g, 0, False, st, 1),
+                      "fp8_int4 row tail")
+    ours = torch.ops.ao_awq.fp8_rows_backward(gout.cuda(), w.cuda(), st, 1)
+    assert_bits_equal(ours.cpu(), torch.ops.ao_awq.fp8_rows_backward(gout, w, st, 1), "rows row tail")
+
+
 def test_gpu_pack():
     c = torch.randint(0, 16, (4096, 512), dtype=torch.uint8)
     assert torch.equal(aq.pack_awq(c.cuda()).cpu(), aq.pack_awq(c))

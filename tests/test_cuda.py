@@ -102,9 +102,8 @@ def test_gpu_fp8_rows(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_gpu_fp8_row_tail(dtype):
-    """The fp8 row backwards' last step revisits only the row extremes and
-    stored -0 gradients (whole row on list overflow or a NaN extreme
-    gradient): each branch against the CPU kernel (see test_cuda_emu.py)."""
+    """The fp8 row backwards' last step on the rows of test_cuda_emu.py's
+    test_emulated_fp8_row_tail (many extremes, -0 gradients, NaN)."""
     g, n, k = 64, 6, 640
     w = make_weight(n, k, dtype, g, seed=7, special=False)
     w[0] = torch.where(torch.arange(k) % 3 == 0, -0.5, 0.5).to(dtype)

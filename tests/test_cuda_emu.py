@@ -157,9 +157,11 @@ def test_emulated_fp8_rows(lib, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_emulated_fp8_row_tail(lib, dtype):
-    """The last step of the fp8 row backward revisits only the row extremes
-    and stored -0 gradients, unless there are more than it can list or the
-    row's extreme gradient is NaN: every branch against the CPU's full pass."""
+    """The last step of the fp8 row backwards (the row max's gradient added to
+    the extremes, a signed zero to every other element, which turns a stored
+    -0 into +0 by the sign of that gradient): rows with hundreds of extremes,
+    with every or every 7th upstream gradient -0, with gradients that fp8
+    flushes to +-0, and with a NaN that makes the row NaN."""
     g, n, k = 64, 6, 640
     w = make_weight(n, k, dtype, g, seed=7, special=False)
     w[0] = torch.where(torch.arange(k) % 3 == 0, -0.5, 0.5).to(dtype)  # 640 extremes: list overflows
@@ -265,8 +267,8 @@ def test_emulated_kernels_under_asan():
         pytest.skip("the host compiler has no libasan")
     env = dict(os.environ, LD_PRELOAD=asan, ASAN_OPTIONS="detect_leaks=0", AOQ_EMU_ASAN="1",
                OMP_NUM_THREADS="1")
-    sel = ("(equal_cpu and ((bfloat16 and (32 or 128)) or (float32 and (64 or 256)))) or fp8_rows "
-           "or pack or unaligned or launcher or emulator")
+    sel = ("(equal_cpu and ((bfloat16 and (32 or 128)) or (float32 and (64 or 256)))) or fp8_row "
+           "or pack or unaligned or race_thread_order or launcher or emulator")
     r = subprocess.run([sys.executable, "-m", "pytest", os.path.abspath(__file__), "-q", "-p",
                         "no:cacheprovider", "-k", sel], env=env, cwd=ROOT, capture_output=True,
                        text=True, timeout=1200)

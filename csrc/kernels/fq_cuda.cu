@@ -134,16 +134,24 @@ __device__ __forceinline__ void store_chunk(void *p, int64_t idx, const float *v
 #define AOQ_UB 2 /* backward: two tensors per group */
 #endif
 
+// load groups j0, j0+NW, ..., j0+(U-1)*NW of a row (those below G) in the
+// chunk layout: this lane's E elements of each, all loads issued first
+template <int DT, int E, bool VEC, int U>
+__device__ __forceinline__ void load_groups(const void *p, int64_t base, int64_t j0, int64_t G, float (*v)[E]) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int u = 0; u < U; u++)
+    if (j0 + u * AOQ_NW < G) load_chunk<DT, E, VEC>(p, base + (j0 + u * AOQ_NW) * (32 * E) + lane * E, v[u]);
+}
+
 // row amax |x| (NaN-propagating) over a weight row, chunk layout, vector loads
 template <int DT, int E, bool VEC>
 __device__ float row_amax_chunks(const void *w, int64_t base, int64_t G, float *sh) {
-  const int g = 32 * E, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int warp = threadIdx.x >> 5;
   float a = 0.f;
   for (int64_t j0 = warp; j0 < G; j0 += AOQ_NW * AOQ_U) {
     float v[AOQ_U][E];
-#pragma unroll
-    for (int u = 0; u < AOQ_U; u++)
-      if (j0 + u * AOQ_NW < G) load_chunk<DT, E, VEC>(w, base + (j0 + u * AOQ_NW) * g + lane * E, v[u]);
+    load_groups<DT, E, VEC, AOQ_U>(w, base, j0, G, v);
 #pragma unroll
     for (int u = 0; u < AOQ_U; u++)
       if (j0 + u * AOQ_NW < G)
@@ -165,49 +173,6 @@ __device__ float row_amax(const void *w, int64_t base, int64_t K, float *sh) {
 }
 
 // ---------------------------------------------------------------------------
-// Last step of an fp8 row backward: torch adds `each * mask * sgn(x)` to
-// every element's gradient (each = the row max's gradient / its count).  On
-// an element off the row extremes that term is a signed zero, which changes
-// a stored gradient only where it is -0 (-0 + +0 = +0).  So the row pass
-// notes the extremes and the stored -0s, and only those are revisited; the
-// whole row again only when the list overflows or `each` is NaN (then every
-// element becomes NaN, as in torch).  Same bits as a full pass, a third of
-// its traffic saved.
-// ---------------------------------------------------------------------------
-#define AOQ_FIX 128
-struct FixList {
-  int n;
-  int64_t pos[AOQ_FIX];  // row offsets
-};
-
-__device__ __forceinline__ void fix_note(FixList *fl, float xv, float a0, float stored, int64_t off) {
-  if ((xv < 0.f ? -xv : xv) == a0 || aoq_f2u(stored) == 0x80000000u) {
-    const int s = atomicAdd(&fl->n, 1);
-    if (s < AOQ_FIX) fl->pos[s] = off;
-  }
-}
-
-template <int DT>
-__device__ __forceinline__ void fix_one(void *g, const void *x, int64_t i, float a0, float each) {
-  const float xv = aoq_load(x, i, DT), ga = aoq_load(g, i, DT);
-  const float e = aoq_masked(each, (xv < 0.f ? -xv : xv) == a0);
-  aoq_store(g, i, aoq_round_to(ga + aoq_round_to(e * aoq_sgn(xv), DT), DT), DT);
-}
-
-// after the row pass (all of its gradients stored) and fix_note calls
-template <int DT>
-__device__ void fix_row(void *g, const void *x, int64_t base, int64_t K, float a0, float each,
-                        const FixList *fl) {
-  __syncthreads();  // the row's stores and notes, made by other threads, are visible
-  const int nf = fl->n;
-  if (nf > AOQ_FIX || each != each) {
-    for (int64_t k = threadIdx.x; k < K; k += TPB) fix_one<DT>(g, x, base + k, a0, each);
-  } else {
-    for (int i = threadIdx.x; i < nf; i += TPB) fix_one<DT>(g, x, base + fl->pos[i], a0, each);
-  }
-}
-
-// ---------------------------------------------------------------------------
 // forward: out / codes / scales / zeros for one row per block
 // ---------------------------------------------------------------------------
 template <int DT, int E, bool VEC>
@@ -224,9 +189,7 @@ __global__ void __launch_bounds__(TPB) fq_fwd_kernel(const void *__restrict__ w,
     s_row = aoq_fp8_scale_from_amax(row_amax_chunks<DT, E, VEC>(w, base, G, sh), DT, cs);
   for (int64_t j0 = warp; j0 < G; j0 += AOQ_NW * AOQ_U) {
     float vv[AOQ_U][E];
-#pragma unroll
-    for (int u = 0; u < AOQ_U; u++)
-      if (j0 + u * AOQ_NW < G) load_chunk<DT, E, VEC>(w, base + (j0 + u * AOQ_NW) * g + lane * E, vv[u]);
+    load_groups<DT, E, VEC, AOQ_U>(w, base, j0, G, vv);
 #pragma unroll
     for (int u = 0; u < AOQ_U; u++) {
       const int64_t j = j0 + u * AOQ_NW;
@@ -291,11 +254,9 @@ __global__ void __launch_bounds__(TPB) fp8_int4_bwd_kernel(const void *__restric
                                                            int64_t K, int awq, int cs, int st) {
   __shared__ float sh[AOQ_NW];
   __shared__ int shi[AOQ_NW];
-  __shared__ FixList fl;
   const int g = 32 * E;
   const int64_t n = blockIdx.x, base = n * K, G = K / g;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (threadIdx.x == 0) fl.n = 0;  // ordered before any note by row_amax's barriers
   const float a0 = row_amax_chunks<DT, E, VEC>(w, base, G, sh);
   const float s_row = aoq_fp8_scale_from_amax(a0, DT, cs);
   if (s_row == 0.f) {  // forward gave 0 (torchao: NaN)
@@ -306,12 +267,8 @@ __global__ void __launch_bounds__(TPB) fp8_int4_bwd_kernel(const void *__restric
   int cnt_row = 0;
   for (int64_t j0 = warp; j0 < G; j0 += AOQ_NW * AOQ_UB) {
     float xx[AOQ_UB][E], gg[AOQ_UB][E];
-#pragma unroll
-    for (int u = 0; u < AOQ_UB; u++)
-      if (j0 + u * AOQ_NW < G) {
-        load_chunk<DT, E, VEC>(w, base + (j0 + u * AOQ_NW) * g + lane * E, xx[u]);
-        load_chunk<DT, E, VEC>(grad, base + (j0 + u * AOQ_NW) * g + lane * E, gg[u]);
-      }
+    load_groups<DT, E, VEC, AOQ_UB>(w, base, j0, G, xx);
+    load_groups<DT, E, VEC, AOQ_UB>(grad, base, j0, G, gg);
 #pragma unroll
     for (int u = 0; u < AOQ_UB; u++) {
       const int64_t j = j0 + u * AOQ_NW;
@@ -364,7 +321,6 @@ __global__ void __launch_bounds__(TPB) fp8_int4_bwd_kernel(const void *__restric
         gx[e] = gt / s_row;
         acc_b += -gt * (t / s_row);
         cnt_row += ((x[e] < 0.f ? -x[e] : x[e]) == a0);
-        fix_note(&fl, x[e], a0, aoq_round_to(gx[e], DT), idx - base + e);
       }
       store_chunk<DT, E, VEC>(gw, idx, gx);  // D(gx); row extremes fixed below
     }
@@ -375,7 +331,13 @@ __global__ void __launch_bounds__(TPB) fp8_int4_bwd_kernel(const void *__restric
   float g_a = aoq_round_to(aoq_div_scalar(aoq_round_to(sum_a + sum_b, DT), AOQ_FP8_MAX, cs), DT);
   if (!aoq_ge(a0, aoq_eps_in(1e-12f, DT), st)) g_a = 0.f;
   const float each = cnt_row ? aoq_round_to(g_a / (float)cnt_row, DT) : 0.f;
-  fix_row<DT>(gw, w, base, K, a0, each, &fl);
+  __syncthreads();  // gw of this row, written above by other threads, is visible
+  // every element gets torch's `each * mask * sgn(x)` (a signed zero off the extremes)
+  for (int64_t k = threadIdx.x; k < K; k += TPB) {
+    const float xv = aoq_load(w, base + k, DT), ga = aoq_load(gw, base + k, DT);
+    const float e = aoq_masked(each, (xv < 0.f ? -xv : xv) == a0);
+    aoq_store(gw, base + k, aoq_round_to(ga + aoq_round_to(e * aoq_sgn(xv), DT), DT), DT);
+  }
 }
 
 // ---------------------------------------------------------------------------
@@ -390,12 +352,8 @@ __global__ void __launch_bounds__(TPB) asym_bwd_kernel(const void *__restrict__ 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   for (int64_t j0 = warp; j0 < G; j0 += AOQ_NW * AOQ_UB) {
     float xx[AOQ_UB][E], gg[AOQ_UB][E];
-#pragma unroll
-    for (int u = 0; u < AOQ_UB; u++)
-      if (j0 + u * AOQ_NW < G) {
-        load_chunk<DT, E, VEC>(w, base + (j0 + u * AOQ_NW) * g + lane * E, xx[u]);
-        load_chunk<DT, E, VEC>(grad, base + (j0 + u * AOQ_NW) * g + lane * E, gg[u]);
-      }
+    load_groups<DT, E, VEC, AOQ_UB>(w, base, j0, G, xx);
+    load_groups<DT, E, VEC, AOQ_UB>(grad, base, j0, G, gg);
 #pragma unroll
     for (int u = 0; u < AOQ_UB; u++) {
       const int64_t j = j0 + u * AOQ_NW;
@@ -484,9 +442,7 @@ __global__ void __launch_bounds__(TPB) fp8_rows_bwd_kernel(const void *__restric
                                                            int64_t K, int cs, int st) {
   __shared__ float sh[AOQ_NW];
   __shared__ int shi[AOQ_NW];
-  __shared__ FixList fl;
   const int64_t base = (int64_t)blockIdx.x * K;
-  if (threadIdx.x == 0) fl.n = 0;  // ordered before any note by row_amax's barriers
   const float a0 = row_amax<DT>(x, base, K, sh);
   const float s_row = aoq_fp8_scale_from_amax(a0, DT, cs);
   if (s_row == 0.f) {
@@ -503,9 +459,7 @@ __global__ void __launch_bounds__(TPB) fp8_rows_bwd_kernel(const void *__restric
     if (!aoq_in(t, -AOQ_FP8_MAX, AOQ_FP8_MAX, st)) gt = 0.f;
     acc_b += -gt * (t / s_row);
     cnt_row += ((xv < 0.f ? -xv : xv) == a0);
-    const float gv = aoq_round_to(gt / s_row, DT);
-    fix_note(&fl, xv, a0, gv, k);
-    aoq_store(gx, base + k, gv, DT);
+    aoq_store(gx, base + k, gt / s_row, DT);
   }
   const float sum_a = block_sum(acc_a, sh);
   const float sum_b = block_sum(acc_b, sh);
@@ -513,7 +467,12 @@ __global__ void __launch_bounds__(TPB) fp8_rows_bwd_kernel(const void *__restric
   float g_a = aoq_round_to(aoq_div_scalar(aoq_round_to(sum_a + sum_b, DT), AOQ_FP8_MAX, cs), DT);
   if (!aoq_ge(a0, aoq_eps_in(1e-12f, DT), st)) g_a = 0.f;
   const float each = cnt_row ? aoq_round_to(g_a / (float)cnt_row, DT) : 0.f;
-  fix_row<DT>(gx, x, base, K, a0, each, &fl);
+  __syncthreads();
+  for (int64_t k = threadIdx.x; k < K; k += TPB) {
+    const float xv = aoq_load(x, base + k, DT), ga = aoq_load(gx, base + k, DT);
+    const float e = aoq_masked(each, (xv < 0.f ? -xv : xv) == a0);
+    aoq_store(gx, base + k, aoq_round_to(ga + aoq_round_to(e * aoq_sgn(xv), DT), DT), DT);
+  }
 }
 
 // ---------------------------------------------------------------------------

@@ -18,6 +18,12 @@
 // __shared__ variables are function statics: one block at a time uses them.
 // A 16-byte vector access (uint4) or 8-byte one (uint2) at an address not
 // aligned to its size is a launch error, as it is a fault on the GPU.
+//
+// Blind spots (left to compute-sanitizer on a GPU): a fiber is never
+// interrupted between barriers, so a lost update of a non-atomic
+// read-modify-write shared by threads cannot show; and __shared__ data
+// persists from one block to the next instead of starting undefined, so a
+// read of shared memory the block never wrote may go unnoticed.
 #ifndef AOQ_CUDA_EMU_RUNTIME_H
 #define AOQ_CUDA_EMU_RUNTIME_H
 
@@ -365,13 +371,6 @@ inline T aoq_emu_shfl(unsigned mask, T v, int src, int site) {
   aoq_emu_shfl((mask), (v), (threadIdx.x & 31u) + (unsigned)(off) < 32u ? (int)((threadIdx.x & 31u) + (off)) \
                                                                        : -1, __LINE__)
 #define __shfl_sync(mask, v, src) aoq_emu_shfl((mask), (v), (int)(src) & 31, __LINE__)
-
-// atomics: the fibers of a block never run at the same time
-inline int atomicAdd(int *p, int v) {
-  const int old = *p;
-  *p = old + v;
-  return old;
-}
 
 // vector types whose copies check the alignment the GPU requires
 struct uint2 {

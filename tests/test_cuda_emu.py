@@ -341,6 +341,14 @@ def test_emulator_reports_faults(selftest, which, message):
     assert selftest.emu_selftest(0, ptr(buf), None, 1, 64) == 0
 
 
+def test_emulator_poisons_shared_memory(selftest):
+    """Shared memory starts each block as NaN (0xff bytes): a block reading
+    what only an earlier block wrote sees the poison."""
+    out = torch.zeros(3 * 64)
+    assert selftest.emu_selftest(7, ptr(out), None, 3, 64) == 0
+    assert (out[:64] == 1).all() and out[64:].isnan().all()
+
+
 def test_emulator_thread_order_exposes_a_race(selftest):
     """The thread-order check has teeth: a kernel that reads a neighbour's
     __shared__ write without a barrier gives different results by order."""
@@ -354,4 +362,8 @@ def test_emulator_thread_order_exposes_a_race(selftest):
     finally:
         selftest.aoq_emu_set_order(0)
     assert not torch.equal(outs[0], outs[1])
-    assert torch.equal(outs[1], (torch.arange(128.0) + 1) % 128)  # descending: each read sees the write
+    # descending: each read sees its neighbour's write, but thread 127 runs
+    # first and reads sh[0] before thread 0 writes it: the poison (NaN)
+    assert torch.equal(outs[1][:127], torch.arange(1.0, 128.0)) and outs[1][127].isnan()
+    # ascending: every read comes before its write, but thread 127's (of sh[0])
+    assert outs[0][:127].isnan().all() and outs[0][127] == 0

@@ -1,8 +1,9 @@
 """Build a CUDA source of ours for the CPU emulator (tests/cuda_emu/cuda_runtime.h).
 
-The only rewrite is the launch syntax: `kernel<<<grid, block, smem, stream>>>(`
-becomes `aoq_emu::launch(kernel, grid, block, smem, stream)(`; every other
-line is compiled as written, by the host C++ compiler with contraction off
+Two rewrites: the launch syntax, `kernel<<<grid, block, smem, stream>>>(`
+becomes `aoq_emu::launch(kernel, grid, block, smem, stream)(`, and each
+`__shared__` declaration becomes a function static the emulator poisons
+before every block; every other line is compiled as written, by the host C++ compiler with contraction off
 (the CUDA build uses --fmad=false), against the emulated runtime.  Libraries
 are cached under build/cuda_emu/ by a hash of the sources and the command.
 AOQ_EMU_ASAN=1 builds with AddressSanitizer (out-of-bounds accesses of the
@@ -19,6 +20,18 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 OUT = os.path.join(ROOT, "build", "cuda_emu")
 
 LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[^<>;{}]*>)?)\s*<<<(.*?)>>>\s*\(", re.S)
+
+
+SHARED = re.compile(r"__shared__\s+([A-Za-z_][\w:<>, ]*?)\s+([A-Za-z_]\w*)\s*(\[[^;\]]*\])?\s*;")
+
+
+def rewrite_shared(src):
+    """`__shared__ T name[N];` -> a function static registered with the
+    emulator, which fills it with a poison pattern before every block (on a
+    GPU, shared memory starts undefined)."""
+    return SHARED.subn(lambda m: "static %s %s%s; static aoq_emu::SharedReg aoq_emu_reg_%s(&%s, sizeof(%s));"
+                       % (m.group(1), m.group(2), m.group(3) or "", m.group(2), m.group(2), m.group(2)),
+                       src)
 
 
 def rewrite_launches(src):
@@ -38,6 +51,9 @@ def build(cu_path, extra_flags=()):
         raise RuntimeError(f"{cu_path}: no kernel launch found to rewrite")
     if "<<<" in body:
         raise RuntimeError(f"{cu_path}: a launch the rewrite did not understand is left")
+    body, _ = rewrite_shared(body)
+    if "__shared__" in body:
+        raise RuntimeError(f"{cu_path}: a __shared__ declaration the rewrite did not understand is left")
     flags = ["-std=c++17", "-O2", "-ffp-contract=off", "-fno-fast-math", "-U_FORTIFY_SOURCE",
              "-fno-strict-aliasing", "-fPIC", "-shared", "-Wall", "-Werror", "-Wno-maybe-uninitialized", "-Wno-unknown-pragmas", "-Wno-unused-function",
              "-DAOQ_WITH_CUDA=1", "-I" + HERE, "-I" + os.path.join(ROOT, "csrc", "kernels"),

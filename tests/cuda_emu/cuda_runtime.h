@@ -15,15 +15,16 @@
 // partial warp, a __syncthreads() not reached by every live thread of the
 // block, or lanes of one warp at different shuffle counts are reported as
 // launch errors (the GPU would hang or give undefined results there).
-// __shared__ variables are function statics: one block at a time uses them.
+// __shared__ variables are function statics (one block at a time uses them),
+// poisoned before every block.
 // A 16-byte vector access (uint4) or 8-byte one (uint2) at an address not
 // aligned to its size is a launch error, as it is a fault on the GPU.
 //
 // Blind spots (left to compute-sanitizer on a GPU): a fiber is never
 // interrupted between barriers, so a lost update of a non-atomic
-// read-modify-write shared by threads cannot show; and __shared__ data
-// persists from one block to the next instead of starting undefined, so a
-// read of shared memory the block never wrote may go unnoticed.
+// read-modify-write shared by threads cannot show.  __shared__ memory
+// starts each block filled with 0xff bytes (NaN, -1), not undefined, so a
+// read of shared memory the block never wrote shows as a wrong result.
 #ifndef AOQ_CUDA_EMU_RUNTIME_H
 #define AOQ_CUDA_EMU_RUNTIME_H
 
@@ -44,7 +45,8 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-#define __shared__ static
+// __shared__ declarations are rewritten by build.py into registered statics
+// (struct SharedReg below)
 
 typedef int cudaError_t;
 typedef void *cudaStream_t;
@@ -161,6 +163,23 @@ inline void asan_to_fiber(const void *, size_t) {}
 inline void asan_on_main() {}
 #endif
 
+// every __shared__ variable the kernels have declared so far: filled with
+// 0xff bytes (a NaN as float, -1 as int) before each block
+struct SharedRegion {
+  void *p;
+  size_t n;
+};
+inline std::vector<SharedRegion> &shared_regions() {
+  static std::vector<SharedRegion> r;
+  return r;
+}
+struct SharedReg {
+  SharedReg(void *p, size_t n) {
+    memset(p, 0xff, n);
+    shared_regions().push_back(SharedRegion{p, n});
+  }
+};
+
 inline void yield_to_scheduler() {
   Block &b = blk();
   if (!_setjmp(b.f[b.cur].jb)) {
@@ -226,6 +245,7 @@ inline void run_block() {
     f.started = 0;
     f.warp_syncs = f.block_syncs = 0;
   }
+  for (const SharedRegion &r : shared_regions()) memset(r.p, 0xff, r.n);
   unsigned live = n;
   std::vector<unsigned> order(n);
   for (unsigned i = 0; i < n; i++) order[i] = sched_order() == 1 ? n - 1 - i : i;

@@ -66,6 +66,15 @@ __global__ void oob_kernel(float *out) {
   out[threadIdx.x] = out[threadIdx.x + 1];
 }
 
+// reads shared memory only block 0 wrote: other blocks must see garbage
+// (the emulator's poison), not block 0's values
+__global__ void stale_shared_kernel(float *out) {
+  __shared__ float sh[256];
+  if (blockIdx.x == 0) sh[threadIdx.x] = 1.f;
+  __syncthreads();
+  out[blockIdx.x * blockDim.x + threadIdx.x] = sh[threadIdx.x];
+}
+
 }  // namespace
 
 extern "C" int emu_selftest(int which, void *a, void *b, unsigned grid, unsigned block) {
@@ -77,6 +86,7 @@ extern "C" int emu_selftest(int which, void *a, void *b, unsigned grid, unsigned
     case 4: early_return_sync_kernel<<<grid, block, 0, 0>>>((float *)a); break;
     case 5: race_kernel<<<grid, block, 0, 0>>>((float *)a); break;
     case 6: oob_kernel<<<grid, block, 0, 0>>>((float *)a); break;
+    case 7: stale_shared_kernel<<<grid, block, 0, 0>>>((float *)a); break;
     default: return -1;
   }
   return (int)cudaGetLastError();

@@ -116,7 +116,6 @@ struct Block {
   jmp_buf sched;
   void (*body)(void *) = nullptr;
   void *body_arg = nullptr;
-  bool aborted = false;
 };
 inline Block &blk() {
   static Block b;
@@ -293,13 +292,11 @@ inline void run_block() {
       if (!at) continue;
       if (at != 32) {
         fail(cudaErrorLaunchFailure, "warp shuffle not reached by all 32 lanes of the warp", b.bid.x, w0);
-        b.aborted = true;
         return;
       }
       for (unsigned l = 1; l < 32; l++)
         if (b.f[w0 + l].warp_syncs != b.f[w0].warp_syncs || b.f[w0 + l].site != b.f[w0].site) {
           fail(cudaErrorLaunchFailure, "lanes of a warp at different shuffles", b.bid.x, w0 + l);
-          b.aborted = true;
           return;
         }
       for (unsigned l = 0; l < 32; l++) b.f[w0 + l].state = READY;
@@ -311,12 +308,10 @@ inline void run_block() {
       Fiber &f = b.f[t];
       if (f.state == DONE) {
         fail(cudaErrorLaunchFailure, "__syncthreads after some threads of the block returned", b.bid.x, t);
-        b.aborted = true;
         return;
       }
       if (f.state != AT_BLOCK || f.block_syncs != b.f[0].block_syncs || f.site != b.f[0].site) {
         fail(cudaErrorLaunchFailure, "threads of a block at different __syncthreads", b.bid.x, t);
-        b.aborted = true;
         return;
       }
     }
@@ -351,7 +346,6 @@ struct Launch {
     b.body_arg = &closure;
     for (unsigned x = 0; x < grid && pending_error() == cudaSuccess; x++) {
       b.bid = dim3{x, 0, 0};
-      b.aborted = false;
       run_block();
     }
   }

@@ -13,6 +13,7 @@ import torch
 
 import ao_awq_export as aq
 from ao_awq_export import _C
+from tests.test_cuda_emu import row_tail_case
 from tests.test_fake_quant import (OPS, assert_bits_equal, check_grads, make_weight, torchao_fq,
                                    zero_torchao_nans)
 
@@ -104,15 +105,7 @@ def test_gpu_fp8_rows(dtype):
 def test_gpu_fp8_row_tail(dtype):
     """The fp8 row backwards' last step on the rows of test_cuda_emu.py's
     test_emulated_fp8_row_tail (many extremes, -0 gradients, NaN)."""
-    g, n, k = 64, 6, 640
-    w = make_weight(n, k, dtype, g, seed=7, special=False)
-    w[0] = torch.where(torch.arange(k) % 3 == 0, -0.5, 0.5).to(dtype)
-    w[1, 5] = 2.0
-    w[2] *= 1e-6
-    gout = (torch.randn(n, k, generator=torch.Generator().manual_seed(7)) * 1e3).to(dtype)
-    gout[3] = -0.0
-    gout[4, ::7] = -0.0
-    gout[5, 9] = float("nan")
+    g, w, gout = row_tail_case(dtype)
     st = aq.ops.CLAMP_STRICT
     ours = torch.ops.ao_awq.fq_weight_backward(gout.cuda(), w.cuda(), g, 0, False, st, 1)
     assert_bits_equal(ours.cpu(), torch.ops.ao_awq.fq_weight_backward(gout, w, g, 0, False, st, 1),

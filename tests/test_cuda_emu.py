@@ -155,6 +155,20 @@ def test_emulated_fp8_rows(lib, dtype):
                               f"rows grad {dtype} cs={cs} st={st}")
 
 
+def row_tail_case(dtype):
+    """(g, w, gout) for the fp8 row backwards' last step (also test_cuda.py)."""
+    g, n, k = 64, 6, 640
+    w = make_weight(n, k, dtype, g, seed=7, special=False)
+    w[0] = torch.where(torch.arange(k) % 3 == 0, -0.5, 0.5).to(dtype)  # 640 extremes
+    w[1, 5] = 2.0                                                       # one extreme
+    w[2] *= 1e-6                                                        # gradients flushed to +-0 by fp8
+    gout = (torch.randn(n, k, generator=torch.Generator().manual_seed(7)) * 1e3).to(dtype)
+    gout[3] = -0.0                                                      # every stored gradient -0
+    gout[4, ::7] = -0.0
+    gout[5, 9] = float("nan")                                           # NaN reaches `each`: whole row NaN
+    return g, w, gout
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_emulated_fp8_row_tail(lib, dtype):
     """The last step of the fp8 row backwards (the row max's gradient added to
@@ -162,15 +176,8 @@ def test_emulated_fp8_row_tail(lib, dtype):
     -0 into +0 by the sign of that gradient): rows with hundreds of extremes,
     with every or every 7th upstream gradient -0, with gradients that fp8
     flushes to +-0, and with a NaN that makes the row NaN."""
-    g, n, k = 64, 6, 640
-    w = make_weight(n, k, dtype, g, seed=7, special=False)
-    w[0] = torch.where(torch.arange(k) % 3 == 0, -0.5, 0.5).to(dtype)  # 640 extremes: list overflows
-    w[1, 5] = 2.0                                                       # one extreme
-    w[2] *= 1e-6                                                        # gradients underflow to +-0 in fp8
-    gout = (torch.randn(n, k, generator=torch.Generator().manual_seed(7)) * 1e3).to(dtype)
-    gout[3] = -0.0                                                      # every stored gradient -0
-    gout[4, ::7] = -0.0
-    gout[5, 9] = float("nan")                                           # NaN reaches `each`: whole row NaN
+    g, w, gout = row_tail_case(dtype)
+    n, k = w.shape
     for st in (0, 1):
         gw = emu_bwd(lib, gout, w, g, "fp8_int4", 0, 1, st)
         assert_bits_equal(gw, torch.ops.ao_awq.fq_weight_backward(gout, w, g, 0, False, bool(st), 1),

@@ -3,8 +3,9 @@
 Two rewrites: the launch syntax, `kernel<<<grid, block, smem, stream>>>(`
 becomes `aoq_emu::launch(kernel, grid, block, smem, stream)(`, and each
 `__shared__` declaration becomes a function static the emulator poisons
-before every block; every other line is compiled as written, by the host C++ compiler with contraction off
-(the CUDA build uses --fmad=false), against the emulated runtime.  Libraries
+before every block.  Every other line is compiled as written, by the host
+C++ compiler with contraction off (the CUDA build uses --fmad=false),
+against the emulated runtime.  Libraries
 are cached under build/cuda_emu/ by a hash of the sources and the command.
 AOQ_EMU_ASAN=1 builds with AddressSanitizer (out-of-bounds accesses of the
 kernels to their buffers are reported, like compute-sanitizer's memcheck).
@@ -20,8 +21,6 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 OUT = os.path.join(ROOT, "build", "cuda_emu")
 
 LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[^<>;{}]*>)?)\s*<<<(.*?)>>>\s*\(", re.S)
-
-
 SHARED = re.compile(r"__shared__\s+([A-Za-z_][\w:<>, ]*?)\s+([A-Za-z_]\w*)\s*(\[[^;\]]*\])?\s*;")
 
 
@@ -37,8 +36,7 @@ def rewrite_shared(src):
 def rewrite_launches(src):
     """Replace each CUDA launch by a call of the emulator's launcher; the line
     count does not change (diagnostics keep the .cu line numbers)."""
-    out, n = LAUNCH.subn(lambda m: "aoq_emu::launch(%s, %s)(" % (m.group(1), m.group(2)), src)
-    return out, n
+    return LAUNCH.subn(lambda m: "aoq_emu::launch(%s, %s)(" % (m.group(1), m.group(2)), src)
 
 
 def build(cu_path, extra_flags=()):
@@ -54,8 +52,11 @@ def build(cu_path, extra_flags=()):
     body, _ = rewrite_shared(body)
     if "__shared__" in body:
         raise RuntimeError(f"{cu_path}: a __shared__ declaration the rewrite did not understand is left")
+    # -fno-strict-aliasing: the kernels move uint16/float chunks as uint4 words;
+    # -U_FORTIFY_SOURCE: the fibers _longjmp between stacks
     flags = ["-std=c++17", "-O2", "-ffp-contract=off", "-fno-fast-math", "-U_FORTIFY_SOURCE",
-             "-fno-strict-aliasing", "-fPIC", "-shared", "-Wall", "-Werror", "-Wno-maybe-uninitialized", "-Wno-unknown-pragmas", "-Wno-unused-function",
+             "-fno-strict-aliasing", "-fPIC", "-shared", "-Wall", "-Werror",
+             "-Wno-maybe-uninitialized", "-Wno-unknown-pragmas", "-Wno-unused-function",
              "-DAOQ_WITH_CUDA=1", "-I" + HERE, "-I" + os.path.join(ROOT, "csrc", "kernels"),
              "-I" + os.path.join(ROOT, "csrc"), *extra_flags]
     if os.environ.get("AOQ_EMU_ASAN") == "1":

@@ -8,8 +8,13 @@ measured in the same process, medians, printed as ratios.
 Targets (issue 2 / 3): CPU >= 5x torchao eager; CUDA forward >= 85 % of
 device-to-device copy bandwidth, >= 10x torchao eager, >= 1.5x compiled
 torchao, backward <= 1.2x forward time.
+
+On CUDA the fp8_int4 kernels stage each row in shared memory where it fits
+(one read of the weight); the rows marked "unstaged" time the same op with
+AOQ_CUDA_STAGE=0, the kernels that read the row again from global memory.
 """
 import argparse
+import os
 import statistics
 import time
 import warnings
@@ -47,6 +52,17 @@ def timeit(fn, device, reps, warmup=2):
     return statistics.median(ts)
 
 
+def unstaged(fn):
+    """fn run with the CUDA fp8 kernels' shared-memory staging turned off"""
+    def run():
+        os.environ["AOQ_CUDA_STAGE"] = "0"
+        try:
+            return fn()
+        finally:
+            del os.environ["AOQ_CUDA_STAGE"]
+    return run
+
+
 def fwd_bwd(fn, w, gout):
     def run():
         x = w.detach().requires_grad_()
@@ -82,13 +98,17 @@ def main():
             tao = Int4WeightFakeQuantizer(Int4WeightFakeQuantizeConfig(group_size=128, activation_dtype=ACT[scheme]))
             ours = lambda x, s=scheme: OURS[s](x, 128)  # noqa: E731
             comp = None if args.no_compile else torch.compile(tao)
+            bwd = lambda s=scheme: torch.ops.ao_awq.fq_weight_backward(  # noqa: E731
+                gout, w, 128, SCH[s], False, aq.ops.CLAMP_STRICT)
             rows = [
                 ("fwd", lambda: ours(w), lambda: tao(w), (lambda: comp(w)) if comp is not None else None, 2 * nbytes),
                 ("fwd+bwd", fwd_bwd(ours, w, gout), fwd_bwd(tao, w, gout),
                  fwd_bwd(comp, w, gout) if comp is not None else None, 5 * nbytes),
-                ("bwd kernel", lambda: torch.ops.ao_awq.fq_weight_backward(gout, w, 128, SCH[scheme], False, aq.ops.CLAMP_STRICT),
-                 None, None, 3 * nbytes),
+                ("bwd kernel", bwd, None, None, 3 * nbytes),
             ]
+            if dev == "cuda" and scheme == "fp8_int4":
+                rows += [("fwd unstaged", unstaged(lambda: ours(w)), None, None, 2 * nbytes),
+                         ("bwd kernel unstaged", unstaged(bwd), None, None, 3 * nbytes)]
             t_fwd = None
             for op, f_ours, f_tao, f_comp, bts in rows:
                 t_o = timeit(f_ours, dev, reps)
@@ -108,7 +128,7 @@ def main():
                     gbs = bts / t_o / 1e9
                     copy_bw = 2 * nbytes / copy_t / 1e9
                     line += f" {gbs:.0f} | {100 * gbs / copy_bw:.0f}% |"
-                if op == "bwd kernel":
+                if op.startswith("bwd kernel"):
                     line += f" (bwd/fwd = {t_o / t_fwd:.2f})"
                 print(line, flush=True)
         if dev == "cuda":

@@ -114,6 +114,19 @@ def test_gpu_fp8_row_tail(dtype):
     assert_bits_equal(ours.cpu(), torch.ops.ao_awq.fp8_rows_backward(gout, w, st, 1), "rows row tail")
 
 
+@pytest.mark.parametrize("mode", ["torchao", "awq"])
+def test_gpu_unstaged(mode, monkeypatch):
+    """AOQ_CUDA_STAGE=0: the fp8 kernels that read the row again from global
+    memory instead of staging it in shared memory (the fallback for rows
+    that do not fit); the staged ones run in the tests above."""
+    monkeypatch.setenv("AOQ_CUDA_STAGE", "0")
+    for dtype, g in ((torch.bfloat16, 128), (torch.float32, 32)):
+        test_gpu_forward_and_grad_equal_cpu("fp8_int4", mode, dtype, g)
+    if mode == "torchao":
+        test_gpu_fp8_rows(torch.bfloat16)
+        test_gpu_fp8_row_tail(torch.float16)
+
+
 def test_gpu_pack():
     c = torch.randint(0, 16, (4096, 512), dtype=torch.uint8)
     assert torch.equal(aq.pack_awq(c.cuda()).cpu(), aq.pack_awq(c))
@@ -127,16 +140,24 @@ def test_non_default_stream_and_graph_capture():
         out = aq.fake_quant_int4_asym(w, 128, mode="awq")
     s.synchronize()
     assert torch.equal(out, ref)
-    # CUDA graph capture and replay
+    # CUDA graph capture and replay; the long rows' staged kernels (over 48 KiB
+    # of shared memory) set their allowance with cudaFuncSetAttribute while captured
     static_w = w.clone()
+    static_long = make_weight(16, 28672, torch.bfloat16, 128, seed=11).cuda()
+    gout = torch.randn_like(static_long)
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         static_out = aq.fake_quant_fp8_int4(static_w, 128)
+        static_long_out = aq.fake_quant_fp8_int4(static_long, 128)
+        static_gw = torch.ops.ao_awq.fq_weight_backward(gout, static_long, 128, 0, False, aq.ops.CLAMP_STRICT, 1)
     static_w.copy_(make_weight(256, 1024, torch.bfloat16, 128, seed=10).cuda())
+    static_long.copy_(make_weight(16, 28672, torch.bfloat16, 128, seed=12).cuda())
     g.replay()
     torch.cuda.synchronize()
     assert torch.equal(static_out, aq.fake_quant_fp8_int4(static_w, 128))
+    assert torch.equal(static_long_out, aq.fake_quant_fp8_int4(static_long, 128))
+    assert_bits_equal(static_gw.cpu(), cpu_bwd(gout, static_long, 128, "fp8_int4", "torchao"), "captured bwd")
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second GPU")

@@ -48,7 +48,25 @@ def setup_lib(lib):
     lib.aoq_emu_set_devices.argtypes = [I]
     lib.aoq_emu_set_devices(1)
     lib.aoq_emu_set_order.argtypes = [I]
+    lib.aoq_emu_set_smem.argtypes = [I, I]
+    lib.aoq_emu_set_smem(*EMU_SMEM)
+    lib.aoq_emu_last_smem.restype = ctypes.c_size_t
     return lib
+
+
+# shared memory of the emulated device, in bytes: per block with opt-in, per
+# SM (an H100's, the emulator's default)
+EMU_SMEM = (232448, 233472)
+
+
+def staged_bytes(nbytes, limits=EMU_SMEM):
+    """The dynamic shared memory an fp8 launcher must ask for to stage
+    `nbytes` of row data: all of it where it fits with two blocks per SM
+    (2 KiB of slack per block), else none; none under AOQ_CUDA_STAGE=0."""
+    if os.environ.get("AOQ_CUDA_STAGE", "").startswith("0"):
+        return 0
+    optin, per_sm = limits
+    return nbytes if nbytes + 2048 <= optin and 2 * (nbytes + 2048) <= per_sm else 0
 
 
 def ptr(t):
@@ -116,14 +134,19 @@ def test_emulated_unroll_variants(unroll):
             compare_with_cpu(lib, scheme, mode, torch.float32, 256)
 
 
-def compare_with_cpu(lib, scheme, mode, dtype, g):
+def compare_with_cpu(lib, scheme, mode, dtype, g, limits=EMU_SMEM):
+    """Every output of both launchers against the CPU ops, on CASES; the fp8
+    launchers stage the row in shared memory where it fits (`limits`), and
+    that is checked too, so both kernel variants are known to be compared."""
     awq = int(mode == "awq")
     cs = 1 - awq
+    fp8 = scheme == "fp8_int4"
     for i, (n, groups) in enumerate(CASES):
         k = groups * g
         w = make_weight(n, k, dtype, g, seed=i)
         out, codes, scales, zeros = emu_fwd(lib, w, g, scheme, awq, cs)
         what = f"{scheme} {mode} {dtype} g{g} {n}x{k}"
+        assert lib.aoq_emu_last_smem() == (staged_bytes(k * w.element_size(), limits) if fp8 else 0), what
         assert_bits_equal(out, torch.ops.ao_awq.fq_weight(w, g, SCH[scheme], bool(awq), False, cs), what)
         c2, s2, z2 = torch.ops.ao_awq.quantize(w, g, SCH[scheme], bool(awq), cs)
         assert torch.equal(codes, c2), what + " codes"
@@ -132,12 +155,49 @@ def compare_with_cpu(lib, scheme, mode, dtype, g):
         gout = (torch.randn(n, k, generator=torch.Generator().manual_seed(i)) * 1e3).to(dtype)
         for st in (0, 1):
             gw = emu_bwd(lib, gout, w, g, scheme, awq, cs, st)
+            assert lib.aoq_emu_last_smem() == (staged_bytes(2 * k * w.element_size(), limits) if fp8 else 0)
             ref = torch.ops.ao_awq.fq_weight_backward(gout, w, g, SCH[scheme], bool(awq), bool(st), cs)
             assert_bits_equal(gw, ref, what + f" grad st={st}")
 
 
+@pytest.mark.parametrize("mode", ["torchao", "awq"])
+def test_emulated_unstaged(lib, mode, monkeypatch):
+    """AOQ_CUDA_STAGE=0: the fp8 kernels that read the row again from global
+    memory instead of shared memory (the fallback for rows that do not fit)."""
+    monkeypatch.setenv("AOQ_CUDA_STAGE", "0")
+    for dtype, g in ((torch.bfloat16, 64), (torch.float16, 32), (torch.float32, 256)):
+        compare_with_cpu(lib, "fp8_int4", mode, dtype, g)
+    if mode == "torchao":
+        for dtype in DTYPES:
+            check_fp8_rows(lib, dtype)
+            check_fp8_row_tail(lib, dtype)
+
+
+def test_emulated_stage_limit(lib):
+    """A device with little shared memory: the short rows are staged, the
+    long ones take the fallback, and the results stay the same."""
+    limits = (10240, 20480)
+    lib.aoq_emu_set_smem(*limits)
+    try:
+        compare_with_cpu(lib, "fp8_int4", "torchao", torch.bfloat16, 128, limits)
+        compare_with_cpu(lib, "fp8_int4", "awq", torch.float32, 32, limits)
+        x = torch.randn(3, 3000).to(torch.bfloat16)
+        out = torch.empty_like(x)
+        for k, staged in ((3000, 6000), (1000, 2000)):  # rows of 3000 bf16: 6000 bytes
+            check(lib, lib.aoq_cuda_fp8_rows_fwd(ptr(x), ptr(out), 3, k, DT[x.dtype], 1, 0, None))
+            assert lib.aoq_emu_last_smem() == staged
+            check(lib, lib.aoq_cuda_fp8_rows_bwd(ptr(x), ptr(x), ptr(out), 3, k, DT[x.dtype], 1, 0, 0, None))
+            assert lib.aoq_emu_last_smem() == (0 if k == 3000 else 2 * staged)
+    finally:
+        lib.aoq_emu_set_smem(*EMU_SMEM)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_emulated_fp8_rows(lib, dtype):
+    check_fp8_rows(lib, dtype)
+
+
+def check_fp8_rows(lib, dtype):
     """Forward under both division rules; the backward under CUDA's, the one
     the GPU runs (the CPU's rule sums in torch's CPU order, see fq_cpu.c)."""
     for cs in (0, 1):
@@ -146,6 +206,7 @@ def test_emulated_fp8_rows(lib, dtype):
         x[1, 7] = 1e4 if dtype != torch.float16 else 6e4
         out = torch.empty_like(x)
         check(lib, lib.aoq_cuda_fp8_rows_fwd(ptr(x), ptr(out), 6, 300, DT[dtype], cs, 0, None))
+        assert lib.aoq_emu_last_smem() == staged_bytes(300 * x.element_size())
         assert_bits_equal(out, torch.ops.ao_awq.fp8_rows(x, False, cs), f"rows {dtype} cs={cs}")
         g = (torch.randn(6, 300, generator=torch.Generator().manual_seed(5)) * 100).to(dtype)
         for st in (0, 1) if cs else ():
@@ -171,6 +232,10 @@ def row_tail_case(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_emulated_fp8_row_tail(lib, dtype):
+    check_fp8_row_tail(lib, dtype)
+
+
+def check_fp8_row_tail(lib, dtype):
     """The last step of the fp8 row backwards (the row max's gradient added to
     the extremes, a signed zero to every other element, which turns a stored
     -0 into +0 by the sign of that gradient): rows with hundreds of extremes,
@@ -239,14 +304,18 @@ def test_emulated_no_race_thread_order(lib, scheme, dtype):
         check(lib, lib.aoq_cuda_pack_awq(ptr(codes), ptr(packed), 64, 24, 0, None))
         return res + [rows, grows, packed]
 
-    base = run_all()
     try:
-        for order in (1, 2, 2):
-            lib.aoq_emu_set_order(order)
-            for a, b in zip(run_all(), base):
-                assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), f"thread order {order}"
+        for stage in ("1", "0"):  # the fp8 kernels staged in shared memory, and not
+            os.environ["AOQ_CUDA_STAGE"] = stage
+            lib.aoq_emu_set_order(0)
+            base = run_all()
+            for order in (1, 2, 2):
+                lib.aoq_emu_set_order(order)
+                for a, b in zip(run_all(), base):
+                    assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), f"thread order {order}"
     finally:
         lib.aoq_emu_set_order(0)
+        os.environ.pop("AOQ_CUDA_STAGE", None)
 
 
 def _asan_preload():
@@ -275,7 +344,7 @@ def test_emulated_kernels_under_asan():
     env = dict(os.environ, LD_PRELOAD=asan, ASAN_OPTIONS="detect_leaks=0", AOQ_EMU_ASAN="1",
                OMP_NUM_THREADS="1")
     sel = ("(equal_cpu and ((bfloat16 and (32 or 128)) or (float32 and (64 or 256)))) or fp8_row "
-           "or pack or unaligned or race_thread_order or launcher or emulator")
+           "or unstaged or stage_limit or pack or unaligned or race_thread_order or launcher or emulator")
     r = subprocess.run([sys.executable, "-m", "pytest", os.path.abspath(__file__), "-q", "-p",
                         "no:cacheprovider", "-k", sel], env=env, cwd=ROOT, capture_output=True,
                        text=True, timeout=1200)
@@ -285,10 +354,12 @@ def test_emulated_kernels_under_asan():
     code = ("import torch; from tests.cuda_emu.build import build; import ctypes;"
             "lib = build('tests/cuda_emu/selftest.cu');"
             "lib.emu_selftest.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint];"
-            "x = torch.zeros(64); lib.emu_selftest(6, x.data_ptr(), None, 1, 64)")
-    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True,
-                       text=True, timeout=600)
-    assert r.returncode != 0 and "heap-buffer-overflow" in r.stderr, r.stderr[-3000:]
+            "x = torch.zeros({size}); lib.emu_selftest({which}, x.data_ptr(), None, 1, {block})")
+    # kernel 6 reads past its global buffer, kernel 10 past the dynamic shared memory
+    for which, size, block in ((6, 64, 64), (10, 129, 128)):
+        r = subprocess.run([sys.executable, "-c", code.format(size=size, which=which, block=block)], env=env,
+                           cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert r.returncode != 0 and "heap-buffer-overflow" in r.stderr, (which, r.stderr[-3000:])
 
 
 def test_emulated_launcher_errors(lib):
@@ -354,6 +425,19 @@ def test_emulator_poisons_shared_memory(selftest):
     out = torch.zeros(3 * 64)
     assert selftest.emu_selftest(7, ptr(out), None, 3, 64) == 0
     assert (out[:64] == 1).all() and out[64:].isnan().all()
+
+
+def test_emulator_dynamic_shared_memory(selftest):
+    """A launch's dynamic shared memory: over 48 KiB only for a kernel given
+    the allowance (cudaFuncSetAttribute), shared by the block, and poisoned
+    where the block never wrote."""
+    selftest.aoq_emu_set_smem.argtypes = [I, I]
+    selftest.aoq_emu_set_smem(*EMU_SMEM)  # forgets earlier allowances
+    out = torch.zeros(129)
+    rc = selftest.emu_selftest(8, ptr(out), None, 2, 128)
+    assert rc != 0 and "over the kernel's limit" in selftest.emu_selftest_error(rc).decode()
+    assert selftest.emu_selftest(9, ptr(out), None, 2, 128) == 0
+    assert torch.equal(out[:128], torch.arange(1.0, 129.0).roll(-1)) and out[128].isnan()
 
 
 def test_emulator_thread_order_exposes_a_race(selftest):

@@ -21,11 +21,11 @@ echo "== build ok"
 python3 -m pytest tests/test_cuda.py -q -x -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -15
 echo "== memcheck"
 timeout 400 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest tests/test_cuda.py -q -x -p no:cacheprovider \
-  -k "(equal_cpu and bfloat16 and (32 or 256)) or fp8_rows or row_tail or pack or capture" 2>&1 | tee "$OUT/memcheck.log" | tail -4
+  -k "(equal_cpu and bfloat16 and (32 or 256)) or fp8_rows or row_tail or unstaged or pack or capture" 2>&1 | tee "$OUT/memcheck.log" | tail -4
 echo "memcheck rc=${PIPESTATUS[0]}"
 echo "== racecheck"
 timeout 300 compute-sanitizer --tool racecheck --error-exitcode 9 python3 -m pytest tests/test_cuda.py -q -x -p no:cacheprovider \
-  -k "(equal_cpu and float32 and 128) or row_tail" 2>&1 | tee "$OUT/racecheck.log" | tail -4
+  -k "(equal_cpu and float32 and 128) or row_tail or (equal_cpu and fp8_int4 and bfloat16 and 64)" 2>&1 | tee "$OUT/racecheck.log" | tail -4
 echo "racecheck rc=${PIPESTATUS[0]}"
 echo "== bench"
 python3 benchmarks/bench_fake_quant.py --device cuda 2>&1 | grep -v "Failed to load\|_pytree" | tee "$OUT/bench.txt"

@@ -9,6 +9,7 @@
 // identical to the CPU kernels.  Build with --fmad=false (no FMA contraction).
 #include <cuda_runtime.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #include "aoq_kernels.h"
 #include "aoq_rows.h"
@@ -104,11 +105,14 @@ __device__ __forceinline__ void copy_chunk(T *dst, const T *src) {
   }
 }
 
-template <int DT, int E, bool VEC>
-__device__ __forceinline__ void load_chunk(const void *p, int64_t idx, float *v) {
+// KEEP: also copy the raw chunk to stage + sidx (the row staged in shared memory)
+template <int DT, int E, bool VEC, bool KEEP = false>
+__device__ __forceinline__ void load_chunk(const void *p, int64_t idx, float *v, void *stage = nullptr,
+                                           int64_t sidx = 0) {
   typedef typename Elt<DT>::T T;
   alignas(16) T raw[E];  // copy_chunk may move it as 16-byte words
   copy_chunk<T, E, VEC>(raw, reinterpret_cast<const T *>(p) + idx);
+  if (KEEP) copy_chunk<T, E, VEC>(reinterpret_cast<T *>(stage) + sidx, raw);
 #pragma unroll
   for (int e = 0; e < E; e++) v[e] = aoq_load(raw, e, DT);
 }
@@ -136,22 +140,29 @@ __device__ __forceinline__ void store_chunk(void *p, int64_t idx, const float *v
 
 // load groups j0, j0+NW, ..., j0+(U-1)*NW of a row (those below G) in the
 // chunk layout: this lane's E elements of each, all loads issued first
-template <int DT, int E, bool VEC, int U>
-__device__ __forceinline__ void load_groups(const void *p, int64_t base, int64_t j0, int64_t G, float (*v)[E]) {
+// (KEEP: each chunk also copied to stage, at its offset in the row)
+template <int DT, int E, bool VEC, int U, bool KEEP = false>
+__device__ __forceinline__ void load_groups(const void *p, int64_t base, int64_t j0, int64_t G, float (*v)[E],
+                                            void *stage = nullptr) {
   const int lane = threadIdx.x & 31;
 #pragma unroll
   for (int u = 0; u < U; u++)
-    if (j0 + u * AOQ_NW < G) load_chunk<DT, E, VEC>(p, base + (j0 + u * AOQ_NW) * (32 * E) + lane * E, v[u]);
+    if (j0 + u * AOQ_NW < G) {
+      const int64_t o = (j0 + u * AOQ_NW) * (32 * E) + lane * E;
+      load_chunk<DT, E, VEC, KEEP>(p, base + o, v[u], stage, o);
+    }
 }
 
-// row amax |x| (NaN-propagating) over a weight row, chunk layout, vector loads
-template <int DT, int E, bool VEC>
-__device__ float row_amax_chunks(const void *w, int64_t base, int64_t G, float *sh) {
+// row amax |x| (NaN-propagating) over a weight row, chunk layout, vector
+// loads; STAGE: the row is also copied to stage (shared memory), where each
+// thread later reads back exactly the chunks it wrote
+template <int DT, int E, bool VEC, bool STAGE>
+__device__ float row_amax_chunks(const void *w, int64_t base, int64_t G, float *sh, void *stage) {
   const int warp = threadIdx.x >> 5;
   float a = 0.f;
   for (int64_t j0 = warp; j0 < G; j0 += AOQ_NW * AOQ_U) {
     float v[AOQ_U][E];
-    load_groups<DT, E, VEC, AOQ_U>(w, base, j0, G, v);
+    load_groups<DT, E, VEC, AOQ_U, STAGE>(w, base, j0, G, v, stage);
 #pragma unroll
     for (int u = 0; u < AOQ_U; u++)
       if (j0 + u * AOQ_NW < G)
@@ -161,35 +172,54 @@ __device__ float row_amax_chunks(const void *w, int64_t base, int64_t G, float *
   return block_max(a, sh);
 }
 
-// row amax |x| over an activation row (any K, strided by thread)
-template <int DT>
-__device__ float row_amax(const void *w, int64_t base, int64_t K, float *sh) {
+// row amax |x| over an activation row (any K, strided by thread); STAGE: the
+// row is also copied to stage, each element by the thread that reads it back
+template <int DT, bool STAGE>
+__device__ float row_amax(const void *w, int64_t base, int64_t K, float *sh, void *stage) {
+  typedef typename Elt<DT>::T T;
   float a = 0.f;
   for (int64_t k = threadIdx.x; k < K; k += TPB) {
     float v = aoq_load(w, base + k, DT);
+    if (STAGE) reinterpret_cast<T *>(stage)[k] = reinterpret_cast<const T *>(w)[base + k];
     a = nanmax(a, v < 0.f ? -v : v);
   }
   return block_max(a, sh);
 }
 
+// the last step of the fp8 row backwards: the row max's gradient `each` is
+// added to the row's extremes, and a signed zero (torch's each * mask * sgn(x))
+// to every other element
+__device__ __forceinline__ float row_fix(float ga, float xv, float each, float a0, int DT) {
+  const float e = aoq_masked(each, (xv < 0.f ? -xv : xv) == a0);
+  return aoq_round_to(ga + aoq_round_to(e * aoq_sgn(xv), DT), DT);
+}
+
 // ---------------------------------------------------------------------------
 // forward: out / codes / scales / zeros for one row per block
 // ---------------------------------------------------------------------------
-template <int DT, int E, bool VEC>
+// STAGE (fp8_int4 only): the row max's read also copies the row to dynamic
+// shared memory (K elements), and the groups are read from there: one read of
+// the weight instead of two
+template <int DT, int E, bool VEC, bool STAGE>
 __global__ void __launch_bounds__(TPB) fq_fwd_kernel(const void *__restrict__ w, void *__restrict__ out,
                                                      uint8_t *__restrict__ codes, float *__restrict__ scales,
                                                      float *__restrict__ zeros, int64_t K, int scheme, int awq,
                                                      int cs) {
   __shared__ float sh[AOQ_NW];
+  extern __shared__ uint4 stage_mem[];
   const int g = 32 * E;
   const int64_t n = blockIdx.x, base = n * K, G = K / g;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   float s_row = 0.f;
-  if (scheme == AOQ_SCHEME_FP8_INT4)
-    s_row = aoq_fp8_scale_from_amax(row_amax_chunks<DT, E, VEC>(w, base, G, sh), DT, cs);
+  const void *src = w;  // where the groups are read: the row at sbase
+  int64_t sbase = base;
+  if (scheme == AOQ_SCHEME_FP8_INT4) {
+    s_row = aoq_fp8_scale_from_amax(row_amax_chunks<DT, E, VEC, STAGE>(w, base, G, sh, stage_mem), DT, cs);
+    if (STAGE) src = stage_mem, sbase = 0;
+  }
   for (int64_t j0 = warp; j0 < G; j0 += AOQ_NW * AOQ_U) {
     float vv[AOQ_U][E];
-    load_groups<DT, E, VEC, AOQ_U>(w, base, j0, G, vv);
+    load_groups<DT, E, VEC, AOQ_U>(src, sbase, j0, G, vv);
 #pragma unroll
     for (int u = 0; u < AOQ_U; u++) {
       const int64_t j = j0 + u * AOQ_NW;
@@ -248,16 +278,22 @@ __global__ void __launch_bounds__(TPB) fq_fwd_kernel(const void *__restrict__ w,
 // ---------------------------------------------------------------------------
 // backward, fp8-int4 (one row per block)
 // ---------------------------------------------------------------------------
-template <int DT, int E, bool VEC>
+// STAGE: dynamic shared memory holds the row (K elements, copied by the row
+// max's read) and its gradient before the last step (K more), so that the
+// weight is read once, the upstream gradient once and gw written once
+template <int DT, int E, bool VEC, bool STAGE>
 __global__ void __launch_bounds__(TPB) fp8_int4_bwd_kernel(const void *__restrict__ grad,
                                                            const void *__restrict__ w, void *__restrict__ gw,
                                                            int64_t K, int awq, int cs, int st) {
+  typedef typename Elt<DT>::T T;
   __shared__ float sh[AOQ_NW];
   __shared__ int shi[AOQ_NW];
+  extern __shared__ uint4 stage_mem[];
+  T *const xs = reinterpret_cast<T *>(stage_mem), *const gs = xs + K;
   const int g = 32 * E;
   const int64_t n = blockIdx.x, base = n * K, G = K / g;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const float a0 = row_amax_chunks<DT, E, VEC>(w, base, G, sh);
+  const float a0 = row_amax_chunks<DT, E, VEC, STAGE>(w, base, G, sh, xs);
   const float s_row = aoq_fp8_scale_from_amax(a0, DT, cs);
   if (s_row == 0.f) {  // forward gave 0 (torchao: NaN)
     for (int64_t k = threadIdx.x; k < K; k += TPB) aoq_store(gw, base + k, 0.f, DT);
@@ -267,7 +303,10 @@ __global__ void __launch_bounds__(TPB) fp8_int4_bwd_kernel(const void *__restric
   int cnt_row = 0;
   for (int64_t j0 = warp; j0 < G; j0 += AOQ_NW * AOQ_UB) {
     float xx[AOQ_UB][E], gg[AOQ_UB][E];
-    load_groups<DT, E, VEC, AOQ_UB>(w, base, j0, G, xx);
+    if (STAGE)
+      load_groups<DT, E, VEC, AOQ_UB>(xs, 0, j0, G, xx);
+    else
+      load_groups<DT, E, VEC, AOQ_UB>(w, base, j0, G, xx);
     load_groups<DT, E, VEC, AOQ_UB>(grad, base, j0, G, gg);
 #pragma unroll
     for (int u = 0; u < AOQ_UB; u++) {
@@ -322,7 +361,11 @@ __global__ void __launch_bounds__(TPB) fp8_int4_bwd_kernel(const void *__restric
         acc_b += -gt * (t / s_row);
         cnt_row += ((x[e] < 0.f ? -x[e] : x[e]) == a0);
       }
-      store_chunk<DT, E, VEC>(gw, idx, gx);  // D(gx); row extremes fixed below
+      // D(gx), row extremes fixed below
+      if (STAGE)
+        store_chunk<DT, E, VEC>(gs, idx - base, gx);
+      else
+        store_chunk<DT, E, VEC>(gw, idx, gx);
     }
   }
   const float sum_a = block_sum(acc_a, sh);
@@ -331,13 +374,22 @@ __global__ void __launch_bounds__(TPB) fp8_int4_bwd_kernel(const void *__restric
   float g_a = aoq_round_to(aoq_div_scalar(aoq_round_to(sum_a + sum_b, DT), AOQ_FP8_MAX, cs), DT);
   if (!aoq_ge(a0, aoq_eps_in(1e-12f, DT), st)) g_a = 0.f;
   const float each = cnt_row ? aoq_round_to(g_a / (float)cnt_row, DT) : 0.f;
-  __syncthreads();  // gw of this row, written above by other threads, is visible
-  // every element gets torch's `each * mask * sgn(x)` (a signed zero off the extremes)
-  for (int64_t k = threadIdx.x; k < K; k += TPB) {
-    const float xv = aoq_load(w, base + k, DT), ga = aoq_load(gw, base + k, DT);
-    const float e = aoq_masked(each, (xv < 0.f ? -xv : xv) == a0);
-    aoq_store(gw, base + k, aoq_round_to(ga + aoq_round_to(e * aoq_sgn(xv), DT), DT), DT);
+  if (STAGE) {
+    // this thread's own chunks of xs and gs (it wrote them): one write of gw
+    for (int64_t j = warp; j < G; j += AOQ_NW) {
+      const int64_t o = j * g + lane * E;
+      float xv[E], ga[E];
+      load_chunk<DT, E, VEC>(xs, o, xv);
+      load_chunk<DT, E, VEC>(gs, o, ga);
+#pragma unroll
+      for (int e = 0; e < E; e++) ga[e] = row_fix(ga[e], xv[e], each, a0, DT);
+      store_chunk<DT, E, VEC>(gw, base + o, ga);
+    }
+    return;
   }
+  __syncthreads();  // gw of this row, written above by other threads, is visible
+  for (int64_t k = threadIdx.x; k < K; k += TPB)
+    aoq_store(gw, base + k, row_fix(aoq_load(gw, base + k, DT), aoq_load(w, base + k, DT), each, a0, DT), DT);
 }
 
 // ---------------------------------------------------------------------------
@@ -426,24 +478,33 @@ __global__ void __launch_bounds__(TPB) asym_bwd_kernel(const void *__restrict__ 
 // ---------------------------------------------------------------------------
 // fp8 activation rows
 // ---------------------------------------------------------------------------
-template <int DT>
+// STAGE: the row, copied to dynamic shared memory by the row max's read, is
+// read from there (each element by the thread that copied it)
+template <int DT, bool STAGE>
 __global__ void __launch_bounds__(TPB) fp8_rows_fwd_kernel(const void *__restrict__ x, void *__restrict__ out,
                                                            int64_t K, int cs) {
   __shared__ float sh[AOQ_NW];
+  extern __shared__ uint4 stage_mem[];
   const int64_t base = (int64_t)blockIdx.x * K;
-  const float s = aoq_fp8_scale_from_amax(row_amax<DT>(x, base, K, sh), DT, cs);
+  const float s = aoq_fp8_scale_from_amax(row_amax<DT, STAGE>(x, base, K, sh, stage_mem), DT, cs);
   for (int64_t k = threadIdx.x; k < K; k += TPB)
-    aoq_store(out, base + k, aoq_fp8_rt(aoq_load(x, base + k, DT), s, DT), DT);
+    aoq_store(out, base + k, aoq_fp8_rt(STAGE ? aoq_load(stage_mem, k, DT) : aoq_load(x, base + k, DT), s, DT),
+              DT);
 }
 
-template <int DT>
+// STAGE: shared memory holds the row (K elements) and its gradient before the
+// last step (K more), each element read back by the thread that wrote it
+template <int DT, bool STAGE>
 __global__ void __launch_bounds__(TPB) fp8_rows_bwd_kernel(const void *__restrict__ grad,
                                                            const void *__restrict__ x, void *__restrict__ gx,
                                                            int64_t K, int cs, int st) {
+  typedef typename Elt<DT>::T T;
   __shared__ float sh[AOQ_NW];
   __shared__ int shi[AOQ_NW];
+  extern __shared__ uint4 stage_mem[];
+  T *const xs = reinterpret_cast<T *>(stage_mem), *const gs = xs + K;
   const int64_t base = (int64_t)blockIdx.x * K;
-  const float a0 = row_amax<DT>(x, base, K, sh);
+  const float a0 = row_amax<DT, STAGE>(x, base, K, sh, xs);
   const float s_row = aoq_fp8_scale_from_amax(a0, DT, cs);
   if (s_row == 0.f) {
     for (int64_t k = threadIdx.x; k < K; k += TPB) aoq_store(gx, base + k, 0.f, DT);
@@ -452,14 +513,17 @@ __global__ void __launch_bounds__(TPB) fp8_rows_bwd_kernel(const void *__restric
   float acc_a = 0.f, acc_b = 0.f;
   int cnt_row = 0;
   for (int64_t k = threadIdx.x; k < K; k += TPB) {
-    const float xv = aoq_load(x, base + k, DT), gh = aoq_load(grad, base + k, DT);
+    const float xv = STAGE ? aoq_load(xs, k, DT) : aoq_load(x, base + k, DT), gh = aoq_load(grad, base + k, DT);
     const float t = xv / s_row;
     acc_a += gh * aoq_fp8_e4m3_round(aoq_clamp(t, -AOQ_FP8_MAX, AOQ_FP8_MAX));
     float gt = aoq_fp8_e4m3_round(gh * s_row);
     if (!aoq_in(t, -AOQ_FP8_MAX, AOQ_FP8_MAX, st)) gt = 0.f;
     acc_b += -gt * (t / s_row);
     cnt_row += ((xv < 0.f ? -xv : xv) == a0);
-    aoq_store(gx, base + k, gt / s_row, DT);
+    if (STAGE)
+      aoq_store(gs, k, gt / s_row, DT);
+    else
+      aoq_store(gx, base + k, gt / s_row, DT);
   }
   const float sum_a = block_sum(acc_a, sh);
   const float sum_b = block_sum(acc_b, sh);
@@ -467,12 +531,14 @@ __global__ void __launch_bounds__(TPB) fp8_rows_bwd_kernel(const void *__restric
   float g_a = aoq_round_to(aoq_div_scalar(aoq_round_to(sum_a + sum_b, DT), AOQ_FP8_MAX, cs), DT);
   if (!aoq_ge(a0, aoq_eps_in(1e-12f, DT), st)) g_a = 0.f;
   const float each = cnt_row ? aoq_round_to(g_a / (float)cnt_row, DT) : 0.f;
-  __syncthreads();
-  for (int64_t k = threadIdx.x; k < K; k += TPB) {
-    const float xv = aoq_load(x, base + k, DT), ga = aoq_load(gx, base + k, DT);
-    const float e = aoq_masked(each, (xv < 0.f ? -xv : xv) == a0);
-    aoq_store(gx, base + k, aoq_round_to(ga + aoq_round_to(e * aoq_sgn(xv), DT), DT), DT);
+  if (STAGE) {
+    for (int64_t k = threadIdx.x; k < K; k += TPB)
+      aoq_store(gx, base + k, row_fix(aoq_load(gs, k, DT), aoq_load(xs, k, DT), each, a0, DT), DT);
+    return;
   }
+  __syncthreads();  // gx of this row, written above by other threads, is visible
+  for (int64_t k = threadIdx.x; k < K; k += TPB)
+    aoq_store(gx, base + k, row_fix(aoq_load(gx, base + k, DT), aoq_load(x, base + k, DT), each, a0, DT), DT);
 }
 
 // ---------------------------------------------------------------------------
@@ -516,6 +582,35 @@ struct DeviceGuard {
 
 bool aligned16(const void *p) { return ((uintptr_t)p & 15u) == 0; }
 
+// Staging: the fp8 kernels copy their row to shared memory in the row max's
+// read (and keep the row's gradient there in the backward), which saves a
+// read of the weight in the forward and three passes over global memory in
+// the backward.  Used when `bytes` of dynamic shared memory per block fit on
+// the device with two blocks per SM; AOQ_CUDA_STAGE=0 in the environment turns
+// it off (the streaming kernels, for comparison).  Any failure here just
+// means no staging.
+template <typename F>
+bool use_stage(F *kernel, int device, size_t bytes) {
+  const char *env = getenv("AOQ_CUDA_STAGE");
+  if (env && env[0] == '0') return false;
+  const size_t slack = 2048;  // per block: the static shared arrays and the runtime's reserve
+  int optin = 0, per_sm = 0;
+  if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  if (bytes + slack > (size_t)optin || 2 * (bytes + slack) > (size_t)per_sm) return false;
+  // above 48 KiB a kernel must be allowed more; always the same value, so
+  // that concurrent launchers cannot lower each other's limit
+  if (bytes > 48 * 1024 &&
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin - (int)slack) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return true;
+}
+
 int finish() {
   cudaError_t e = cudaGetLastError();
   if (e == cudaSuccess) return AOQ_OK;
@@ -554,10 +649,14 @@ extern "C" int aoq_cuda_fq_fwd(const void *w, void *out, uint8_t *codes, float *
   cudaStream_t strm = (cudaStream_t)stream;
   const bool vec = aligned16(w) && (!out || aligned16(out));
   AOQ_DISPATCH_DT(dt, AOQ_DISPATCH_E(g, {
-    if (vec)
-      fq_fwd_kernel<DT, E, true><<<(unsigned)N, TPB, 0, strm>>>(w, out, codes, scales, zeros, K, scheme, awq, cs);
-    else
-      fq_fwd_kernel<DT, E, false><<<(unsigned)N, TPB, 0, strm>>>(w, out, codes, scales, zeros, K, scheme, awq, cs);
+    auto kern = vec ? fq_fwd_kernel<DT, E, true, false> : fq_fwd_kernel<DT, E, false, false>;
+    const size_t bytes = (size_t)K * sizeof(typename Elt<DT>::T);
+    size_t smem = 0;
+    if (scheme == AOQ_SCHEME_FP8_INT4) {
+      auto staged = vec ? fq_fwd_kernel<DT, E, true, true> : fq_fwd_kernel<DT, E, false, true>;
+      if (use_stage(staged, device, bytes)) kern = staged, smem = bytes;
+    }
+    kern<<<(unsigned)N, TPB, smem, strm>>>(w, out, codes, scales, zeros, K, scheme, awq, cs);
   }));
   return finish();
 }
@@ -571,10 +670,12 @@ extern "C" int aoq_cuda_fq_bwd(const void *grad, const void *w, void *gw, int64_
   const bool vec = aligned16(w) && aligned16(grad) && aligned16(gw);
   AOQ_DISPATCH_DT(dt, AOQ_DISPATCH_E(g, {
     if (scheme == AOQ_SCHEME_FP8_INT4) {
-      if (vec)
-        fp8_int4_bwd_kernel<DT, E, true><<<(unsigned)N, TPB, 0, strm>>>(grad, w, gw, K, awq, cs, st);
-      else
-        fp8_int4_bwd_kernel<DT, E, false><<<(unsigned)N, TPB, 0, strm>>>(grad, w, gw, K, awq, cs, st);
+      auto kern = vec ? fp8_int4_bwd_kernel<DT, E, true, false> : fp8_int4_bwd_kernel<DT, E, false, false>;
+      auto staged = vec ? fp8_int4_bwd_kernel<DT, E, true, true> : fp8_int4_bwd_kernel<DT, E, false, true>;
+      const size_t bytes = 2 * (size_t)K * sizeof(typename Elt<DT>::T);
+      size_t smem = 0;
+      if (use_stage(staged, device, bytes)) kern = staged, smem = bytes;
+      kern<<<(unsigned)N, TPB, smem, strm>>>(grad, w, gw, K, awq, cs, st);
     } else {
       if (vec)
         asym_bwd_kernel<DT, E, true><<<(unsigned)N, TPB, 0, strm>>>(grad, w, gw, K, awq, cs, st);
@@ -590,7 +691,13 @@ extern "C" int aoq_cuda_fp8_rows_fwd(const void *x, void *out, int64_t R, int64_
   if (R <= 0 || K <= 0 || R > 0x7fffffff) return AOQ_ERR_ARG;
   DeviceGuard guard(device);
   if (!guard.ok) return AOQ_ERR_CUDA;
-  AOQ_DISPATCH_DT(dt, fp8_rows_fwd_kernel<DT><<<(unsigned)R, TPB, 0, (cudaStream_t)stream>>>(x, out, K, cs));
+  AOQ_DISPATCH_DT(dt, {
+    auto kern = fp8_rows_fwd_kernel<DT, false>;
+    const size_t bytes = (size_t)K * sizeof(typename Elt<DT>::T);
+    size_t smem = 0;
+    if (use_stage(fp8_rows_fwd_kernel<DT, true>, device, bytes)) kern = fp8_rows_fwd_kernel<DT, true>, smem = bytes;
+    kern<<<(unsigned)R, TPB, smem, (cudaStream_t)stream>>>(x, out, K, cs);
+  });
   return finish();
 }
 
@@ -599,8 +706,13 @@ extern "C" int aoq_cuda_fp8_rows_bwd(const void *grad, const void *x, void *gx, 
   if (R <= 0 || K <= 0 || R > 0x7fffffff) return AOQ_ERR_ARG;
   DeviceGuard guard(device);
   if (!guard.ok) return AOQ_ERR_CUDA;
-  AOQ_DISPATCH_DT(dt,
-                  fp8_rows_bwd_kernel<DT><<<(unsigned)R, TPB, 0, (cudaStream_t)stream>>>(grad, x, gx, K, cs, st));
+  AOQ_DISPATCH_DT(dt, {
+    auto kern = fp8_rows_bwd_kernel<DT, false>;
+    const size_t bytes = 2 * (size_t)K * sizeof(typename Elt<DT>::T);
+    size_t smem = 0;
+    if (use_stage(fp8_rows_bwd_kernel<DT, true>, device, bytes)) kern = fp8_rows_bwd_kernel<DT, true>, smem = bytes;
+    kern<<<(unsigned)R, TPB, smem, (cudaStream_t)stream>>>(grad, x, gx, K, cs, st);
+  });
   return finish();
 }
 

@@ -3,7 +3,8 @@
 Two rewrites: the launch syntax, `kernel<<<grid, block, smem, stream>>>(`
 becomes `aoq_emu::launch(kernel, grid, block, smem, stream)(`, and each
 `__shared__` declaration becomes a function static the emulator poisons
-before every block.  Every other line is compiled as written, by the host
+before every block (`extern __shared__`, the dynamic shared memory: a
+pointer to the launch's buffer, poisoned too).  Every other line is compiled as written, by the host
 C++ compiler with contraction off (the CUDA build uses --fmad=false),
 against the emulated runtime.  Libraries
 are cached under build/cuda_emu/ by a hash of the sources and the command.
@@ -21,13 +22,18 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 OUT = os.path.join(ROOT, "build", "cuda_emu")
 
 LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[^<>;{}]*>)?)\s*<<<(.*?)>>>\s*\(", re.S)
+DYN_SHARED = re.compile(r"extern\s+__shared__\s+([A-Za-z_]\w*)\s+([A-Za-z_]\w*)\s*\[\s*\]\s*;")
 SHARED = re.compile(r"__shared__\s+([A-Za-z_][\w:<>, ]*?)\s+([A-Za-z_]\w*)\s*(\[[^;\]]*\])?\s*;")
 
 
 def rewrite_shared(src):
     """`__shared__ T name[N];` -> a function static registered with the
     emulator, which fills it with a poison pattern before every block (on a
-    GPU, shared memory starts undefined)."""
+    GPU, shared memory starts undefined).  `extern __shared__ T name[];` (the
+    launch's dynamic shared memory) -> a pointer to the emulator's buffer of
+    the launch's size, poisoned the same way."""
+    src = DYN_SHARED.sub(lambda m: "%s *%s = (%s *)aoq_emu::dyn_shared();" % (m.group(1), m.group(2), m.group(1)),
+                         src)
     return SHARED.subn(lambda m: "static %s %s%s; static aoq_emu::SharedReg aoq_emu_reg_%s(&%s, sizeof(%s));"
                        % (m.group(1), m.group(2), m.group(3) or "", m.group(2), m.group(2), m.group(2)),
                        src)

@@ -16,7 +16,10 @@
 // block, or lanes of one warp at different shuffle counts are reported as
 // launch errors (the GPU would hang or give undefined results there).
 // __shared__ variables are function statics (one block at a time uses them),
-// poisoned before every block.
+// poisoned before every block; a launch's dynamic shared memory is a buffer of
+// exactly its size (an AddressSanitizer build reports accesses past it),
+// poisoned the same way, and over 48 KiB only for a kernel allowed more by
+// cudaFuncSetAttribute, up to the emulated device's limit (aoq_emu_set_smem).
 // A 16-byte vector access (uint4) or 8-byte one (uint2) at an address not
 // aligned to its size is a launch error, as it is a fault on the GPU.
 //
@@ -36,6 +39,7 @@
 #include <math.h>
 #include <ucontext.h>
 
+#include <map>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -50,6 +54,11 @@
 
 typedef int cudaError_t;
 typedef void *cudaStream_t;
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+enum cudaDeviceAttr {
+  cudaDevAttrMaxSharedMemoryPerMultiprocessor = 81,
+  cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
+};
 enum {
   cudaSuccess = 0,
   cudaErrorInvalidValue = 1,
@@ -73,6 +82,24 @@ inline int &ndev() {
 inline int &cur_device() {
   static int d = 0;
   return d;
+}
+// shared memory of the emulated devices (bytes): a block's opt-in limit and
+// an SM's total (an H100's by default)
+struct SmemLimits {
+  int optin = 232448, per_sm = 233472;
+};
+inline SmemLimits &smem_limits() {
+  static SmemLimits l;
+  return l;
+}
+// dynamic shared memory each kernel is allowed (cudaFuncSetAttribute)
+inline std::map<const void *, int> &func_smem() {
+  static std::map<const void *, int> m;
+  return m;
+}
+inline size_t &last_smem() {
+  static size_t n = 0;
+  return n;
 }
 inline cudaError_t &pending_error() {
   static cudaError_t e = cudaSuccess;
@@ -116,6 +143,8 @@ struct Block {
   jmp_buf sched;
   void (*body)(void *) = nullptr;
   void *body_arg = nullptr;
+  unsigned char *dyn = nullptr;  // the launch's dynamic shared memory
+  size_t dyn_size = 0;
 };
 inline Block &blk() {
   static Block b;
@@ -178,6 +207,9 @@ struct SharedReg {
     shared_regions().push_back(SharedRegion{p, n});
   }
 };
+
+// what `extern __shared__ T name[];` becomes (build.py)
+inline void *dyn_shared() { return blk().dyn; }
 
 inline void yield_to_scheduler() {
   Block &b = blk();
@@ -245,6 +277,7 @@ inline void run_block() {
     f.warp_syncs = f.block_syncs = 0;
   }
   for (const SharedRegion &r : shared_regions()) memset(r.p, 0xff, r.n);
+  if (b.dyn) memset(b.dyn, 0xff, b.dyn_size);
   unsigned live = n;
   std::vector<unsigned> order(n);
   for (unsigned i = 0; i < n; i++) order[i] = sched_order() == 1 ? n - 1 - i : i;
@@ -323,6 +356,7 @@ template <typename... P>
 struct Launch {
   void (*kernel)(P...);
   unsigned grid, block;
+  size_t smem;
   template <typename... A>
   void operator()(A... a) {
     if (pending_error() != cudaSuccess) return;
@@ -330,6 +364,12 @@ struct Launch {
       fail(cudaErrorInvalidConfiguration, "invalid launch configuration", grid, block);
       return;
     }
+    const auto allowed = func_smem().find(reinterpret_cast<const void *>(kernel));
+    if (smem > (size_t)(allowed == func_smem().end() ? 48 * 1024 : allowed->second)) {
+      fail(cudaErrorInvalidValue, "dynamic shared memory over the kernel's limit", grid, block);
+      return;
+    }
+    last_smem() = smem;
     Block &b = blk();
     b.nthreads = block;
     if (b.f.size() < block) b.f.resize(block);
@@ -344,16 +384,26 @@ struct Launch {
     std::pair<void (*)(P...), std::tuple<A...>> closure(kernel, std::tuple<A...>(a...));
     b.body = tuple_call;
     b.body_arg = &closure;
+    void *dyn = nullptr;
+    if (smem && posix_memalign(&dyn, 16, smem)) {
+      fail(cudaErrorInvalidValue, "no host memory for the dynamic shared memory", grid, block);
+      return;
+    }
+    b.dyn = static_cast<unsigned char *>(dyn);
+    b.dyn_size = smem;
     for (unsigned x = 0; x < grid && pending_error() == cudaSuccess; x++) {
       b.bid = dim3{x, 0, 0};
       run_block();
     }
+    free(dyn);
+    b.dyn = nullptr;
+    b.dyn_size = 0;
   }
 };
 
 template <typename... P>
-Launch<P...> launch(void (*k)(P...), unsigned grid, unsigned block, size_t, cudaStream_t) {
-  return Launch<P...>{k, grid, block};
+Launch<P...> launch(void (*k)(P...), unsigned grid, unsigned block, size_t smem, cudaStream_t) {
+  return Launch<P...>{k, grid, block, smem};
 }
 
 inline void check_align(const void *p, unsigned a) {
@@ -427,6 +477,21 @@ inline cudaError_t cudaSetDevice(int d) {
   aoq_emu::cur_device() = d;
   return cudaSuccess;
 }
+inline cudaError_t cudaDeviceGetAttribute(int *v, cudaDeviceAttr attr, int d) {
+  if (d < 0 || d >= aoq_emu::ndev()) return cudaErrorInvalidDevice;
+  switch (attr) {
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *v = aoq_emu::smem_limits().optin; return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerMultiprocessor: *v = aoq_emu::smem_limits().per_sm; return cudaSuccess;
+  }
+  return cudaErrorInvalidValue;
+}
+template <typename F>
+cudaError_t cudaFuncSetAttribute(F *kernel, cudaFuncAttribute attr, int value) {
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 || value > aoq_emu::smem_limits().optin)
+    return cudaErrorInvalidValue;
+  aoq_emu::func_smem()[reinterpret_cast<const void *>(kernel)] = value;
+  return cudaSuccess;
+}
 inline cudaError_t cudaGetLastError() {
   cudaError_t e = aoq_emu::pending_error();
   aoq_emu::pending_error() = cudaSuccess;
@@ -445,5 +510,13 @@ inline const char *cudaGetErrorString(cudaError_t e) {
 extern "C" void aoq_emu_set_devices(int n) { aoq_emu::ndev() = n; }
 extern "C" int aoq_emu_get_device(void) { return aoq_emu::cur_device(); }
 extern "C" void aoq_emu_set_order(int o) { aoq_emu::sched_order() = o; }
+// the emulated devices' shared memory (bytes per block with opt-in, per SM);
+// the kernels' allowances set so far are forgotten
+extern "C" void aoq_emu_set_smem(int optin, int per_sm) {
+  aoq_emu::smem_limits() = aoq_emu::SmemLimits{optin, per_sm};
+  aoq_emu::func_smem().clear();
+}
+// dynamic shared memory of the last launch (bytes)
+extern "C" size_t aoq_emu_last_smem(void) { return aoq_emu::last_smem(); }
 
 #endif

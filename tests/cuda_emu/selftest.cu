@@ -8,6 +8,8 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#define DYN_BYTES 65536
+
 namespace {
 
 // out[b * 4 + 0..3]: shfl_xor max, shfl_down sum tree (lane 0), shfl broadcast
@@ -75,6 +77,18 @@ __global__ void stale_shared_kernel(float *out) {
   out[blockIdx.x * blockDim.x + threadIdx.x] = sh[threadIdx.x];
 }
 
+// dynamic shared memory: out[t] = thread t+1's write (after the barrier);
+// thread 0 also reads its last float, never written (out[blockDim.x]), and,
+// with `past`, the float after it, outside the buffer
+__global__ void dyn_shared_kernel(float *out, int past) {
+  extern __shared__ float dsh[];
+  const unsigned n = DYN_BYTES / 4;
+  dsh[threadIdx.x] = (float)(threadIdx.x + 1);
+  __syncthreads();
+  out[threadIdx.x] = dsh[(threadIdx.x + 1) % blockDim.x];
+  if (threadIdx.x == 0) out[blockDim.x] = dsh[n - 1 + past];
+}
+
 }  // namespace
 
 extern "C" int emu_selftest(int which, void *a, void *b, unsigned grid, unsigned block) {
@@ -87,6 +101,16 @@ extern "C" int emu_selftest(int which, void *a, void *b, unsigned grid, unsigned
     case 5: race_kernel<<<grid, block, 0, 0>>>((float *)a); break;
     case 6: oob_kernel<<<grid, block, 0, 0>>>((float *)a); break;
     case 7: stale_shared_kernel<<<grid, block, 0, 0>>>((float *)a); break;
+    // 64 KiB of dynamic shared memory: without the kernel's allowance (8), a
+    // launch error; with it (9); with it, and one float read past the end (10)
+    case 8: dyn_shared_kernel<<<grid, block, DYN_BYTES, 0>>>((float *)a, 0); break;
+    case 9:
+    case 10:
+      if (cudaFuncSetAttribute(dyn_shared_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, DYN_BYTES) !=
+          cudaSuccess)
+        return -2;
+      dyn_shared_kernel<<<grid, block, DYN_BYTES, 0>>>((float *)a, which == 10);
+      break;
     default: return -1;
   }
   return (int)cudaGetLastError();

@@ -55,11 +55,15 @@ def timeit(fn, device, reps, warmup=2):
 def unstaged(fn):
     """fn run with the CUDA fp8 kernels' shared-memory staging turned off"""
     def run():
+        before = os.environ.get("AOQ_CUDA_STAGE")
         os.environ["AOQ_CUDA_STAGE"] = "0"
         try:
             return fn()
         finally:
-            del os.environ["AOQ_CUDA_STAGE"]
+            if before is None:
+                del os.environ["AOQ_CUDA_STAGE"]
+            else:
+                os.environ["AOQ_CUDA_STAGE"] = before
     return run
 
 

@@ -448,6 +448,19 @@ static PyObject *py_built_with_cuda(PyObject *self, PyObject *args) {
 #endif
 }
 
+/* cuda_last_stage_bytes() -> int: the shared memory (bytes) the last CUDA
+ * fake-quant kernel launched staged its row in (0: unstaged; -1: none yet);
+ * None without the CUDA kernels.  For the GPU tests. */
+static PyObject *py_cuda_last_stage_bytes(PyObject *self, PyObject *args) {
+  (void)self;
+  (void)args;
+#ifdef AOQ_WITH_CUDA
+  return PyLong_FromLongLong((long long)aoq_cuda_last_stage_bytes());
+#else
+  Py_RETURN_NONE;
+#endif
+}
+
 /* set_torch_sum(vw, half_ok): the running torch's CPU sum order (ops.py probes it) */
 static PyObject *py_set_torch_sum(PyObject *self, PyObject *args) {
   (void)self;
@@ -482,6 +495,8 @@ static PyObject *py_torch_sum(PyObject *self, PyObject *args) {
 
 static PyMethodDef base_methods[] = {
     {"built_with_cuda", py_built_with_cuda, METH_NOARGS, "True if the CUDA kernels were built."},
+    {"cuda_last_stage_bytes", py_cuda_last_stage_bytes, METH_NOARGS,
+     "Shared memory the last CUDA fake-quant kernel staged its row in (tests)."},
     {"set_torch_sum", py_set_torch_sum, METH_VARARGS, "Set the CPU sum order of torchao mode."},
     {"torch_sum", py_torch_sum, METH_VARARGS, "One sum in torch's CPU order (probe)."},
     {NULL, NULL, 0, NULL},

@@ -8,6 +8,8 @@ the GPU kernel follows the GPU rule and is compared bit for bit with the CPU
 kernel run under the same rule (div_mode=1) and with torchao on the GPU.  AWQ
 modes use true division everywhere and match the default CPU kernel exactly.
 """
+import os
+
 import pytest
 import torch
 
@@ -22,6 +24,17 @@ pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and _C.built_with
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 SCH = {"fp8_int4": 0, "int4_asym": 1}
+
+
+def staged(nbytes, dev=0):
+    """The shared memory an fp8 kernel should stage `nbytes` of row data in on
+    this GPU: all of it where it fits with two blocks per SM (2 KiB of slack
+    per block), else none (fq_cuda.cu's choose()); none under AOQ_CUDA_STAGE=0."""
+    if os.environ.get("AOQ_CUDA_STAGE", "").startswith("0"):
+        return 0
+    p = torch.cuda.get_device_properties(dev)
+    optin, per_sm = p.shared_memory_per_block_optin, p.shared_memory_per_multiprocessor
+    return nbytes if nbytes + 2048 <= optin and 2 * (nbytes + 2048) <= per_sm else 0
 
 
 def cpu_fwd(w, g, scheme, mode):
@@ -48,9 +61,12 @@ def test_gpu_forward_and_grad_equal_cpu(scheme, mode, dtype, g):
     for i, (n, k) in enumerate([(1, 256), (9, 512), (64, 1024), (33, 2048)]):
         w = make_weight(n, k, dtype, g, seed=i).cuda()
         out = OPS[scheme](w, g, mode=mode)
+        fp8 = scheme == "fp8_int4"
+        assert _C.cuda_last_stage_bytes() == (staged(k * w.element_size()) if fp8 else 0)
         assert_bits_equal(out.cpu(), cpu_fwd(w, g, scheme, mode), f"gpu vs cpu {scheme} {mode}")
         gout = (torch.randn(n, k, generator=torch.Generator().manual_seed(i)) * 1e3).to(dtype).cuda()
         gw = gpu_grad(lambda t: OPS[scheme](t, g, mode=mode), w, gout)
+        assert _C.cuda_last_stage_bytes() == (staged(2 * k * w.element_size()) if fp8 else 0)
         assert_bits_equal(gw.cpu(), cpu_bwd(gout, w, g, scheme, mode), f"grad gpu vs cpu {scheme} {mode}")
         codes, scales, zeros = aq.quantize_int4(w, g, scheme=scheme, mode=mode) if not (
             dtype == torch.float16 and scheme == "fp8_int4") else (None, None, None)
@@ -79,6 +95,8 @@ def test_gpu_matches_torchao_on_gpu(scheme, dtype):
 def test_gpu_large_8192x28672(scheme):
     w = (torch.randn(8192, 28672, device="cuda") * 0.02).to(torch.bfloat16)
     out = OPS[scheme](w, 128)
+    if scheme == "fp8_int4":  # a 57344-byte row: staged wherever sm_80/sm_90 allow 2 blocks per SM
+        assert _C.cuda_last_stage_bytes() == 57344 == staged(57344)
     assert_bits_equal(out, torchao_fq(w, 128, scheme), f"8192x28672 {scheme}")
     gout = torch.randn_like(w) * 1e3
     ours = gpu_grad(lambda t: OPS[scheme](t, 128), w, gout)
@@ -127,6 +145,46 @@ def test_gpu_unstaged(mode, monkeypatch):
         test_gpu_fp8_row_tail(torch.float16)
 
 
+NEAR_48K = """
+import torch, ao_awq_export as aq
+from ao_awq_export import _C
+from tests.test_cuda import staged
+from tests.test_fake_quant import assert_bits_equal, make_weight
+st = aq.ops.CLAMP_STRICT
+for k in (24192, 24576):   # forward: 48384 and 49152 bytes of bf16 row
+    w = make_weight(4, k, torch.bfloat16, 128, seed=1)
+    out = torch.ops.ao_awq.fq_weight(w.cuda(), 128, 0, False, False, 1)
+    assert _C.cuda_last_stage_bytes() == staged(2 * k), _C.cuda_last_stage_bytes()
+    assert_bits_equal(out.cpu(), torch.ops.ao_awq.fq_weight(w, 128, 0, False, False, 1), f"fwd {k}")
+    out = torch.ops.ao_awq.fp8_rows(w.cuda(), False, 1)
+    assert _C.cuda_last_stage_bytes() == staged(2 * k)
+    assert_bits_equal(out.cpu(), torch.ops.ao_awq.fp8_rows(w, False, 1), f"rows {k}")
+for k in (12096, 12288):   # backward: 2 x 12288 bf16 = 48 KiB, the hidden size of many models
+    w = make_weight(4, k, torch.bfloat16, 64, seed=2)
+    gout = (torch.randn(4, k) * 1e3).to(torch.bfloat16)
+    gw = torch.ops.ao_awq.fq_weight_backward(gout.cuda(), w.cuda(), 64, 0, False, st, 1)
+    assert _C.cuda_last_stage_bytes() == staged(4 * k)
+    assert_bits_equal(gw.cpu(), torch.ops.ao_awq.fq_weight_backward(gout, w, 64, 0, False, st, 1), f"bwd {k}")
+    gx = torch.ops.ao_awq.fp8_rows_backward(gout.cuda(), w.cuda(), st, 1)
+    assert _C.cuda_last_stage_bytes() == staged(4 * k)
+    assert_bits_equal(gx.cpu(), torch.ops.ao_awq.fp8_rows_backward(gout, w, st, 1), f"rows bwd {k}")
+print("ok")
+"""
+
+
+def test_gpu_staged_rows_just_under_48k():
+    """Rows whose staged bytes are at or just under 48 KiB, each the first
+    launch of its kernel in a fresh process: the 48 KiB default counts the
+    kernels' static shared memory too, so these launches need the allowance
+    the launchers set (without it: 'invalid argument')."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", NEAR_48K], cwd=root, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", "")))
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+
+
 def test_gpu_pack():
     c = torch.randint(0, 16, (4096, 512), dtype=torch.uint8)
     assert torch.equal(aq.pack_awq(c.cuda()).cpu(), aq.pack_awq(c))
@@ -151,6 +209,7 @@ def test_non_default_stream_and_graph_capture():
         static_out = aq.fake_quant_fp8_int4(static_w, 128)
         static_long_out = aq.fake_quant_fp8_int4(static_long, 128)
         static_gw = torch.ops.ao_awq.fq_weight_backward(gout, static_long, 128, 0, False, aq.ops.CLAMP_STRICT, 1)
+    assert _C.cuda_last_stage_bytes() == staged(2 * 28672 * 2)  # 112 KiB: staged on an H100/H200
     static_w.copy_(make_weight(256, 1024, torch.bfloat16, 128, seed=10).cuda())
     static_long.copy_(make_weight(16, 28672, torch.bfloat16, 128, seed=12).cuda())
     g.replay()

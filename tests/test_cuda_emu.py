@@ -51,6 +51,7 @@ def setup_lib(lib):
     lib.aoq_emu_set_smem.argtypes = [I, I]
     lib.aoq_emu_set_smem(*EMU_SMEM)
     lib.aoq_emu_last_smem.restype = ctypes.c_size_t
+    lib.aoq_cuda_last_stage_bytes.restype = ctypes.c_int64
     return lib
 
 
@@ -126,12 +127,41 @@ def test_emulated_unroll_variants(unroll):
     """The groups-in-flight knobs (AOQ_U forward, AOQ_UB backward; 4 and 2 by
     default) change the loop structure, never the results."""
     lib = build(os.environ.get("AOQ_EMU_CU") or os.path.join(ROOT, "csrc", "kernels", "fq_cuda.cu"),
-                (f"-DAOQ_U={unroll[0]}", f"-DAOQ_UB={unroll[1]}"))
+                (f"-DAOQ_U={unroll[0]}", f"-DAOQ_UB={unroll[1]}", f"-DAOQ_UBS={unroll[1]}"))
     setup_lib(lib)
+    if unroll == (1, 1):
+        first_launches_just_under_48k(lib)
     for scheme in SCH:
         for mode in ("torchao", "awq"):
             compare_with_cpu(lib, scheme, mode, torch.bfloat16, 64)
             compare_with_cpu(lib, scheme, mode, torch.float32, 256)
+
+
+def first_launches_just_under_48k(lib):
+    """Staged rows of 48384 bytes, each the first launch of its kernel in a
+    fresh library: under 48 KiB, but not with the kernel's static shared
+    memory on top, so the launchers must have allowed more (on a GPU such a
+    launch fails with 'invalid argument'; the emulator takes 1 KiB as static)."""
+    for fp8_rows, k in ((False, 24192), (True, 24192)):  # forwards: 24192 bf16
+        x = make_weight(2, k, torch.bfloat16, 128, seed=5)
+        out = torch.empty_like(x)
+        if fp8_rows:
+            check(lib, lib.aoq_cuda_fp8_rows_fwd(ptr(x), ptr(out), 2, k, DT[x.dtype], 1, 0, None))
+            assert_bits_equal(out, torch.ops.ao_awq.fp8_rows(x, False, 1), "rows 48384 bytes")
+        else:
+            out = emu_fwd(lib, x, 128, "fp8_int4", 0, 1, outputs=False)[0]
+            assert_bits_equal(out, torch.ops.ao_awq.fq_weight(x, 128, 0, False, False, 1), "fwd 48384 bytes")
+        assert lib.aoq_emu_last_smem() == 48384
+    k = 12096  # backwards: 2 x 12096 bf16
+    x = make_weight(2, k, torch.bfloat16, 64, seed=6)
+    gout = (torch.randn(2, k, generator=torch.Generator().manual_seed(6)) * 1e3).to(torch.bfloat16)
+    assert_bits_equal(emu_bwd(lib, gout, x, 64, "fp8_int4", 0, 1, 1),
+                      torch.ops.ao_awq.fq_weight_backward(gout, x, 64, 0, False, True, 1), "bwd 48384 bytes")
+    assert lib.aoq_emu_last_smem() == 48384
+    gx = torch.empty_like(x)
+    check(lib, lib.aoq_cuda_fp8_rows_bwd(ptr(gout), ptr(x), ptr(gx), 2, k, DT[x.dtype], 1, 1, 0, None))
+    assert_bits_equal(gx, torch.ops.ao_awq.fp8_rows_backward(gout, x, True, 1), "rows bwd 48384 bytes")
+    assert lib.aoq_emu_last_smem() == 48384
 
 
 def compare_with_cpu(lib, scheme, mode, dtype, g, limits=EMU_SMEM):
@@ -147,6 +177,7 @@ def compare_with_cpu(lib, scheme, mode, dtype, g, limits=EMU_SMEM):
         out, codes, scales, zeros = emu_fwd(lib, w, g, scheme, awq, cs)
         what = f"{scheme} {mode} {dtype} g{g} {n}x{k}"
         assert lib.aoq_emu_last_smem() == (staged_bytes(k * w.element_size(), limits) if fp8 else 0), what
+        assert lib.aoq_cuda_last_stage_bytes() == lib.aoq_emu_last_smem()  # what the launcher reports
         assert_bits_equal(out, torch.ops.ao_awq.fq_weight(w, g, SCH[scheme], bool(awq), False, cs), what)
         c2, s2, z2 = torch.ops.ao_awq.quantize(w, g, SCH[scheme], bool(awq), cs)
         assert torch.equal(codes, c2), what + " codes"
@@ -296,11 +327,18 @@ def test_emulated_no_race_thread_order(lib, scheme, dtype):
     gx = (x * 7).to(dtype)
     codes = torch.randint(0, 16, (64, 24), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
 
+    smem = []
+
     def run_all():
-        res = list(emu_fwd(lib, w, g, scheme, 0, 1)) + [emu_bwd(lib, gout, w, g, scheme, 1, 0, 1)]
+        res = list(emu_fwd(lib, w, g, scheme, 0, 1))
+        smem.append(lib.aoq_emu_last_smem())
+        res.append(emu_bwd(lib, gout, w, g, scheme, 1, 0, 1))
+        smem.append(lib.aoq_emu_last_smem())
         rows, grows, packed = torch.empty_like(x), torch.empty_like(x), torch.empty(24, 8, dtype=torch.int32)
         check(lib, lib.aoq_cuda_fp8_rows_fwd(ptr(x), ptr(rows), 4, 700, DT[dtype], 1, 0, None))
+        smem.append(lib.aoq_emu_last_smem())
         check(lib, lib.aoq_cuda_fp8_rows_bwd(ptr(gx), ptr(x), ptr(grows), 4, 700, DT[dtype], 1, 1, 0, None))
+        smem.append(lib.aoq_emu_last_smem())
         check(lib, lib.aoq_cuda_pack_awq(ptr(codes), ptr(packed), 64, 24, 0, None))
         return res + [rows, grows, packed]
 
@@ -308,7 +346,11 @@ def test_emulated_no_race_thread_order(lib, scheme, dtype):
         for stage in ("1", "0"):  # the fp8 kernels staged in shared memory, and not
             os.environ["AOQ_CUDA_STAGE"] = stage
             lib.aoq_emu_set_order(0)
+            smem.clear()
             base = run_all()
+            es = w.element_size() * (stage == "1")  # fwd, bwd of the weight; fwd, bwd of x
+            assert smem == [17 * g * es * (scheme == "fp8_int4"), 2 * 17 * g * es * (scheme == "fp8_int4"),
+                            700 * es, 2 * 700 * es]
             for order in (1, 2, 2):
                 lib.aoq_emu_set_order(order)
                 for a, b in zip(run_all(), base):
@@ -428,14 +470,13 @@ def test_emulator_poisons_shared_memory(selftest):
 
 
 def test_emulator_dynamic_shared_memory(selftest):
-    """A launch's dynamic shared memory: over 48 KiB only for a kernel given
-    the allowance (cudaFuncSetAttribute), shared by the block, and poisoned
-    where the block never wrote."""
-    selftest.aoq_emu_set_smem.argtypes = [I, I]
-    selftest.aoq_emu_set_smem(*EMU_SMEM)  # forgets earlier allowances
+    """A launch's dynamic shared memory: with the static part, over 48 KiB
+    only for a kernel given the allowance (cudaFuncSetAttribute); shared by
+    the block, and poisoned where the block never wrote."""
     out = torch.zeros(129)
-    rc = selftest.emu_selftest(8, ptr(out), None, 2, 128)
-    assert rc != 0 and "over the kernel's limit" in selftest.emu_selftest_error(rc).decode()
+    for which in (8, 11):  # 64 KiB; 512 bytes under 48 KiB (static shared memory on top)
+        rc = selftest.emu_selftest(which, ptr(out), None, 2, 128)
+        assert rc != 0 and "over the kernel's limit" in selftest.emu_selftest_error(rc).decode()
     assert selftest.emu_selftest(9, ptr(out), None, 2, 128) == 0
     assert torch.equal(out[:128], torch.arange(1.0, 129.0).roll(-1)) and out[128].isnan()
 

@@ -43,6 +43,9 @@ float aoq_cpu_torch_sum(const float *x, int64_t n, int vw, int half);
 #ifdef AOQ_WITH_CUDA
 /* cudaGetErrorString of the last error a launcher on this thread saw. */
 const char *aoq_cuda_last_error(void);
+/* Bytes of shared memory the last fake-quant kernel launched (fq_fwd, fq_bwd,
+ * fp8_rows_*; any thread) staged its row in: 0 when unstaged, -1 before any. */
+int64_t aoq_cuda_last_stage_bytes(void);
 int aoq_cuda_fq_fwd(const void *w, void *out, uint8_t *codes, float *scales, float *zeros,
                     int64_t N, int64_t K, int64_t g, int dt, int scheme, int awq, int cs,
                     int device, void *stream);

@@ -11,6 +11,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include <atomic>
+
 #include "aoq_kernels.h"
 #include "aoq_rows.h"
 
@@ -137,6 +139,9 @@ __device__ __forceinline__ void store_chunk(void *p, int64_t idx, const float *v
 #ifndef AOQ_UB
 #define AOQ_UB 2 /* backward: two tensors per group */
 #endif
+#ifndef AOQ_UBS
+#define AOQ_UBS 4 /* staged fp8 backward: the weight comes from shared memory, */
+#endif            /* and two blocks per SM leave registers for more in flight */
 
 // load groups j0, j0+NW, ..., j0+(U-1)*NW of a row (those below G) in the
 // chunk layout: this lane's E elements of each, all loads issued first
@@ -211,12 +216,12 @@ __global__ void __launch_bounds__(TPB) fq_fwd_kernel(const void *__restrict__ w,
   const int64_t n = blockIdx.x, base = n * K, G = K / g;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   float s_row = 0.f;
-  const void *src = w;  // where the groups are read: the row at sbase
-  int64_t sbase = base;
-  if (scheme == AOQ_SCHEME_FP8_INT4) {
+  // where the groups are read: the row at sbase (known at compile time, so
+  // that the staged reads compile to shared-memory loads)
+  const void *const src = STAGE ? (const void *)stage_mem : w;
+  const int64_t sbase = STAGE ? 0 : base;
+  if (STAGE || scheme == AOQ_SCHEME_FP8_INT4)
     s_row = aoq_fp8_scale_from_amax(row_amax_chunks<DT, E, VEC, STAGE>(w, base, G, sh, stage_mem), DT, cs);
-    if (STAGE) src = stage_mem, sbase = 0;
-  }
   for (int64_t j0 = warp; j0 < G; j0 += AOQ_NW * AOQ_U) {
     float vv[AOQ_U][E];
     load_groups<DT, E, VEC, AOQ_U>(src, sbase, j0, G, vv);
@@ -301,15 +306,13 @@ __global__ void __launch_bounds__(TPB) fp8_int4_bwd_kernel(const void *__restric
   }
   float acc_a = 0.f, acc_b = 0.f;
   int cnt_row = 0;
-  for (int64_t j0 = warp; j0 < G; j0 += AOQ_NW * AOQ_UB) {
-    float xx[AOQ_UB][E], gg[AOQ_UB][E];
-    if (STAGE)
-      load_groups<DT, E, VEC, AOQ_UB>(xs, 0, j0, G, xx);
-    else
-      load_groups<DT, E, VEC, AOQ_UB>(w, base, j0, G, xx);
-    load_groups<DT, E, VEC, AOQ_UB>(grad, base, j0, G, gg);
+  constexpr int UB = STAGE ? AOQ_UBS : AOQ_UB;
+  for (int64_t j0 = warp; j0 < G; j0 += AOQ_NW * UB) {
+    float xx[UB][E], gg[UB][E];
+    load_groups<DT, E, VEC, UB>(STAGE ? (const void *)xs : w, STAGE ? 0 : base, j0, G, xx);
+    load_groups<DT, E, VEC, UB>(grad, base, j0, G, gg);
 #pragma unroll
-    for (int u = 0; u < AOQ_UB; u++) {
+    for (int u = 0; u < UB; u++) {
       const int64_t j = j0 + u * AOQ_NW;
       if (j >= G) break;
       const int64_t idx = base + j * g + lane * E;
@@ -587,29 +590,51 @@ bool aligned16(const void *p) { return ((uintptr_t)p & 15u) == 0; }
 // read of the weight in the forward and three passes over global memory in
 // the backward.  Used when `bytes` of dynamic shared memory per block fit on
 // the device with two blocks per SM; AOQ_CUDA_STAGE=0 in the environment turns
-// it off (the streaming kernels, for comparison).  Any failure here just
-// means no staging.
-template <typename F>
-bool use_stage(F *kernel, int device, size_t bytes) {
+// it off (the streaming kernels, for comparison; read at each launch, so a
+// CUDA graph keeps the kernels chosen when it was captured).  Any failure
+// here just means no staging.
+const size_t stage_slack = 2048;  // per block: the static shared arrays and the runtime's reserve
+
+// Kernel K may use all the dynamic shared memory the device allows (the 48 KiB
+// default counts static and dynamic together): set once per device (the
+// attribute belongs to the current device's context), always to the same
+// value, so that concurrent launchers cannot lower each other's limit.
+template <auto K>
+bool allow_smem(int device, int optin) {
+  static std::atomic<uint64_t> done{0};
+  const uint64_t bit = device >= 0 && device < 64 ? 1ull << device : 0;
+  if (bit && (done.load(std::memory_order_acquire) & bit)) return true;
+  if (cudaFuncSetAttribute(K, cudaFuncAttributeMaxDynamicSharedMemorySize, optin - (int)stage_slack) !=
+      cudaSuccess)
+    return false;
+  done.fetch_or(bit, std::memory_order_release);
+  return true;
+}
+
+// PLAIN, or STAGED with *smem = bytes of dynamic shared memory
+template <auto PLAIN, auto STAGED>
+decltype(PLAIN) choose(bool want_stage, int device, size_t bytes, size_t *smem) {
+  *smem = 0;
   const char *env = getenv("AOQ_CUDA_STAGE");
-  if (env && env[0] == '0') return false;
-  const size_t slack = 2048;  // per block: the static shared arrays and the runtime's reserve
+  if (!want_stage || (env && env[0] == '0')) return PLAIN;
   int optin = 0, per_sm = 0;
   if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess ||
       cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device) != cudaSuccess) {
     cudaGetLastError();
-    return false;
+    return PLAIN;
   }
-  if (bytes + slack > (size_t)optin || 2 * (bytes + slack) > (size_t)per_sm) return false;
-  // above 48 KiB a kernel must be allowed more; always the same value, so
-  // that concurrent launchers cannot lower each other's limit
-  if (bytes > 48 * 1024 &&
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin - (int)slack) != cudaSuccess) {
+  if (bytes + stage_slack > (size_t)optin || 2 * (bytes + stage_slack) > (size_t)per_sm) return PLAIN;
+  if (!allow_smem<STAGED>(device, optin)) {
     cudaGetLastError();
-    return false;
+    return PLAIN;
   }
-  return true;
+  *smem = bytes;
+  return STAGED;
 }
+
+// dynamic shared memory of the last fake-quant kernel launched (any thread),
+// for the tests to see which variant ran
+std::atomic<int64_t> last_stage_bytes{-1};
 
 int finish() {
   cudaError_t e = cudaGetLastError();
@@ -636,6 +661,8 @@ int finish() {
 
 }  // namespace
 
+extern "C" int64_t aoq_cuda_last_stage_bytes(void) { return last_stage_bytes.load(); }
+
 extern "C" const char *aoq_cuda_last_error(void) {
   return last_error == cudaSuccess ? "no CUDA error recorded" : cudaGetErrorString(last_error);
 }
@@ -648,15 +675,16 @@ extern "C" int aoq_cuda_fq_fwd(const void *w, void *out, uint8_t *codes, float *
   if (!guard.ok) return AOQ_ERR_CUDA;
   cudaStream_t strm = (cudaStream_t)stream;
   const bool vec = aligned16(w) && (!out || aligned16(out));
+  const bool fp8 = scheme == AOQ_SCHEME_FP8_INT4;
   AOQ_DISPATCH_DT(dt, AOQ_DISPATCH_E(g, {
-    auto kern = vec ? fq_fwd_kernel<DT, E, true, false> : fq_fwd_kernel<DT, E, false, false>;
     const size_t bytes = (size_t)K * sizeof(typename Elt<DT>::T);
-    size_t smem = 0;
-    if (scheme == AOQ_SCHEME_FP8_INT4) {
-      auto staged = vec ? fq_fwd_kernel<DT, E, true, true> : fq_fwd_kernel<DT, E, false, true>;
-      if (use_stage(staged, device, bytes)) kern = staged, smem = bytes;
-    }
+    size_t smem;
+    auto kern = vec ? choose<fq_fwd_kernel<DT, E, true, false>, fq_fwd_kernel<DT, E, true, true>>(fp8, device, bytes,
+                                                                                                   &smem)
+                    : choose<fq_fwd_kernel<DT, E, false, false>, fq_fwd_kernel<DT, E, false, true>>(fp8, device,
+                                                                                                     bytes, &smem);
     kern<<<(unsigned)N, TPB, smem, strm>>>(w, out, codes, scales, zeros, K, scheme, awq, cs);
+    last_stage_bytes = (int64_t)smem;
   }));
   return finish();
 }
@@ -670,17 +698,21 @@ extern "C" int aoq_cuda_fq_bwd(const void *grad, const void *w, void *gw, int64_
   const bool vec = aligned16(w) && aligned16(grad) && aligned16(gw);
   AOQ_DISPATCH_DT(dt, AOQ_DISPATCH_E(g, {
     if (scheme == AOQ_SCHEME_FP8_INT4) {
-      auto kern = vec ? fp8_int4_bwd_kernel<DT, E, true, false> : fp8_int4_bwd_kernel<DT, E, false, false>;
-      auto staged = vec ? fp8_int4_bwd_kernel<DT, E, true, true> : fp8_int4_bwd_kernel<DT, E, false, true>;
       const size_t bytes = 2 * (size_t)K * sizeof(typename Elt<DT>::T);
-      size_t smem = 0;
-      if (use_stage(staged, device, bytes)) kern = staged, smem = bytes;
+      size_t smem;
+      auto kern =
+          vec ? choose<fp8_int4_bwd_kernel<DT, E, true, false>, fp8_int4_bwd_kernel<DT, E, true, true>>(
+                    true, device, bytes, &smem)
+              : choose<fp8_int4_bwd_kernel<DT, E, false, false>, fp8_int4_bwd_kernel<DT, E, false, true>>(
+                    true, device, bytes, &smem);
       kern<<<(unsigned)N, TPB, smem, strm>>>(grad, w, gw, K, awq, cs, st);
+      last_stage_bytes = (int64_t)smem;
     } else {
       if (vec)
         asym_bwd_kernel<DT, E, true><<<(unsigned)N, TPB, 0, strm>>>(grad, w, gw, K, awq, cs, st);
       else
         asym_bwd_kernel<DT, E, false><<<(unsigned)N, TPB, 0, strm>>>(grad, w, gw, K, awq, cs, st);
+      last_stage_bytes = 0;
     }
   }));
   return finish();
@@ -692,11 +724,11 @@ extern "C" int aoq_cuda_fp8_rows_fwd(const void *x, void *out, int64_t R, int64_
   DeviceGuard guard(device);
   if (!guard.ok) return AOQ_ERR_CUDA;
   AOQ_DISPATCH_DT(dt, {
-    auto kern = fp8_rows_fwd_kernel<DT, false>;
-    const size_t bytes = (size_t)K * sizeof(typename Elt<DT>::T);
-    size_t smem = 0;
-    if (use_stage(fp8_rows_fwd_kernel<DT, true>, device, bytes)) kern = fp8_rows_fwd_kernel<DT, true>, smem = bytes;
+    size_t smem;
+    auto kern = choose<fp8_rows_fwd_kernel<DT, false>, fp8_rows_fwd_kernel<DT, true>>(
+        true, device, (size_t)K * sizeof(typename Elt<DT>::T), &smem);
     kern<<<(unsigned)R, TPB, smem, (cudaStream_t)stream>>>(x, out, K, cs);
+    last_stage_bytes = (int64_t)smem;
   });
   return finish();
 }
@@ -707,11 +739,11 @@ extern "C" int aoq_cuda_fp8_rows_bwd(const void *grad, const void *x, void *gx, 
   DeviceGuard guard(device);
   if (!guard.ok) return AOQ_ERR_CUDA;
   AOQ_DISPATCH_DT(dt, {
-    auto kern = fp8_rows_bwd_kernel<DT, false>;
-    const size_t bytes = 2 * (size_t)K * sizeof(typename Elt<DT>::T);
-    size_t smem = 0;
-    if (use_stage(fp8_rows_bwd_kernel<DT, true>, device, bytes)) kern = fp8_rows_bwd_kernel<DT, true>, smem = bytes;
+    size_t smem;
+    auto kern = choose<fp8_rows_bwd_kernel<DT, false>, fp8_rows_bwd_kernel<DT, true>>(
+        true, device, 2 * (size_t)K * sizeof(typename Elt<DT>::T), &smem);
     kern<<<(unsigned)R, TPB, smem, (cudaStream_t)stream>>>(grad, x, gx, K, cs, st);
+    last_stage_bytes = (int64_t)smem;
   });
   return finish();
 }

@@ -18,8 +18,11 @@
 // __shared__ variables are function statics (one block at a time uses them),
 // poisoned before every block; a launch's dynamic shared memory is a buffer of
 // exactly its size (an AddressSanitizer build reports accesses past it),
-// poisoned the same way, and over 48 KiB only for a kernel allowed more by
-// cudaFuncSetAttribute, up to the emulated device's limit (aoq_emu_set_smem).
+// poisoned the same way.  As on a GPU, static and dynamic shared memory
+// together may not pass 48 KiB unless cudaFuncSetAttribute allowed the kernel
+// more, up to the emulated device's limit (aoq_emu_set_smem); every kernel is
+// taken to have AOQ_EMU_STATIC_SMEM bytes of static shared memory (more
+// than ours have), so a launch policy that forgets the static part fails.
 // A 16-byte vector access (uint4) or 8-byte one (uint2) at an address not
 // aligned to its size is a launch error, as it is a fault on the GPU.
 //
@@ -92,6 +95,9 @@ inline SmemLimits &smem_limits() {
   static SmemLimits l;
   return l;
 }
+#ifndef AOQ_EMU_STATIC_SMEM
+#define AOQ_EMU_STATIC_SMEM 1024
+#endif
 // dynamic shared memory each kernel is allowed (cudaFuncSetAttribute)
 inline std::map<const void *, int> &func_smem() {
   static std::map<const void *, int> m;
@@ -365,7 +371,7 @@ struct Launch {
       return;
     }
     const auto allowed = func_smem().find(reinterpret_cast<const void *>(kernel));
-    if (smem > (size_t)(allowed == func_smem().end() ? 48 * 1024 : allowed->second)) {
+    if (smem > (allowed == func_smem().end() ? 48 * 1024 - AOQ_EMU_STATIC_SMEM : (size_t)allowed->second)) {
       fail(cudaErrorInvalidValue, "dynamic shared memory over the kernel's limit", grid, block);
       return;
     }
@@ -487,7 +493,8 @@ inline cudaError_t cudaDeviceGetAttribute(int *v, cudaDeviceAttr attr, int d) {
 }
 template <typename F>
 cudaError_t cudaFuncSetAttribute(F *kernel, cudaFuncAttribute attr, int value) {
-  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 || value > aoq_emu::smem_limits().optin)
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 ||
+      value + AOQ_EMU_STATIC_SMEM > aoq_emu::smem_limits().optin)
     return cudaErrorInvalidValue;
   aoq_emu::func_smem()[reinterpret_cast<const void *>(kernel)] = value;
   return cudaSuccess;
@@ -511,10 +518,9 @@ extern "C" void aoq_emu_set_devices(int n) { aoq_emu::ndev() = n; }
 extern "C" int aoq_emu_get_device(void) { return aoq_emu::cur_device(); }
 extern "C" void aoq_emu_set_order(int o) { aoq_emu::sched_order() = o; }
 // the emulated devices' shared memory (bytes per block with opt-in, per SM);
-// the kernels' allowances set so far are forgotten
+// allowances given to kernels before stay (the launchers set them once)
 extern "C" void aoq_emu_set_smem(int optin, int per_sm) {
   aoq_emu::smem_limits() = aoq_emu::SmemLimits{optin, per_sm};
-  aoq_emu::func_smem().clear();
 }
 // dynamic shared memory of the last launch (bytes)
 extern "C" size_t aoq_emu_last_smem(void) { return aoq_emu::last_smem(); }

@@ -77,12 +77,13 @@ __global__ void stale_shared_kernel(float *out) {
   out[blockIdx.x * blockDim.x + threadIdx.x] = sh[threadIdx.x];
 }
 
-// dynamic shared memory: out[t] = thread t+1's write (after the barrier);
-// thread 0 also reads its last float, never written (out[blockDim.x]), and,
-// with `past`, the float after it, outside the buffer
-__global__ void dyn_shared_kernel(float *out, int past) {
+// dynamic shared memory of n floats: out[t] = thread t+1's write (after the
+// barrier); thread 0 also reads the last float, never written
+// (out[blockDim.x]), and, with `past`, the float after it, outside the buffer.
+// TAG: distinct kernels, for distinct cudaFuncSetAttribute allowances.
+template <int TAG>
+__global__ void dyn_shared_kernel(float *out, unsigned n, int past) {
   extern __shared__ float dsh[];
-  const unsigned n = DYN_BYTES / 4;
   dsh[threadIdx.x] = (float)(threadIdx.x + 1);
   __syncthreads();
   out[threadIdx.x] = dsh[(threadIdx.x + 1) % blockDim.x];
@@ -103,14 +104,17 @@ extern "C" int emu_selftest(int which, void *a, void *b, unsigned grid, unsigned
     case 7: stale_shared_kernel<<<grid, block, 0, 0>>>((float *)a); break;
     // 64 KiB of dynamic shared memory: without the kernel's allowance (8), a
     // launch error; with it (9); with it, and one float read past the end (10)
-    case 8: dyn_shared_kernel<<<grid, block, DYN_BYTES, 0>>>((float *)a, 0); break;
+    case 8: dyn_shared_kernel<0><<<grid, block, DYN_BYTES, 0>>>((float *)a, DYN_BYTES / 4, 0); break;
     case 9:
     case 10:
-      if (cudaFuncSetAttribute(dyn_shared_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, DYN_BYTES) !=
+      if (cudaFuncSetAttribute(dyn_shared_kernel<0>, cudaFuncAttributeMaxDynamicSharedMemorySize, DYN_BYTES) !=
           cudaSuccess)
         return -2;
-      dyn_shared_kernel<<<grid, block, DYN_BYTES, 0>>>((float *)a, which == 10);
+      dyn_shared_kernel<0><<<grid, block, DYN_BYTES, 0>>>((float *)a, DYN_BYTES / 4, which == 10);
       break;
+    // 512 bytes under 48 KiB, no allowance: the static shared memory (taken
+    // as 1 KiB by the emulator) makes it too much, as on a GPU
+    case 11: dyn_shared_kernel<1><<<grid, block, 48 * 1024 - 512, 0>>>((float *)a, (48 * 1024 - 512) / 4, 0); break;
     default: return -1;
   }
   return (int)cudaGetLastError();

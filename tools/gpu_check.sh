@@ -1,10 +1,18 @@
 #!/usr/bin/env bash
-# One full GPU check, for a session lent a GPU (device tool) or any CUDA box:
-# build with CUDA kernels in place, run the GPU tests, compute-sanitizer
-# (memcheck, racecheck) on a GPU test subset, then the benchmarks (default
-# build, then AOQ_U=1/AOQ_UB=1 for comparison), then the CPU op tests under
-# the box's torch: in order of need, so a run cut short by the device
-# budget loses the least.
+# The GPU check, for a session lent a GPU (device tool) or any CUDA box:
+#
+#   bash tools/gpu_check.sh [PHASE ...]      (default: all of them, in this order)
+#
+#   test      build with CUDA kernels in place (skipped if built), GPU tests
+#   sanitize  compute-sanitizer memcheck and racecheck on a GPU test subset
+#   bench     the benchmark (staged and unstaged fp8 rows side by side)
+#   extra     a rebuild with one group per warp in flight (AOQ_U/UB/UBS=1),
+#             benchmarked for the unroll's effect, then the CPU op tests
+#             under the box's torch (the default build is restored after)
+#
+# In order of need, so a run cut short by the device budget loses the least;
+# the phases can also be run as separate commands (the device tool allows 10
+# minutes per command; each phase prints its wall time).  Outputs go to $OUT.
 # Wheels of missing packages (torchao) may sit in .whl/ (see README).
 set -u
 OUT=${OUT:-/tmp/gpu_out}
@@ -14,23 +22,58 @@ export PYTHONPATH=$PWD
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
 fi
+PHASES=${*:-test sanitize bench extra}
+quiet() { grep -v "Failed to load\|_pytree\|register_constant"; }
+
+# build [tag [nvcc flags [archs]]]: the CUDA kernels in place; the default
+# build is skipped when one of the same sources is there (from an earlier call)
+build() {
+  local tag=${1:-default} mark=build/.gpu_check_default
+  local sum
+  sum=$(cat setup.py csrc/*.* csrc/kernels/*.* | sha256sum | cut -c1-16)
+  if [ "$tag" = default ] && [ "$(cat $mark 2>/dev/null)" = "$sum" ] && ls ao_awq_export/_C*.so >/dev/null 2>&1; then
+    return 0
+  fi
+  rm -f $mark
+  AOQ_NVCC_FLAGS="${2:-}" AOQ_CUDA_ARCHS="${3:-80;90}" AOQ_CUDA=1 python3 setup.py build_ext --inplace --force \
+    > "$OUT/build_$tag.log" 2>&1 || { tail -60 "$OUT/build_$tag.log"; exit 1; }
+  if [ "$tag" = default ]; then mkdir -p build && echo "$sum" > $mark; fi
+  echo "== build ($tag) ok"
+}
+
 nvidia-smi -L
-python3 -c "import torch, torchao; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'torchao', torchao.__version__)" 2>&1 | grep -v "Failed to load\|_pytree"
-AOQ_CUDA=1 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -60 "$OUT/build.log"; exit 1; }
-echo "== build ok"
-python3 -m pytest tests/test_cuda.py -q -x -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -15
-echo "== memcheck"
-timeout 400 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest tests/test_cuda.py -q -x -p no:cacheprovider \
-  -k "(equal_cpu and bfloat16 and (32 or 256)) or fp8_rows or row_tail or unstaged or pack or capture" 2>&1 | tee "$OUT/memcheck.log" | tail -4
-echo "memcheck rc=${PIPESTATUS[0]}"
-echo "== racecheck"
-timeout 300 compute-sanitizer --tool racecheck --error-exitcode 9 python3 -m pytest tests/test_cuda.py -q -x -p no:cacheprovider \
-  -k "(equal_cpu and float32 and 128) or row_tail or (equal_cpu and fp8_int4 and bfloat16 and 64)" 2>&1 | tee "$OUT/racecheck.log" | tail -4
-echo "racecheck rc=${PIPESTATUS[0]}"
-echo "== bench"
-python3 benchmarks/bench_fake_quant.py --device cuda 2>&1 | grep -v "Failed to load\|_pytree" | tee "$OUT/bench.txt"
-echo "== bench, one group per warp at a time (AOQ_U=1, AOQ_UB=1), for the unroll's effect"
-AOQ_NVCC_FLAGS="-DAOQ_U=1 -DAOQ_UB=1" AOQ_CUDA_ARCHS=90 AOQ_CUDA=1 python3 setup.py build_ext --inplace --force > "$OUT/build_u1.log" 2>&1 || { tail -30 "$OUT/build_u1.log"; exit 1; }
-python3 benchmarks/bench_fake_quant.py --device cuda 2>&1 | grep -v "Failed to load\|_pytree" | tee "$OUT/bench_u1.txt"
-echo "== CPU tests under this torch (CI covers them on its own torch; last, the least needed)"
-python3 -m pytest tests/test_fake_quant.py -q -x -p no:cacheprovider 2>&1 | tee "$OUT/tests_cpu.log" | tail -3
+python3 -c "import torch, torchao; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'torchao', torchao.__version__)" 2>&1 | quiet
+for phase in $PHASES; do
+  t0=$(date +%s)
+  case $phase in
+    test)
+      build
+      python3 -m pytest tests/test_cuda.py -q -x -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -15
+      ;;
+    sanitize)
+      build
+      echo "== memcheck"
+      timeout 400 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest tests/test_cuda.py -q -x -p no:cacheprovider \
+        -k "(equal_cpu and bfloat16 and (32 or 256)) or fp8_rows or row_tail or unstaged or pack or capture" 2>&1 | tee "$OUT/memcheck.log" | tail -4
+      echo "memcheck rc=${PIPESTATUS[0]}"
+      echo "== racecheck"
+      timeout 300 compute-sanitizer --tool racecheck --error-exitcode 9 python3 -m pytest tests/test_cuda.py -q -x -p no:cacheprovider \
+        -k "(equal_cpu and float32 and 128) or row_tail or (equal_cpu and fp8_int4 and bfloat16 and 64)" 2>&1 | tee "$OUT/racecheck.log" | tail -4
+      echo "racecheck rc=${PIPESTATUS[0]}"
+      ;;
+    bench)
+      build
+      python3 benchmarks/bench_fake_quant.py --device cuda 2>&1 | quiet | tee "$OUT/bench.txt"
+      ;;
+    extra)
+      echo "== bench, one group per warp at a time (AOQ_U=1, AOQ_UB=1, AOQ_UBS=1), for the unroll's effect"
+      build u1 "-DAOQ_U=1 -DAOQ_UB=1 -DAOQ_UBS=1" 90
+      python3 benchmarks/bench_fake_quant.py --device cuda --no-compile 2>&1 | quiet | tee "$OUT/bench_u1.txt"
+      build  # the default kernels again
+      echo "== CPU tests under this torch (CI covers them on its own torch; last, the least needed)"
+      python3 -m pytest tests/test_fake_quant.py -q -x -p no:cacheprovider 2>&1 | tee "$OUT/tests_cpu.log" | tail -3
+      ;;
+    *) echo "unknown phase: $phase (test, sanitize, bench, extra)"; exit 2 ;;
+  esac
+  echo "== phase $phase: $(( $(date +%s) - t0 )) s"
+done

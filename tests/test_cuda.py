@@ -96,7 +96,7 @@ def test_gpu_large_8192x28672(scheme):
     w = (torch.randn(8192, 28672, device="cuda") * 0.02).to(torch.bfloat16)
     out = OPS[scheme](w, 128)
     if scheme == "fp8_int4":  # a 57344-byte row: staged wherever sm_80/sm_90 allow 2 blocks per SM
-        assert _C.cuda_last_stage_bytes() == 57344 == staged(57344)
+        assert _C.cuda_last_stage_bytes() == staged(57344)
     assert_bits_equal(out, torchao_fq(w, 128, scheme), f"8192x28672 {scheme}")
     gout = torch.randn_like(w) * 1e3
     ours = gpu_grad(lambda t: OPS[scheme](t, 128), w, gout)

@@ -48,14 +48,13 @@ def setup_lib(lib):
     lib.aoq_emu_set_devices.argtypes = [I]
     lib.aoq_emu_set_devices(1)
     lib.aoq_emu_set_order.argtypes = [I]
-    lib.aoq_emu_set_smem.argtypes = [I, I]
-    lib.aoq_emu_set_smem(*EMU_SMEM)
+    lib.aoq_emu_set_smem.argtypes = [I, I, I]
     lib.aoq_emu_last_smem.restype = ctypes.c_size_t
     lib.aoq_cuda_last_stage_bytes.restype = ctypes.c_int64
     return lib
 
 
-# shared memory of the emulated device, in bytes: per block with opt-in, per
+# shared memory of an emulated device, in bytes: per block with opt-in, per
 # SM (an H100's, the emulator's default)
 EMU_SMEM = (232448, 233472)
 
@@ -78,22 +77,22 @@ def check(lib, rc):
     assert rc == 0, f"launcher returned {rc}: {lib.aoq_cuda_last_error().decode()}"
 
 
-def emu_fwd(lib, w, g, scheme, awq, cs, outputs=True):
+def emu_fwd(lib, w, g, scheme, awq, cs, outputs=True, device=0):
     n, k = w.shape
     out = torch.empty_like(w)
     codes = torch.empty(n, k, dtype=torch.uint8) if outputs else None
     scales = torch.empty(n, k // g) if outputs else None
     zeros = torch.empty(n, k // g) if outputs else None
     check(lib, lib.aoq_cuda_fq_fwd(ptr(w), ptr(out), ptr(codes), ptr(scales), ptr(zeros), n, k, g,
-                                   DT[w.dtype], SCH[scheme], awq, cs, 0, None))
+                                   DT[w.dtype], SCH[scheme], awq, cs, device, None))
     return out, codes, scales, zeros
 
 
-def emu_bwd(lib, grad, w, g, scheme, awq, cs, st, gw=None):
+def emu_bwd(lib, grad, w, g, scheme, awq, cs, st, gw=None, device=0):
     n, k = w.shape
     gw = torch.empty_like(w) if gw is None else gw
     check(lib, lib.aoq_cuda_fq_bwd(ptr(grad), ptr(w), ptr(gw), n, k, g, DT[w.dtype], SCH[scheme], awq,
-                                   cs, st, 0, None))
+                                   cs, st, device, None))
     return gw
 
 
@@ -139,9 +138,10 @@ def test_emulated_unroll_variants(unroll):
 
 def first_launches_just_under_48k(lib):
     """Staged rows of 48384 bytes, each the first launch of its kernel in a
-    fresh library: under 48 KiB, but not with the kernel's static shared
-    memory on top, so the launchers must have allowed more (on a GPU such a
-    launch fails with 'invalid argument'; the emulator takes 1 KiB as static)."""
+    fresh library: under 48 KiB, but not with the emulator's 1 KiB of static
+    shared memory on top, so the launchers must have allowed more.  (On a
+    GPU, with these kernels' 32-64 static bytes, the failure starts closer to
+    48 KiB: tests/test_cuda.py launches 49152-byte rows for it.)"""
     for fp8_rows, k in ((False, 24192), (True, 24192)):  # forwards: 24192 bf16
         x = make_weight(2, k, torch.bfloat16, 128, seed=5)
         out = torch.empty_like(x)
@@ -164,7 +164,7 @@ def first_launches_just_under_48k(lib):
     assert lib.aoq_emu_last_smem() == 48384
 
 
-def compare_with_cpu(lib, scheme, mode, dtype, g, limits=EMU_SMEM):
+def compare_with_cpu(lib, scheme, mode, dtype, g, limits=EMU_SMEM, device=0):
     """Every output of both launchers against the CPU ops, on CASES; the fp8
     launchers stage the row in shared memory where it fits (`limits`), and
     that is checked too, so both kernel variants are known to be compared."""
@@ -174,7 +174,7 @@ def compare_with_cpu(lib, scheme, mode, dtype, g, limits=EMU_SMEM):
     for i, (n, groups) in enumerate(CASES):
         k = groups * g
         w = make_weight(n, k, dtype, g, seed=i)
-        out, codes, scales, zeros = emu_fwd(lib, w, g, scheme, awq, cs)
+        out, codes, scales, zeros = emu_fwd(lib, w, g, scheme, awq, cs, device=device)
         what = f"{scheme} {mode} {dtype} g{g} {n}x{k}"
         assert lib.aoq_emu_last_smem() == (staged_bytes(k * w.element_size(), limits) if fp8 else 0), what
         assert lib.aoq_cuda_last_stage_bytes() == lib.aoq_emu_last_smem()  # what the launcher reports
@@ -185,7 +185,7 @@ def compare_with_cpu(lib, scheme, mode, dtype, g, limits=EMU_SMEM):
         assert_bits_equal(zeros, z2, what + " zeros")
         gout = (torch.randn(n, k, generator=torch.Generator().manual_seed(i)) * 1e3).to(dtype)
         for st in (0, 1):
-            gw = emu_bwd(lib, gout, w, g, scheme, awq, cs, st)
+            gw = emu_bwd(lib, gout, w, g, scheme, awq, cs, st, device=device)
             assert lib.aoq_emu_last_smem() == (staged_bytes(2 * k * w.element_size(), limits) if fp8 else 0)
             ref = torch.ops.ao_awq.fq_weight_backward(gout, w, g, SCH[scheme], bool(awq), bool(st), cs)
             assert_bits_equal(gw, ref, what + f" grad st={st}")
@@ -205,22 +205,39 @@ def test_emulated_unstaged(lib, mode, monkeypatch):
 
 
 def test_emulated_stage_limit(lib):
-    """A device with little shared memory: the short rows are staged, the
-    long ones take the fallback, and the results stay the same."""
+    """A device with little shared memory (emulated device 2): the short rows
+    are staged, the long ones take the fallback, and the results stay the
+    same."""
     limits = (10240, 20480)
-    lib.aoq_emu_set_smem(*limits)
+    lib.aoq_emu_set_devices(3)
+    lib.aoq_emu_set_smem(2, *limits)  # device 2 serves only this test
     try:
-        compare_with_cpu(lib, "fp8_int4", "torchao", torch.bfloat16, 128, limits)
-        compare_with_cpu(lib, "fp8_int4", "awq", torch.float32, 32, limits)
+        compare_with_cpu(lib, "fp8_int4", "torchao", torch.bfloat16, 128, limits, device=2)
+        compare_with_cpu(lib, "fp8_int4", "awq", torch.float32, 32, limits, device=2)
         x = torch.randn(3, 3000).to(torch.bfloat16)
         out = torch.empty_like(x)
         for k, staged in ((3000, 6000), (1000, 2000)):  # rows of 3000 bf16: 6000 bytes
-            check(lib, lib.aoq_cuda_fp8_rows_fwd(ptr(x), ptr(out), 3, k, DT[x.dtype], 1, 0, None))
+            check(lib, lib.aoq_cuda_fp8_rows_fwd(ptr(x), ptr(out), 3, k, DT[x.dtype], 1, 2, None))
             assert lib.aoq_emu_last_smem() == staged
-            check(lib, lib.aoq_cuda_fp8_rows_bwd(ptr(x), ptr(x), ptr(out), 3, k, DT[x.dtype], 1, 0, 0, None))
+            check(lib, lib.aoq_cuda_fp8_rows_bwd(ptr(x), ptr(x), ptr(out), 3, k, DT[x.dtype], 1, 0, 2, None))
             assert lib.aoq_emu_last_smem() == (0 if k == 3000 else 2 * staged)
     finally:
-        lib.aoq_emu_set_smem(*EMU_SMEM)
+        lib.aoq_emu_set_devices(1)
+
+
+def test_emulated_stage_allowance_per_device(lib):
+    """A kernel's shared-memory allowance belongs to one device: a staged row
+    over 48 KiB on device 0, then on device 1, must each get one."""
+    w = make_weight(2, 28672, torch.bfloat16, 128, seed=8)  # 57344 bytes a row
+    ref = torch.ops.ao_awq.fq_weight(w, 128, 0, False, False, 1)
+    lib.aoq_emu_set_devices(2)
+    try:
+        for device in (0, 1):
+            out = emu_fwd(lib, w, 128, "fp8_int4", 0, 1, outputs=False, device=device)[0]
+            assert lib.aoq_emu_last_smem() == 57344
+            assert_bits_equal(out, ref, f"device {device}")
+    finally:
+        lib.aoq_emu_set_devices(1)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -6,13 +6,15 @@
 #   test      build with CUDA kernels in place (skipped if built), GPU tests
 #   sanitize  compute-sanitizer memcheck and racecheck on a GPU test subset
 #   bench     the benchmark (staged and unstaged fp8 rows side by side)
-#   extra     a rebuild with one group per warp in flight (AOQ_U/UB/UBS=1),
-#             benchmarked for the unroll's effect, then the CPU op tests
-#             under the box's torch (the default build is restored after)
+#   extra     a rebuild with one group per warp in flight (AOQ_U/UB/UBS=1,
+#             this GPU's arch only), benchmarked for the unroll's effect,
+#             then the CPU op tests under the box's torch (a later phase
+#             rebuilds the default kernels)
 #
 # In order of need, so a run cut short by the device budget loses the least;
-# the phases can also be run as separate commands (the device tool allows 10
-# minutes per command; each phase prints its wall time).  Outputs go to $OUT.
+# all four take more than the device tool's 10 minutes per command, so run
+# them as separate commands (each phase prints its wall time; test+bench fit
+# one).  Outputs go to $OUT; the exit status is 1 if a test run failed.
 # Wheels of missing packages (torchao) may sit in .whl/ (see README).
 set -u
 OUT=${OUT:-/tmp/gpu_out}
@@ -23,6 +25,16 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
 fi
 PHASES=${*:-test sanitize bench extra}
+failed=0
+# pytest with its output in $OUT/$1.log (tail shown); a failure is remembered
+run_pytest() {
+  local log=$1
+  shift
+  "$@" 2>&1 | tee "$OUT/$log.log" | tail -"${TAIL:-15}"
+  local rc=${PIPESTATUS[0]}
+  echo "$log rc=$rc"
+  [ "$rc" = 0 ] || failed=1
+}
 quiet() { grep -v "Failed to load\|_pytree\|register_constant"; }
 
 # build [tag [nvcc flags [archs]]]: the CUDA kernels in place; the default
@@ -31,7 +43,8 @@ build() {
   local tag=${1:-default} mark=build/.gpu_check_default
   local sum
   sum=$(cat setup.py csrc/*.* csrc/kernels/*.* | sha256sum | cut -c1-16)
-  if [ "$tag" = default ] && [ "$(cat $mark 2>/dev/null)" = "$sum" ] && ls ao_awq_export/_C*.so >/dev/null 2>&1; then
+  if [ "$tag" = default ] && [ "$(cat $mark 2>/dev/null)" = "$sum" ] &&
+    python3 -c "from ao_awq_export import _C; assert _C.built_with_cuda()" 2>/dev/null; then
     return 0
   fi
   rm -f $mark
@@ -48,18 +61,18 @@ for phase in $PHASES; do
   case $phase in
     test)
       build
-      python3 -m pytest tests/test_cuda.py -q -x -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -15
+      run_pytest tests python3 -m pytest tests/test_cuda.py -q -x -p no:cacheprovider
       ;;
     sanitize)
       build
-      echo "== memcheck"
-      timeout 400 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest tests/test_cuda.py -q -x -p no:cacheprovider \
-        -k "(equal_cpu and bfloat16 and (32 or 256)) or fp8_rows or row_tail or unstaged or pack or capture" 2>&1 | tee "$OUT/memcheck.log" | tail -4
-      echo "memcheck rc=${PIPESTATUS[0]}"
+      echo "== memcheck"  # the two timeouts stay under the device tool's 600 s
+      TAIL=4 run_pytest memcheck timeout 290 compute-sanitizer --tool memcheck --error-exitcode 9 \
+        python3 -m pytest tests/test_cuda.py -q -x -p no:cacheprovider \
+        -k "(equal_cpu and bfloat16 and (32 or 256)) or fp8_rows or row_tail or unstaged or pack or capture"
       echo "== racecheck"
-      timeout 300 compute-sanitizer --tool racecheck --error-exitcode 9 python3 -m pytest tests/test_cuda.py -q -x -p no:cacheprovider \
-        -k "(equal_cpu and float32 and 128) or row_tail or (equal_cpu and fp8_int4 and bfloat16 and 64)" 2>&1 | tee "$OUT/racecheck.log" | tail -4
-      echo "racecheck rc=${PIPESTATUS[0]}"
+      TAIL=4 run_pytest racecheck timeout 230 compute-sanitizer --tool racecheck --error-exitcode 9 \
+        python3 -m pytest tests/test_cuda.py -q -x -p no:cacheprovider \
+        -k "(equal_cpu and float32 and 128) or row_tail or (equal_cpu and fp8_int4 and bfloat16 and 64)"
       ;;
     bench)
       build
@@ -67,13 +80,14 @@ for phase in $PHASES; do
       ;;
     extra)
       echo "== bench, one group per warp at a time (AOQ_U=1, AOQ_UB=1, AOQ_UBS=1), for the unroll's effect"
-      build u1 "-DAOQ_U=1 -DAOQ_UB=1 -DAOQ_UBS=1" 90
+      arch=$(python3 -c "import torch; print('%d%d' % torch.cuda.get_device_capability())")
+      build u1 "-DAOQ_U=1 -DAOQ_UB=1 -DAOQ_UBS=1" "$arch"
       python3 benchmarks/bench_fake_quant.py --device cuda --no-compile 2>&1 | quiet | tee "$OUT/bench_u1.txt"
-      build  # the default kernels again
       echo "== CPU tests under this torch (CI covers them on its own torch; last, the least needed)"
-      python3 -m pytest tests/test_fake_quant.py -q -x -p no:cacheprovider 2>&1 | tee "$OUT/tests_cpu.log" | tail -3
+      TAIL=3 run_pytest tests_cpu python3 -m pytest tests/test_fake_quant.py -q -x -p no:cacheprovider
       ;;
     *) echo "unknown phase: $phase (test, sanitize, bench, extra)"; exit 2 ;;
   esac
   echo "== phase $phase: $(( $(date +%s) - t0 )) s"
 done
+exit $failed

@@ -286,8 +286,9 @@ __global__ void __launch_bounds__(TPB) fq_fwd_kernel(const void *__restrict__ w,
 // STAGE: dynamic shared memory holds the row (K elements, copied by the row
 // max's read) and its gradient before the last step (K more), so that the
 // weight is read once, the upstream gradient once and gw written once
+// (at most 128 registers: two blocks per SM, which the staging is sized for)
 template <int DT, int E, bool VEC, bool STAGE>
-__global__ void __launch_bounds__(TPB) fp8_int4_bwd_kernel(const void *__restrict__ grad,
+__global__ void __launch_bounds__(TPB, 2) fp8_int4_bwd_kernel(const void *__restrict__ grad,
                                                            const void *__restrict__ w, void *__restrict__ gw,
                                                            int64_t K, int awq, int cs, int st) {
   typedef typename Elt<DT>::T T;

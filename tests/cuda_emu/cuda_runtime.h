@@ -20,7 +20,7 @@
 // exactly its size (an AddressSanitizer build reports accesses past it),
 // poisoned the same way.  As on a GPU, static and dynamic shared memory
 // together may not pass 48 KiB unless cudaFuncSetAttribute allowed the kernel
-// more, up to the emulated device's limit (aoq_emu_set_smem); every kernel is
+// more on the current device, up to that device's limit (aoq_emu_set_smem); every kernel is
 // taken to have AOQ_EMU_STATIC_SMEM bytes of static shared memory (more
 // than ours have), so a launch policy that forgets the static part fails.
 // A 16-byte vector access (uint4) or 8-byte one (uint2) at an address not
@@ -86,21 +86,23 @@ inline int &cur_device() {
   static int d = 0;
   return d;
 }
-// shared memory of the emulated devices (bytes): a block's opt-in limit and
+// shared memory of each emulated device (bytes): a block's opt-in limit and
 // an SM's total (an H100's by default)
 struct SmemLimits {
   int optin = 232448, per_sm = 233472;
 };
-inline SmemLimits &smem_limits() {
-  static SmemLimits l;
-  return l;
+enum { MAX_DEVICES = 8 };
+inline SmemLimits &smem_limits(int device) {
+  static SmemLimits l[MAX_DEVICES];
+  return l[device];
 }
 #ifndef AOQ_EMU_STATIC_SMEM
 #define AOQ_EMU_STATIC_SMEM 1024
 #endif
-// dynamic shared memory each kernel is allowed (cudaFuncSetAttribute)
-inline std::map<const void *, int> &func_smem() {
-  static std::map<const void *, int> m;
+// dynamic shared memory each kernel is allowed on each device
+// (cudaFuncSetAttribute acts on the current device)
+inline std::map<std::pair<const void *, int>, int> &func_smem() {
+  static std::map<std::pair<const void *, int>, int> m;
   return m;
 }
 inline size_t &last_smem() {
@@ -370,7 +372,7 @@ struct Launch {
       fail(cudaErrorInvalidConfiguration, "invalid launch configuration", grid, block);
       return;
     }
-    const auto allowed = func_smem().find(reinterpret_cast<const void *>(kernel));
+    const auto allowed = func_smem().find({reinterpret_cast<const void *>(kernel), cur_device()});
     if (smem > (allowed == func_smem().end() ? 48 * 1024 - AOQ_EMU_STATIC_SMEM : (size_t)allowed->second)) {
       fail(cudaErrorInvalidValue, "dynamic shared memory over the kernel's limit", grid, block);
       return;
@@ -486,17 +488,17 @@ inline cudaError_t cudaSetDevice(int d) {
 inline cudaError_t cudaDeviceGetAttribute(int *v, cudaDeviceAttr attr, int d) {
   if (d < 0 || d >= aoq_emu::ndev()) return cudaErrorInvalidDevice;
   switch (attr) {
-    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *v = aoq_emu::smem_limits().optin; return cudaSuccess;
-    case cudaDevAttrMaxSharedMemoryPerMultiprocessor: *v = aoq_emu::smem_limits().per_sm; return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin: *v = aoq_emu::smem_limits(d).optin; return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerMultiprocessor: *v = aoq_emu::smem_limits(d).per_sm; return cudaSuccess;
   }
   return cudaErrorInvalidValue;
 }
 template <typename F>
 cudaError_t cudaFuncSetAttribute(F *kernel, cudaFuncAttribute attr, int value) {
   if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 ||
-      value + AOQ_EMU_STATIC_SMEM > aoq_emu::smem_limits().optin)
+      value + AOQ_EMU_STATIC_SMEM > aoq_emu::smem_limits(aoq_emu::cur_device()).optin)
     return cudaErrorInvalidValue;
-  aoq_emu::func_smem()[reinterpret_cast<const void *>(kernel)] = value;
+  aoq_emu::func_smem()[{reinterpret_cast<const void *>(kernel), aoq_emu::cur_device()}] = value;
   return cudaSuccess;
 }
 inline cudaError_t cudaGetLastError() {
@@ -514,13 +516,14 @@ inline const char *cudaGetErrorString(cudaError_t e) {
 }
 
 // knobs for the tests (this header is compiled into exactly one translation unit)
-extern "C" void aoq_emu_set_devices(int n) { aoq_emu::ndev() = n; }
+extern "C" void aoq_emu_set_devices(int n) { aoq_emu::ndev() = n < aoq_emu::MAX_DEVICES ? n : aoq_emu::MAX_DEVICES; }
 extern "C" int aoq_emu_get_device(void) { return aoq_emu::cur_device(); }
 extern "C" void aoq_emu_set_order(int o) { aoq_emu::sched_order() = o; }
-// the emulated devices' shared memory (bytes per block with opt-in, per SM);
-// allowances given to kernels before stay (the launchers set them once)
-extern "C" void aoq_emu_set_smem(int optin, int per_sm) {
-  aoq_emu::smem_limits() = aoq_emu::SmemLimits{optin, per_sm};
+// an emulated device's shared memory (bytes per block with opt-in, per SM);
+// set it before the device's first launch (the launchers ask once per
+// device and kernel for their allowance, as on a GPU, whose limits are fixed)
+extern "C" void aoq_emu_set_smem(int device, int optin, int per_sm) {
+  if (device >= 0 && device < aoq_emu::MAX_DEVICES) aoq_emu::smem_limits(device) = aoq_emu::SmemLimits{optin, per_sm};
 }
 // dynamic shared memory of the last launch (bytes)
 extern "C" size_t aoq_emu_last_smem(void) { return aoq_emu::last_smem(); }

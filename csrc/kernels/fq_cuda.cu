@@ -184,8 +184,9 @@ __device__ float row_amax(const void *w, int64_t base, int64_t K, float *sh, voi
   typedef typename Elt<DT>::T T;
   float a = 0.f;
   for (int64_t k = threadIdx.x; k < K; k += TPB) {
-    float v = aoq_load(w, base + k, DT);
-    if (STAGE) reinterpret_cast<T *>(stage)[k] = reinterpret_cast<const T *>(w)[base + k];
+    const T raw = reinterpret_cast<const T *>(w)[base + k];  // one load, kept and converted
+    if (STAGE) reinterpret_cast<T *>(stage)[k] = raw;
+    const float v = aoq_load(&raw, 0, DT);
     a = nanmax(a, v < 0.f ? -v : v);
   }
   return block_max(a, sh);

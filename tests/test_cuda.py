@@ -15,7 +15,7 @@ import torch
 
 import ao_awq_export as aq
 from ao_awq_export import _C
-from tests.test_cuda_emu import row_tail_case
+from tests.test_cuda_emu import row_tail_case, staged_bytes
 from tests.test_fake_quant import (OPS, assert_bits_equal, check_grads, make_weight, torchao_fq,
                                    zero_torchao_nans)
 
@@ -28,13 +28,9 @@ SCH = {"fp8_int4": 0, "int4_asym": 1}
 
 def staged(nbytes, dev=0):
     """The shared memory an fp8 kernel should stage `nbytes` of row data in on
-    this GPU: all of it where it fits with two blocks per SM (2 KiB of slack
-    per block), else none (fq_cuda.cu's choose()); none under AOQ_CUDA_STAGE=0."""
-    if os.environ.get("AOQ_CUDA_STAGE", "").startswith("0"):
-        return 0
+    this GPU (the launch policy of fq_cuda.cu's choose(), see staged_bytes)."""
     p = torch.cuda.get_device_properties(dev)
-    optin, per_sm = p.shared_memory_per_block_optin, p.shared_memory_per_multiprocessor
-    return nbytes if nbytes + 2048 <= optin and 2 * (nbytes + 2048) <= per_sm else 0
+    return staged_bytes(nbytes, (p.shared_memory_per_block_optin, p.shared_memory_per_multiprocessor))
 
 
 def cpu_fwd(w, g, scheme, mode):

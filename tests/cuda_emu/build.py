@@ -4,10 +4,10 @@ Two rewrites: the launch syntax, `kernel<<<grid, block, smem, stream>>>(`
 becomes `aoq_emu::launch(kernel, grid, block, smem, stream)(`, and each
 `__shared__` declaration becomes a function static the emulator poisons
 before every block (`extern __shared__`, the dynamic shared memory: a
-pointer to the launch's buffer, poisoned too).  Every other line is compiled as written, by the host
-C++ compiler with contraction off (the CUDA build uses --fmad=false),
-against the emulated runtime.  Libraries
-are cached under build/cuda_emu/ by a hash of the sources and the command.
+pointer to the launch's buffer, poisoned too).  Every other line is
+compiled as written, by the host C++ compiler with contraction off (the CUDA
+build uses --fmad=false), against the emulated runtime.  Libraries are
+cached under build/cuda_emu/ by a hash of the sources and the command.
 AOQ_EMU_ASAN=1 builds with AddressSanitizer (out-of-bounds accesses of the
 kernels to their buffers are reported, like compute-sanitizer's memcheck).
 """

@@ -20,9 +20,10 @@
 // exactly its size (an AddressSanitizer build reports accesses past it),
 // poisoned the same way.  As on a GPU, static and dynamic shared memory
 // together may not pass 48 KiB unless cudaFuncSetAttribute allowed the kernel
-// more on the current device, up to that device's limit (aoq_emu_set_smem); every kernel is
-// taken to have AOQ_EMU_STATIC_SMEM bytes of static shared memory (more
-// than ours have), so a launch policy that forgets the static part fails.
+// more on the current device, up to that device's limit (aoq_emu_set_smem);
+// every kernel is taken to have AOQ_EMU_STATIC_SMEM bytes of static shared
+// memory (more than ours have), so a launch policy that forgets the static
+// part fails.
 // A 16-byte vector access (uint4) or 8-byte one (uint2) at an address not
 // aligned to its size is a launch error, as it is a fault on the GPU.
 //

@@ -52,18 +52,20 @@ def timeit(fn, device, reps, warmup=2):
     return statistics.median(ts)
 
 
-def unstaged(fn):
-    """fn run with the CUDA fp8 kernels' shared-memory staging turned off"""
+def with_env(fn, var):
+    """fn run with the CUDA switch `var` (read at each launch) set to 0:
+    AOQ_CUDA_STAGE (the fp8 kernels' shared-memory staging) or AOQ_CUDA_FAST
+    (the forward's fast paths)"""
     def run():
-        before = os.environ.get("AOQ_CUDA_STAGE")
-        os.environ["AOQ_CUDA_STAGE"] = "0"
+        before = os.environ.get(var)
+        os.environ[var] = "0"
         try:
             return fn()
         finally:
             if before is None:
-                del os.environ["AOQ_CUDA_STAGE"]
+                del os.environ[var]
             else:
-                os.environ["AOQ_CUDA_STAGE"] = before
+                os.environ[var] = before
     return run
 
 
@@ -110,9 +112,11 @@ def main():
                  fwd_bwd(comp, w, gout) if comp is not None else None, 5 * nbytes),
                 ("bwd kernel", bwd, None, None, 3 * nbytes),
             ]
+            if dev == "cuda":
+                rows += [("fwd general code", with_env(lambda: ours(w), "AOQ_CUDA_FAST"), None, None, 2 * nbytes)]
             if dev == "cuda" and scheme == "fp8_int4":
-                rows += [("fwd unstaged", unstaged(lambda: ours(w)), None, None, 2 * nbytes),
-                         ("bwd kernel unstaged", unstaged(bwd), None, None, 3 * nbytes)]
+                rows += [("fwd unstaged", with_env(lambda: ours(w), "AOQ_CUDA_STAGE"), None, None, 2 * nbytes),
+                         ("bwd kernel unstaged", with_env(bwd, "AOQ_CUDA_STAGE"), None, None, 3 * nbytes)]
             t_fwd = None
             for op, f_ours, f_tao, f_comp, bts in rows:
                 t_o = timeit(f_ours, dev, reps)

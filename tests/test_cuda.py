@@ -15,7 +15,7 @@ import torch
 
 import ao_awq_export as aq
 from ao_awq_export import _C
-from tests.test_cuda_emu import row_tail_case, staged_bytes
+from tests.test_cuda_emu import row_tail_case, special_weight, staged_bytes
 from tests.test_fake_quant import (OPS, assert_bits_equal, check_grads, make_weight, torchao_fq,
                                    zero_torchao_nans)
 
@@ -139,6 +139,32 @@ def test_gpu_unstaged(mode, monkeypatch):
     if mode == "torchao":
         test_gpu_fp8_rows(torch.bfloat16)
         test_gpu_fp8_row_tail(torch.float16)
+
+
+@pytest.mark.parametrize("scheme", list(OPS))
+def test_gpu_forward_general_code(scheme, monkeypatch):
+    """AOQ_CUDA_FAST=0: the forward's general code for every row and group
+    (the fast paths run in the tests above)."""
+    monkeypatch.setenv("AOQ_CUDA_FAST", "0")
+    for mode in ("torchao", "awq"):
+        for dtype, g in ((torch.bfloat16, 128), (torch.float16, 64), (torch.float32, 32)):
+            test_gpu_forward_and_grad_equal_cpu(scheme, mode, dtype, g)
+
+
+@pytest.mark.parametrize("scheme", list(SCH))
+@pytest.mark.parametrize("mode", ["torchao", "awq"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gpu_forward_special_rows(scheme, mode, dtype):
+    """Rows and groups that the forward's fast paths leave to the general code
+    (NaN, Inf, past the fast bound, fp16 scale overflow: special_weight),
+    beside groups that take them, against the CPU kernels."""
+    w = special_weight(dtype, 64)
+    awq, cs = mode == "awq", 1 if mode == "torchao" else 0
+    out = torch.ops.ao_awq.fq_weight(w.cuda(), 64, SCH[scheme], awq, False, cs)
+    assert_bits_equal(out.cpu(), torch.ops.ao_awq.fq_weight(w, 64, SCH[scheme], awq, False, cs), "special rows")
+    got = torch.ops.ao_awq.quantize(w.cuda(), 64, SCH[scheme], awq, cs)
+    for a, b, what in zip(got, torch.ops.ao_awq.quantize(w, 64, SCH[scheme], awq, cs), ("codes", "scales", "zeros")):
+        assert_bits_equal(a.cpu(), b, what)
 
 
 NEAR_48K = """

@@ -123,10 +123,12 @@ def test_emulated_gpu_kernels_equal_cpu(lib, scheme, mode, dtype, g):
 
 @pytest.mark.parametrize("unroll", [(1, 1), (3, 3)], ids=str)
 def test_emulated_unroll_variants(unroll):
-    """The groups-in-flight knobs (AOQ_U forward, AOQ_UB backward; 4 and 2 by
-    default) change the loop structure, never the results."""
+    """The groups-in-flight knobs (AOQ_U the fp8 row max, AOQ_UF forward
+    steps, AOQ_UB / AOQ_UBS backward; 4, 2, 2, 4 by default) change the loop
+    structure, never the results."""
     lib = build(os.environ.get("AOQ_EMU_CU") or os.path.join(ROOT, "csrc", "kernels", "fq_cuda.cu"),
-                (f"-DAOQ_U={unroll[0]}", f"-DAOQ_UB={unroll[1]}", f"-DAOQ_UBS={unroll[1]}"))
+                (f"-DAOQ_U={unroll[0]}", f"-DAOQ_UF={unroll[0]}", f"-DAOQ_UB={unroll[1]}",
+                 f"-DAOQ_UBS={unroll[1]}"))
     setup_lib(lib)
     if unroll == (1, 1):
         first_launches_just_under_48k(lib)
@@ -189,6 +191,86 @@ def compare_with_cpu(lib, scheme, mode, dtype, g, limits=EMU_SMEM, device=0):
             assert lib.aoq_emu_last_smem() == (staged_bytes(2 * k * w.element_size(), limits) if fp8 else 0)
             ref = torch.ops.ao_awq.fq_weight_backward(gout, w, g, SCH[scheme], bool(awq), bool(st), cs)
             assert_bits_equal(gw, ref, what + f" grad st={st}")
+
+
+def test_fast_roundings_over_their_domains(tmp_path):
+    """aoq_math.h's fast roundings (the CUDA forward's fast paths) equal the
+    general ones on every float of their domains (tests/fast_paths.c)."""
+    exe = tmp_path / "fast_paths"
+    subprocess.run([os.environ.get("CC", "gcc"), "-O2", "-ffp-contract=off", "-I" + os.path.join(ROOT, "csrc"),
+                    "-o", str(exe), os.path.join(ROOT, "tests", "fast_paths.c")], check=True)
+    r = subprocess.run([str(exe), "1"], capture_output=True, text=True)
+    assert r.returncode == 0 and "6236930052 floats checked, 0 mismatches" in r.stdout, r.stdout
+
+
+@pytest.mark.parametrize("scheme", list(SCH))
+def test_emulated_forward_general_code_only(lib, scheme, monkeypatch):
+    """AOQ_CUDA_FAST=0: every group through the forward's general code."""
+    monkeypatch.setenv("AOQ_CUDA_FAST", "0")
+    path_counts(lib)
+    for mode in ("torchao", "awq"):
+        for dtype, g in ((torch.bfloat16, 64), (torch.float16, 32), (torch.float32, 256)):
+            compare_with_cpu(lib, scheme, mode, dtype, g)
+    fast, general = path_counts(lib)
+    assert fast == 0 and general > 0, (fast, general)
+
+
+def special_weight(dtype, g):
+    """8 rows of 8 groups, each row with values that the forward's fast paths
+    must leave to the general code, beside groups they take: 0 plain; 1 a
+    NaN; 2 a +Inf; 3 a -Inf; 4 a row amax past the fp8 fast bound (fp16:
+    20000 > 16384; else 2^101); 5 a group spanning -M..M (M = 3e38: its range
+    overflows to Inf; fp16: 60000); 6 a group of range 2e6 (its AWQ fp16
+    scale overflows; fp16 weights cannot reach that); 7 tiny values (1e-30:
+    the fp16 row scale underflows to 0)."""
+    w = make_weight(8, 8 * g, torch.float32, g, seed=11, special=False)
+    f16 = dtype == torch.float16
+    w[1, 3] = float("nan")
+    w[2, g + 5] = float("inf")
+    w[3, 2 * g] = float("-inf")
+    w[4] *= (2e4 if f16 else 2.0 ** 101) / w[4].abs().max()
+    w[5, 0], w[5, 1] = (6e4, -6e4) if f16 else (3e38, -3e38)
+    w[6, g:2 * g] *= 1e6 / w[6, g:2 * g].abs().max()
+    w[7] *= 1e-30
+    return w.to(dtype)
+
+
+def path_counts(lib):
+    """(fast, general): the forward's groups per path since the last call
+    (counted by the emulator build of the kernels)."""
+    f = ctypes.c_int64.in_dll(lib, "aoq_emu_fast_groups")
+    gen = ctypes.c_int64.in_dll(lib, "aoq_emu_general_groups")
+    r = (f.value, gen.value)
+    f.value = gen.value = 0
+    return r
+
+
+@pytest.mark.parametrize("scheme", list(SCH))
+@pytest.mark.parametrize("mode", ["torchao", "awq"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_emulated_forward_fast_and_general_paths(lib, scheme, mode, dtype):
+    """The forward's fast paths (rows and groups shown finite and in range
+    once) and its general code, against the CPU kernels: plain weights take
+    only the fast path, special_weight's rows make both run."""
+    g = 64
+    awq = int(mode == "awq")
+    cs = 1 - awq
+    path_counts(lib)
+    for special in (False, True):
+        w = special_weight(dtype, g) if special else make_weight(4, 8 * g, dtype, g, seed=3, special=False)
+        what = f"{scheme} {mode} {dtype} special={special}"
+        out, codes, scales, zeros = emu_fwd(lib, w, g, scheme, awq, cs)
+        fast, general = path_counts(lib)
+        assert fast + general == w.numel() // g, what
+        if special:
+            assert fast > 0 and general > 0, (what, fast, general)
+        else:
+            assert general == 0, (what, fast, general)
+        assert_bits_equal(out, torch.ops.ao_awq.fq_weight(w, g, SCH[scheme], bool(awq), False, cs), what)
+        c2, s2, z2 = torch.ops.ao_awq.quantize(w, g, SCH[scheme], bool(awq), cs)
+        assert torch.equal(codes, c2), what + " codes"
+        assert_bits_equal(scales, s2, what + " scales")
+        assert_bits_equal(zeros, z2, what + " zeros")
 
 
 @pytest.mark.parametrize("mode", ["torchao", "awq"])

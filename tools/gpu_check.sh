@@ -79,9 +79,9 @@ for phase in $PHASES; do
       python3 benchmarks/bench_fake_quant.py --device cuda 2>&1 | quiet | tee "$OUT/bench.txt"
       ;;
     extra)
-      echo "== bench, one group per warp at a time (AOQ_U=1, AOQ_UB=1, AOQ_UBS=1), for the unroll's effect"
+      echo "== bench, one group or step per warp at a time (AOQ_U/UF/UB/UBS=1), for the unroll's effect"
       arch=$(python3 -c "import torch; print('%d%d' % torch.cuda.get_device_capability())")
-      build u1 "-DAOQ_U=1 -DAOQ_UB=1 -DAOQ_UBS=1" "$arch"
+      build u1 "-DAOQ_U=1 -DAOQ_UF=1 -DAOQ_UB=1 -DAOQ_UBS=1" "$arch"
       python3 benchmarks/bench_fake_quant.py --device cuda --no-compile 2>&1 | quiet | tee "$OUT/bench_u1.txt"
       echo "== CPU tests under this torch (CI covers them on its own torch; last, the least needed)"
       TAIL=3 run_pytest tests_cpu python3 -m pytest tests/test_fake_quant.py -q -x -p no:cacheprovider

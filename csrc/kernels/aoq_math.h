@@ -165,6 +165,33 @@ AOQ_HD float aoq_fp8_e4m3_round(float x) {
   return x != x ? x : r;
 }
 
+/* ---- fast paths of the CUDA kernels' forward --------------------------- */
+/* Each equals the general function above wherever its stated domain holds
+ * (tests/fast_paths.c checks every float there), except that a zero comes
+ * out +0 (the forward's outputs never depend on the sign of these zeros);
+ * the kernels use them only for rows and groups known to stay in that domain.
+ * They round x to the grid of its binade as RN(x + c) - c, with
+ * c = 1.5 * 2^(e + 23 - p) for a format with p fraction bits and e the
+ * exponent of x (2^e is x with its sign and fraction bits cleared): c's
+ * float ulp is the grid spacing 2^(e - p), x + c stays in c's binade
+ * (|x| < 2^(e + 1)), the difference is exact, and ties go to even because
+ * c / ulp = 3 * 2^22 is even.  One integer op, a multiply and two adds,
+ * instead of a chain of integer ops and NaN selects. */
+
+/* aoq_fp8_e4m3_round(x) for |x| <= 448 (after the clamp): 3 fraction bits,
+ * and below 2^-6 the subnormal spacing 2^-9 (c = 1.5 * 2^14). */
+AOQ_HD float aoq_fp8_e4m3_round_fast(float x) {
+  float c = aoq_u2f(aoq_f2u(x) & 0x7f800000u) * 1572864.0f; /* 1.5 * 2^20 */
+  c = c > 24576.0f ? c : 24576.0f;
+  return (x + c) - c;
+}
+
+/* aoq_bf16_round(x) for x = +-0 or 2^-126 <= |x| < 2^110. */
+AOQ_HD float aoq_bf16_round_fast(float x) {
+  const float c = aoq_u2f(aoq_f2u(x) & 0x7f800000u) * 98304.0f; /* 1.5 * 2^16 */
+  return (x + c) - c;
+}
+
 /* Constants as torch sees them after casting a Python scalar to dtype D. */
 AOQ_HD float aoq_eps_in(float eps, int dt) { return aoq_round_to(eps, dt); }
 

@@ -24,12 +24,16 @@ namespace {
 __device__ __forceinline__ float nanmax(float a, float b) { return (a != a || a > b) ? a : b; }
 __device__ __forceinline__ float nanmin(float a, float b) { return (a != a || a < b) ? a : b; }
 
+// max / min over aligned groups of W lanes (the whole warp by default; every
+// lane of the warp takes part)
+template <int W = 32>
 __device__ __forceinline__ float warp_max(float v) {
-  for (int off = 16; off >= 1; off >>= 1) v = nanmax(v, __shfl_xor_sync(FULL, v, off));
+  for (int off = W / 2; off >= 1; off >>= 1) v = nanmax(v, __shfl_xor_sync(FULL, v, off));
   return v;
 }
+template <int W = 32>
 __device__ __forceinline__ float warp_min(float v) {
-  for (int off = 16; off >= 1; off >>= 1) v = nanmin(v, __shfl_xor_sync(FULL, v, off));
+  for (int off = W / 2; off >= 1; off >>= 1) v = nanmin(v, __shfl_xor_sync(FULL, v, off));
   return v;
 }
 // canonical halving tree: lane l += lane l+off, result broadcast from lane 0
@@ -131,10 +135,13 @@ __device__ __forceinline__ void store_chunk(void *p, int64_t idx, const float *v
 // groups handled per warp iteration: their loads are all issued before any
 // use, to keep enough bytes in flight (the order of groups, and so the
 // canonical sum order, is unchanged: w, w+NW, w+2NW, ...).  Build-time knobs
-// (AOQ_NVCC_FLAGS="-DAOQ_U=1 -DAOQ_UB=1" gives one group per warp at a time,
-// the kernels as measured at 2f42080 apart from the row-amax pass).
+// (AOQ_NVCC_FLAGS="-DAOQ_U=1 -DAOQ_UF=1 -DAOQ_UB=1 -DAOQ_UBS=1" gives one
+// group or forward step per warp at a time).
 #ifndef AOQ_U
-#define AOQ_U 4
+#define AOQ_U 4 /* the fp8 row max's pass */
+#endif
+#ifndef AOQ_UF
+#define AOQ_UF 2 /* forward: steps of 32 bytes per lane (see FwdLayout) */
 #endif
 #ifndef AOQ_UB
 #define AOQ_UB 2 /* backward: two tensors per group */
@@ -159,8 +166,9 @@ __device__ __forceinline__ void load_groups(const void *p, int64_t base, int64_t
 }
 
 // row amax |x| (NaN-propagating) over a weight row, chunk layout, vector
-// loads; STAGE: the row is also copied to stage (shared memory), where each
-// thread later reads back exactly the chunks it wrote
+// loads; STAGE: the row is also copied to stage (shared memory), complete
+// when block_max's barrier returns (the backward reads back exactly the
+// chunks each thread wrote; the forward reads in its own layout)
 template <int DT, int E, bool VEC, bool STAGE>
 __device__ float row_amax_chunks(const void *w, int64_t base, int64_t G, float *sh, void *stage) {
   const int warp = threadIdx.x >> 5;
@@ -203,77 +211,238 @@ __device__ __forceinline__ float row_fix(float ga, float xv, float each, float a
 // ---------------------------------------------------------------------------
 // forward: out / codes / scales / zeros for one row per block
 // ---------------------------------------------------------------------------
+// Fast paths.  The forward is bound by the integer/compare pipe, not by
+// memory, when every element goes through the general functions' NaN, Inf and
+// overflow handling.  A row (fp8: its amax) or a group (int4 asym: its max and
+// min) shown finite and small enough once, a uniform branch, runs per-element
+// code without that handling, with the roundings of aoq_math.h's fast section
+// and plain fminf/fmaxf; everything else runs the general code.  Outputs are
+// the same bits either way (the emulator tests compare both paths with the CPU
+// kernels; tests/fast_paths.c checks the roundings over their whole domains).
+
+#ifdef AOQ_EMU
+// the emulator's tests count the groups each path ran (lane 0 of each group)
+extern "C" {
+int64_t aoq_emu_fast_groups = 0, aoq_emu_general_groups = 0;
+}
+#define AOQ_COUNT_PATH(fast) (void)((fast) ? aoq_emu_fast_groups++ : aoq_emu_general_groups++)
+#else
+#define AOQ_COUNT_PATH(fast) (void)0
+#endif
+
+// the largest amax of an fp8 fast row: its fp8 values, group scales and every
+// product stay finite, and the bf16 roundings inside aoq_bf16_round_fast's
+// domain (nonzero magnitudes from 2^-126, past the eps-clamped scales' reach,
+// to below 2^110)
+template <int DT>
+__device__ __forceinline__ float fast_amax() {
+  return DT == AOQ_F16 ? 16384.f : 0x1p100f;
+}
+
+// aoq_round_to for the fast paths (a zero may lose its sign, which the
+// forward's outputs never depend on)
+template <int DT>
+__device__ __forceinline__ float round_fast(float x) {
+  return DT == AOQ_BF16 ? aoq_bf16_round_fast(x) : aoq_round_to(x, DT);
+}
+
+template <int W>
+__device__ __forceinline__ float warp_max_fast(float v) {  // no NaN to propagate
+  for (int off = W / 2; off >= 1; off >>= 1) v = fmaxf(v, __shfl_xor_sync(FULL, v, off));
+  return v;
+}
+template <int W>
+__device__ __forceinline__ float warp_min_fast(float v) {
+  for (int off = W / 2; off >= 1; off >>= 1) v = fminf(v, __shfl_xor_sync(FULL, v, off));
+  return v;
+}
+
+// store_chunk of values that are not NaN; EXACT: values the dtype holds (the
+// fp8 path's dequantized values), stored without rounding
+template <int DT, int E, bool VEC, bool EXACT>
+__device__ __forceinline__ void store_chunk_fast(void *p, int64_t idx, const float *v) {
+  typedef typename Elt<DT>::T T;
+  alignas(16) T raw[E];
+#pragma unroll
+  for (int e = 0; e < E; e++) {
+    if (DT == AOQ_BF16) {
+      const uint32_t u = aoq_f2u(v[e]);
+      raw[e] = (uint16_t)((EXACT ? u : u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    } else {
+      aoq_store(raw, e, v[e], DT);
+    }
+  }
+  copy_chunk<T, E, VEC>(reinterpret_cast<T *>(p) + idx, raw);
+}
+
+// The forward's layout.  It has no sums, so unlike the backward (bound to the
+// canonical order's chunks of g / 32 elements per lane) it may give each lane
+// EL consecutive elements of one group, 32 bytes (two 16-byte vectors): LPG =
+// g / EL lanes share a group, and a warp covers GPW = 32 / LPG consecutive
+// groups per step.  Fewer lanes per group than 32 means fewer shuffles and
+// each group's scale computed by fewer lanes, for more elements each.
+template <int DT, int E>
+struct FwdLayout {
+  static constexpr int EL = 32 / (int)sizeof(typename Elt<DT>::T);  // 16 (16-bit dtypes) or 8
+  static constexpr int LPG = 32 * E / EL;                            // g >= 32 >= EL
+  static constexpr int GPW = 32 / LPG;
+};
+
+// one fp8-int4 group: this lane's N values v of the weight -> dequantized y,
+// codes qf (as float, 8 added), the group's scale; W lanes share the group;
+// fast: the row is a fast row.  Returns whether the group took the fast path.
+template <int DT, int N, int W, int AWQ>
+__device__ __forceinline__ bool fp8_group(float *v, float s_row, bool fast, float *y, float *qf, float *sc) {
+  float m = 0.f;
+  if (fast) {
+#pragma unroll
+    for (int e = 0; e < N; e++) {
+      const float t = fminf(fmaxf(v[e] / s_row, -AOQ_FP8_MAX), AOQ_FP8_MAX);
+      v[e] = round_fast<DT>(aoq_fp8_e4m3_round_fast(t) * s_row);
+      m = fmaxf(m, fabsf(v[e]));
+    }
+    m = warp_max_fast<W>(m);
+  } else {
+#pragma unroll
+    for (int e = 0; e < N; e++) {
+      v[e] = aoq_fp8_rt(v[e], s_row, DT);
+      m = nanmax(m, v[e] < 0.f ? -v[e] : v[e]);
+    }
+    m = warp_max<W>(m);
+  }
+  const aoq_sym_group p = aoq_sym_group_from_max(m, DT, AWQ);
+  *sc = p.sdq;
+  // fp16 scales: 1/sg or the awq scale may overflow, which the general code
+  // handles (no shuffles below: the lanes of a warp may part here)
+  if (fast && aoq_isfinite(p.rcp) && aoq_isfinite(p.sdq)) {
+#pragma unroll
+    for (int e = 0; e < N; e++) {
+      const float qc = fminf(fmaxf(aoq_rint(round_fast<DT>(v[e] * p.rcp)) + 0.0f, -8.f), 7.f);
+      y[e] = round_fast<DT>(qc * p.sdq);
+      qf[e] = qc + 8.f;
+    }
+    return true;
+  }
+#pragma unroll
+  for (int e = 0; e < N; e++) {
+    const float qc = aoq_clamp(aoq_sym_code_raw(v[e], &p, DT), -8.f, 7.f);
+    y[e] = aoq_sym_deq(qc, &p, DT);
+    qf[e] = qc == qc ? qc + 8.f : 0.f;
+  }
+  return false;
+}
+
+// one int4-asym group, likewise.  Fast when the group's values, range, scale
+// and zero point are finite: a lane holding an Inf or a NaN (its fmaf(x, 0, .)
+// sum is NaN) sets its max to +Inf, which makes the range infinite.  The
+// general code reduces again with shuffles, so the whole warp takes one path
+// (the fast one only if every group of the warp's step is fast).
+template <int DT, int N, int W, int AWQ>
+__device__ __forceinline__ bool asym_group(const float *v, int cs, bool fast_ok, float *y, float *qf, float *sc,
+                                           float *zr) {
+  float mx = v[0], mn = v[0], chk = 0.f;
+#pragma unroll
+  for (int e = 0; e < N; e++) {
+    mx = fmaxf(mx, v[e]);
+    mn = fminf(mn, v[e]);
+    chk = fmaf(v[e], 0.f, chk);
+  }
+  if (chk != 0.f) mx = INFINITY;
+  aoq_asym_group p = aoq_asym_group_from_minmax(warp_max_fast<W>(mx), warp_min_fast<W>(mn), AWQ, cs);
+  const bool fast = __all_sync(FULL, aoq_isfinite(p.d) && aoq_isfinite(AWQ ? p.s16 : p.z)) && fast_ok;
+  if (fast) {
+#pragma unroll
+    for (int e = 0; e < N; e++) {
+      const float qc = fminf(fmaxf(aoq_asym_code_raw(v[e], &p, AWQ), 0.f), 15.f);
+      y[e] = aoq_asym_deq(qc, &p, AWQ);
+      qf[e] = qc;
+    }
+  } else {
+    mx = v[0];
+    mn = v[0];
+#pragma unroll
+    for (int e = 0; e < N; e++) {
+      mx = nanmax(mx, v[e]);
+      mn = nanmin(mn, v[e]);
+    }
+    p = aoq_asym_group_from_minmax(warp_max<W>(mx), warp_min<W>(mn), AWQ, cs);
+#pragma unroll
+    for (int e = 0; e < N; e++) {
+      const float qc = aoq_clamp(aoq_asym_code_raw(v[e], &p, AWQ), 0.f, 15.f);
+      y[e] = aoq_asym_deq(qc, &p, AWQ);
+      qf[e] = qc == qc ? qc : 0.f;
+    }
+  }
+  *sc = AWQ ? p.s16 : p.s;
+  *zr = AWQ ? p.zi : p.z;
+  return fast;
+}
+
 // STAGE (fp8_int4 only): the row max's read also copies the row to dynamic
 // shared memory (K elements), and the groups are read from there: one read of
-// the weight instead of two
-template <int DT, int E, bool VEC, bool STAGE>
+// the weight instead of two (the copy is complete after block_max's barrier)
+template <int DT, int E, bool VEC, bool STAGE, int SCHEME, int AWQ>
 __global__ void __launch_bounds__(TPB) fq_fwd_kernel(const void *__restrict__ w, void *__restrict__ out,
                                                      uint8_t *__restrict__ codes, float *__restrict__ scales,
-                                                     float *__restrict__ zeros, int64_t K, int scheme, int awq,
-                                                     int cs) {
+                                                     float *__restrict__ zeros, int64_t K, int cs, int fast_ok) {
   __shared__ float sh[AOQ_NW];
   extern __shared__ uint4 stage_mem[];
+  typedef FwdLayout<DT, E> L;
+  constexpr bool FP8 = SCHEME == AOQ_SCHEME_FP8_INT4;
+  static_assert(FP8 || !STAGE, "only the fp8 forward stages its row");
   const int g = 32 * E;
   const int64_t n = blockIdx.x, base = n * K, G = K / g;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  float s_row = 0.f;
+  const int sub = lane / L::LPG, li = lane % L::LPG;  // this lane's group in a step, its place there
   // where the groups are read: the row at sbase (known at compile time, so
   // that the staged reads compile to shared-memory loads)
   const void *const src = STAGE ? (const void *)stage_mem : w;
   const int64_t sbase = STAGE ? 0 : base;
-  if (STAGE || scheme == AOQ_SCHEME_FP8_INT4)
-    s_row = aoq_fp8_scale_from_amax(row_amax_chunks<DT, E, VEC, STAGE>(w, base, G, sh, stage_mem), DT, cs);
-  for (int64_t j0 = warp; j0 < G; j0 += AOQ_NW * AOQ_U) {
-    float vv[AOQ_U][E];
-    load_groups<DT, E, VEC, AOQ_U>(src, sbase, j0, G, vv);
+  float s_row = 0.f;
+  bool fast = false;
+  if (FP8) {
+    const float a0 = row_amax_chunks<DT, E, VEC, STAGE>(w, base, G, sh, stage_mem);
+    s_row = aoq_fp8_scale_from_amax(a0, DT, cs);
+    fast = fast_ok && a0 <= fast_amax<DT>() && s_row > 0.f;  // (false for a NaN)
+  }
+  // steps t = warp, warp + NW, ...: groups t * GPW + sub, AOQ_UF steps' loads in flight
+  const int64_t steps = (G + L::GPW - 1) / L::GPW;
+  for (int64_t t0 = warp; t0 < steps; t0 += AOQ_NW * AOQ_UF) {
+    float vv[AOQ_UF][L::EL];
 #pragma unroll
-    for (int u = 0; u < AOQ_U; u++) {
-      const int64_t j = j0 + u * AOQ_NW;
-      if (j >= G) break;
-      const int64_t idx = base + j * g + lane * E;
-      float *v = vv[u];
-      float y[E];
-      uint8_t q[E];
-      float sc, zr;
-      if (scheme == AOQ_SCHEME_FP8_INT4) {
-        float m = 0.f;
-#pragma unroll
-        for (int e = 0; e < E; e++) {
-          v[e] = aoq_fp8_rt(v[e], s_row, DT);
-          m = nanmax(m, v[e] < 0.f ? -v[e] : v[e]);
-        }
-        aoq_sym_group p = aoq_sym_group_from_max(warp_max(m), DT, awq);
-#pragma unroll
-        for (int e = 0; e < E; e++) {
-          float qc = aoq_clamp(aoq_sym_code_raw(v[e], &p, DT), -8.f, 7.f);
-          y[e] = aoq_sym_deq(qc, &p, DT);
-          q[e] = qc == qc ? (uint8_t)(int)(qc + 8.f) : 0;
-        }
-        sc = p.sdq;
-        zr = 8.f;
+    for (int u = 0; u < AOQ_UF; u++) {
+      const int64_t j = (t0 + u * AOQ_NW) * L::GPW + sub;
+      if (t0 + u * AOQ_NW < steps && j < G) {
+        load_chunk<DT, L::EL, VEC>(src, sbase + j * g + li * L::EL, vv[u]);
       } else {
-        float mx = v[0], mn = v[0];
 #pragma unroll
-        for (int e = 0; e < E; e++) {
-          mx = nanmax(mx, v[e]);
-          mn = nanmin(mn, v[e]);
-        }
-        aoq_asym_group p = aoq_asym_group_from_minmax(warp_max(mx), warp_min(mn), awq, cs);
-#pragma unroll
-        for (int e = 0; e < E; e++) {
-          float qc = aoq_clamp(aoq_asym_code_raw(v[e], &p, awq), 0.f, 15.f);
-          y[e] = aoq_asym_deq(qc, &p, awq);
-          q[e] = qc == qc ? (uint8_t)(int)qc : 0;
-        }
-        sc = awq ? p.s16 : p.s;
-        zr = awq ? p.zi : p.z;
+        for (int e = 0; e < L::EL; e++) vv[u][e] = 0.f;  // no group: zeros through the shuffles, nothing stored
       }
-      if (out) store_chunk<DT, E, VEC>(out, idx, y);
+    }
+#pragma unroll
+    for (int u = 0; u < AOQ_UF; u++) {
+      if (t0 + u * AOQ_NW >= steps) break;
+      const int64_t j = (t0 + u * AOQ_NW) * L::GPW + sub;
+      const int64_t idx = base + j * g + li * L::EL;
+      float y[L::EL], qf[L::EL], sc, zr = 8.f;
+      bool fast_group;
+      if (FP8)
+        fast_group = fp8_group<DT, L::EL, L::LPG, AWQ>(vv[u], s_row, fast, y, qf, &sc);
+      else
+        fast_group = asym_group<DT, L::EL, L::LPG, AWQ>(vv[u], cs, fast_ok, y, qf, &sc, &zr);
+      if (j >= G) continue;
+      if (out) {
+        if (fast_group)
+          store_chunk_fast<DT, L::EL, VEC, FP8>(out, idx, y);
+        else
+          store_chunk<DT, L::EL, VEC>(out, idx, y);
+      }
       if (codes) {
 #pragma unroll
-        for (int e = 0; e < E; e++) codes[idx + e] = q[e];
+        for (int e = 0; e < L::EL; e++) codes[idx + e] = (uint8_t)(int)qf[e];
       }
-      if (lane == 0) {
+      if (li == 0) {
+        AOQ_COUNT_PATH(fast_group);
         if (scales) scales[n * G + j] = sc;
         if (zeros) zeros[n * G + j] = zr;
       }
@@ -653,6 +822,9 @@ int finish() {
     case 256: { constexpr int E = 8; __VA_ARGS__; } break; \
     default: return AOQ_ERR_ARG;                  \
   }
+#define AOQ_DISPATCH_AWQ(awq, ...)                \
+  if (awq) { constexpr int AWQ = 1; __VA_ARGS__; } \
+  else { constexpr int AWQ = 0; __VA_ARGS__; }
 #define AOQ_DISPATCH_DT(dt, ...)                  \
   switch (dt) {                                   \
     case AOQ_BF16: { constexpr int DT = AOQ_BF16; __VA_ARGS__; } break; \
@@ -677,17 +849,27 @@ extern "C" int aoq_cuda_fq_fwd(const void *w, void *out, uint8_t *codes, float *
   if (!guard.ok) return AOQ_ERR_CUDA;
   cudaStream_t strm = (cudaStream_t)stream;
   const bool vec = aligned16(w) && (!out || aligned16(out));
-  const bool fp8 = scheme == AOQ_SCHEME_FP8_INT4;
-  AOQ_DISPATCH_DT(dt, AOQ_DISPATCH_E(g, {
-    const size_t bytes = (size_t)K * sizeof(typename Elt<DT>::T);
-    size_t smem;
-    auto kern = vec ? choose<fq_fwd_kernel<DT, E, true, false>, fq_fwd_kernel<DT, E, true, true>>(fp8, device, bytes,
-                                                                                                   &smem)
-                    : choose<fq_fwd_kernel<DT, E, false, false>, fq_fwd_kernel<DT, E, false, true>>(fp8, device,
-                                                                                                     bytes, &smem);
-    kern<<<(unsigned)N, TPB, smem, strm>>>(w, out, codes, scales, zeros, K, scheme, awq, cs);
+  // AOQ_CUDA_FAST=0: every row and group through the general code (read at
+  // each launch, like AOQ_CUDA_STAGE), for comparison
+  const char *fast_env = getenv("AOQ_CUDA_FAST");
+  const int fast_ok = !(fast_env && fast_env[0] == '0');
+  AOQ_DISPATCH_DT(dt, AOQ_DISPATCH_E(g, AOQ_DISPATCH_AWQ(awq, {
+    size_t smem = 0;
+    if (scheme == AOQ_SCHEME_FP8_INT4) {
+      constexpr int S = AOQ_SCHEME_FP8_INT4;
+      const size_t bytes = (size_t)K * sizeof(typename Elt<DT>::T);
+      auto kern = vec ? choose<fq_fwd_kernel<DT, E, true, false, S, AWQ>, fq_fwd_kernel<DT, E, true, true, S, AWQ>>(
+                            true, device, bytes, &smem)
+                      : choose<fq_fwd_kernel<DT, E, false, false, S, AWQ>,
+                               fq_fwd_kernel<DT, E, false, true, S, AWQ>>(true, device, bytes, &smem);
+      kern<<<(unsigned)N, TPB, smem, strm>>>(w, out, codes, scales, zeros, K, cs, fast_ok);
+    } else {
+      constexpr int S = AOQ_SCHEME_INT4_ASYM;
+      auto kern = vec ? fq_fwd_kernel<DT, E, true, false, S, AWQ> : fq_fwd_kernel<DT, E, false, false, S, AWQ>;
+      kern<<<(unsigned)N, TPB, 0, strm>>>(w, out, codes, scales, zeros, K, cs, fast_ok);
+    }
     last_stage_bytes = (int64_t)smem;
-  }));
+  })));
   return finish();
 }
 

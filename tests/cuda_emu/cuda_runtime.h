@@ -35,6 +35,9 @@
 #ifndef AOQ_CUDA_EMU_RUNTIME_H
 #define AOQ_CUDA_EMU_RUNTIME_H
 
+// kernels built for the emulator may keep test counters (fq_cuda.cu: AOQ_COUNT_PATH)
+#define AOQ_EMU 1
+
 #include <setjmp.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -444,6 +447,14 @@ inline T aoq_emu_shfl(unsigned mask, T v, int src, int site) {
   aoq_emu_shfl((mask), (v), (threadIdx.x & 31u) + (unsigned)(off) < 32u ? (int)((threadIdx.x & 31u) + (off)) \
                                                                        : -1, __LINE__)
 #define __shfl_sync(mask, v, src) aoq_emu_shfl((mask), (v), (int)(src) & 31, __LINE__)
+// a vote: whether pred holds in every lane (a butterfly of shuffles, so the
+// same warp-barrier checks apply)
+inline int aoq_emu_all(unsigned mask, int pred, int site) {
+  uint32_t v = pred != 0;
+  for (unsigned off = 16; off >= 1; off >>= 1) v &= aoq_emu::shuffle(v, mask, (int)((threadIdx.x & 31u) ^ off), site);
+  return (int)v;
+}
+#define __all_sync(mask, pred) aoq_emu_all((mask), (pred), __LINE__)
 
 // vector types whose copies check the alignment the GPU requires
 struct uint2 {

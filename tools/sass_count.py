@@ -1,0 +1,204 @@
+"""Instructions per element of the CUDA forward's hot loop, read off the SASS
+(no GPU needed): a proxy for speed where the kernel is bound by instruction
+issue rather than memory.  Compiles csrc/kernels/fq_cuda.cu (or the version at
+--rev) for sm_90 in variants fixed at compile time: the fake-quant launch
+(out only: no codes, scales or zeros), CUDA division semantics (cs = 1), and
+each of the fast and general paths alone; then counts the instructions of one
+forward step (a lane's 32 bytes of a group: load, quantize, store) compiled
+into a kernel of its own, minus the division slow-path calls, per element.
+Sources before the forward's own layout (--rev of an older commit): the
+kernel's main loop (the longest backward branch), per element of one
+iteration (AOQ_U groups of E = g / 32 per thread).  By class:
+
+  alu   integer, logic, compare, select, min/max (16 lanes/SMSP/clock on
+        sm_80/sm_90: half the rate of fp32 math)
+  fma   fp32 add/mul/fma, IMAD (32 lanes/clock)
+  xu    MUFU (reciprocal), FRND, F2I/I2F conversions (a quarter rate)
+  other loads, stores, shuffles, branches, moves
+
+Needs nvcc and cuobjdump + nvdisasm on PATH (pip install
+nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm: they land under
+site-packages/nvidia/cu13/bin).
+
+    python tools/sass_count.py [--rev GITREV] [--dtype 2] [--e 4]
+"""
+import argparse
+import collections
+import concurrent.futures
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ALU = {"FSETP", "FSEL", "FMNMX", "LOP3", "ISETP", "SHF", "IADD3", "SEL", "PRMT", "VIMNMX", "IMNMX", "PLOP3",
+       "FCHK", "LEA", "P2R", "R2P", "BMSK", "SGXT", "LOP", "IABS", "VIADD"}
+FMA = {"FFMA", "FMUL", "FADD", "IMAD", "HADD2", "HFMA2", "HMUL2"}
+XU = {"MUFU", "FRND", "F2I", "I2F", "F2F", "F2FP"}
+VARIANTS = [("fp8_int4", "torchao", 0, 0), ("fp8_int4", "awq", 0, 1), ("int4_asym", "torchao", 1, 0),
+            ("int4_asym", "awq", 1, 1)]
+
+
+def find_tool(name):
+    for d in os.environ.get("PATH", "").split(os.pathsep) + [
+            os.path.join(p, "nvidia", "cu13", "bin") for p in sys.path if p.endswith("site-packages")]:
+        if os.path.exists(os.path.join(d, name)):
+            return d
+    raise SystemExit(f"{name} not found (pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)")
+
+
+def variant_source(src, path):
+    """The source with the fake-quant outputs, cs = 1 and one path fixed."""
+    fast = path == "fast"
+    subs = [("if (codes) {", "if (false) {"), ("if (scales)", "if (false)"), ("if (zeros)", "if (false)")]
+    if "bool fast = false;" in src:  # the kernels with fast paths
+        subs += [("if (out) {", "if (true) {"), ("  bool fast = false;\n", "  bool fast = false;\n  cs = 1;\n"),
+                 ("if (fast && aoq_isfinite(p.rcp) && aoq_isfinite(p.sdq)) {", f"if ({str(fast).lower()}) {{"),
+                 ("  if (fast) {\n", f"  if ({str(fast).lower()}) {{\n")]
+    elif fast:
+        return None
+    else:  # before them: scheme and awq were kernel arguments
+        subs += [("if (out) store_chunk", "if (true) store_chunk"), ("  const int g = 32 * E;\n  const int64_t n = blockIdx.x, base = n * K, G = K / g;\n"
+                  "  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;\n  float s_row = 0.f;",
+                  "  const int g = 32 * E;\n  const int64_t n = blockIdx.x, base = n * K, G = K / g;\n"
+                  "  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;\n  float s_row = 0.f;\n"
+                  "  scheme = AOQ_M_SCHEME; awq = AOQ_M_AWQ; cs = 1;")]
+    for a, b in subs:
+        if a not in src:
+            raise SystemExit(f"sass_count: the kernel source changed (no {a!r}); update variant_source")
+        src = src.replace(a, b)
+    if "struct FwdLayout" in src:  # the step kernel, at the end of the kernels' anonymous namespace
+        src = src.replace("\n}  // namespace\n", "\n" + STEP_KERNEL + "}  // namespace\n", 1)
+    return src
+
+
+# The fast-path kernels: one forward step (one lane's 32 bytes of a group) in a
+# kernel of its own, since the main loop comes in versions (full and tail
+# steps) whose code a static count cannot tell apart.
+STEP_KERNEL = """
+template <int DT, int E, int SCHEME, int AWQ>
+__global__ void aoq_measure_step(const void *__restrict__ w, void *__restrict__ out, float s_row, int cs) {
+  typedef FwdLayout<DT, E> L;
+  constexpr bool FP8 = SCHEME == AOQ_SCHEME_FP8_INT4;
+  const int64_t idx = (int64_t)(blockIdx.x * blockDim.x + threadIdx.x) * L::EL;
+  float v[L::EL], y[L::EL], qf[L::EL], sc, zr;
+  load_chunk<DT, L::EL, true>(w, idx, v);
+  bool fg;
+  if (FP8)
+    fg = fp8_group<DT, L::EL, L::LPG, AWQ>(v, s_row, true, y, qf, &sc);
+  else
+    fg = asym_group<DT, L::EL, L::LPG, AWQ>(v, cs, true, y, qf, &sc, &zr);
+  if (fg)
+    store_chunk_fast<DT, L::EL, true, FP8>(out, idx, y);
+  else
+    store_chunk<DT, L::EL, true>(out, idx, y);
+}
+AOQ_M_INSTANTIATE
+"""
+
+
+def functions(sass):
+    out, cur = {}, None
+    for line in sass.splitlines():
+        m = re.search(r"Function : (\S+)", line)
+        if m:
+            cur = subprocess.run(["c++filt", m.group(1)], capture_output=True, text=True).stdout.strip()
+            out[cur] = []
+            continue
+        m = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
+        if cur and m:
+            out[cur].append((int(m.group(1), 16), m.group(2).strip()))
+    return out
+
+
+def loop_counts(ins, whole=False):
+    """Opcode counts of the longest loop (whole: of the whole kernel, up to its
+    first EXIT), without the division slow-path calls."""
+    if whole:
+        end = next(a for a, i in ins if i.startswith("EXIT"))
+        body = [(a, i) for a, i in ins if a < end]
+    else:
+        back = [(int(m.group(1), 16), a) for a, i in ins
+                for m in [re.search(r"BRA (?:`\(\.L_x_\d+\) )?0x([0-9a-f]+)$", i)] if m and "BRA.DIV" not in i]
+        lo, hi = max(((t, a) for t, a in back if t <= a), key=lambda x: x[1] - x[0])
+        body = [(a, i) for a, i in ins if lo <= a <= hi]
+    skip = set()
+    for k, (a, i) in enumerate(body):
+        if "CALL.REL" in i:  # the call and its argument moves, after the branch around them
+            j = k
+            while j > 0 and "BRA" not in body[j - 1][1]:
+                j -= 1
+            skip.update(x[0] for x in body[j:k + 1])
+            if k + 1 < len(body) and body[k + 1][1].startswith("IMAD.MOV"):
+                skip.add(body[k + 1][0])
+    ops = collections.Counter()
+    for a, i in body:
+        if a not in skip:
+            ops[re.split(r"[ .]", i.split(" ", 1)[1] if i.startswith("@") else i)[0]] += 1
+    return ops
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rev", help="git revision of fq_cuda.cu to measure (default: the working tree)")
+    ap.add_argument("--dtype", type=int, default=2, help="0 fp32, 1 fp16, 2 bf16 (default)")
+    ap.add_argument("--e", default="4", help="elements per lane and group, g / 32, comma-separated (default 4: "
+                    "g=128)")
+    args = ap.parse_args()
+    nvcc = os.environ.get("NVCC", "/usr/local/cuda/bin/nvcc")
+    env = dict(os.environ, PATH=find_tool("cuobjdump") + os.pathsep + os.environ.get("PATH", ""))
+    src = (subprocess.run(["git", "show", f"{args.rev}:csrc/kernels/fq_cuda.cu"], cwd=ROOT, check=True,
+                          capture_output=True, text=True).stdout if args.rev
+           else open(os.path.join(ROOT, "csrc", "kernels", "fq_cuda.cu")).read())
+    es = [int(e) for e in args.e.split(",")]
+    # elements per thread in one iteration of the main loop: AOQ_U groups of E
+    # (the chunk layout, before FwdLayout), or AOQ_UF steps of 32 bytes
+    layout = "struct FwdLayout" in src
+    knob = "AOQ_UF" if layout else "AOQ_U"
+    unroll = int(re.search(r"#define %s (\d+)" % knob, src).group(1))
+    print(f"# fq_cuda.cu {args.rev or 'working tree'}: forward, sm_90, dtype {args.dtype}; "
+          + ("instructions per element of one forward step (32 bytes per lane, in a kernel of its own)"
+             if layout else f"instructions per element, one iteration of the main loop ({knob}={unroll}) / "
+             "its elements per thread"))
+    print("| variant | E | path | total | alu | fma | xu | other |")
+    print("|---|---|---|---|---|---|---|---|")
+    jobs = [(path, v) for path in ("fast", "general") if variant_source(src, path) is not None for v in VARIANTS]
+    with tempfile.TemporaryDirectory() as tmp:
+        def compile_one(job):
+            path, (scheme, mode, s, a) = job
+            cu = os.path.join(tmp, f"v_{path}_{s}{a}.cu")
+            with open(cu, "w") as f:
+                f.write(variant_source(src, path).replace("AOQ_M_INSTANTIATE", "\n".join(
+                    f"template __global__ void aoq_measure_step<{args.dtype}, {e}, {s}, {a}>"
+                    "(const void *, void *, float, int);" for e in es)))
+            cubin = cu + ".cubin"
+            subprocess.run([nvcc, "-cubin", "-o", cubin, cu, "-O3", "--fmad=false", "-std=c++17",
+                            "-DAOQ_WITH_CUDA=1", f"-DAOQ_M_SCHEME={s}", f"-DAOQ_M_AWQ={a}",
+                            "-I" + os.path.join(ROOT, "csrc"), "-I" + os.path.join(ROOT, "csrc", "kernels"),
+                            "-arch=sm_90", "-diag-suppress", "128"], check=True, env=env)
+            return subprocess.run(["cuobjdump", "-sass", cubin], check=True, capture_output=True, text=True,
+                                  env=env).stdout
+
+        with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+            for (path, (scheme, mode, s, a)), sass in zip(jobs, pool.map(compile_one, jobs)):
+                fns = functions(sass)
+                for e in es:
+                    if layout:  # one step of 32 bytes per lane
+                        ops = loop_counts(fns[next(k for k in fns if f"aoq_measure_step<{args.dtype}, {e}," in k)],
+                                          whole=True)
+                        per = 32 // (4 if args.dtype == 0 else 2)
+                    else:
+                        want = f"fq_fwd_kernel<{args.dtype}, {e}, true, false>"
+                        ops = loop_counts(fns[next(k for k in fns if want in k)])
+                        per = unroll * e
+                    n = sum(ops.values())
+                    alu = sum(c for o, c in ops.items() if o in ALU)
+                    fma = sum(c for o, c in ops.items() if o in FMA)
+                    xu = sum(c for o, c in ops.items() if o in XU)
+                    print(f"| {scheme} {mode} | {e} | {path} | {n / per:.1f} | {alu / per:.1f} | {fma / per:.1f} | "
+                          f"{xu / per:.1f} | {(n - alu - fma - xu) / per:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

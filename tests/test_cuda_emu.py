@@ -215,6 +215,33 @@ def test_emulated_forward_general_code_only(lib, scheme, monkeypatch):
     assert fast == 0 and general > 0, (fast, general)
 
 
+@pytest.mark.parametrize("mode", ["torchao", "awq"])
+def test_emulated_fp8_values_near_e4m3_midpoints(lib, mode):
+    """The fp8 fast path rounds x * (1 / s) instead of x / s to e4m3, except
+    for lanes holding a value within a few float ulps of an e4m3 midpoint,
+    which divide.  fp32 weights x = fp32(m * s) for every e4m3 midpoint m (s
+    = fp32(1 / 448), the scale of a row whose amax is 1) put x / s within an
+    ulp of each m: against the CPU kernel, and the lanes must have divided."""
+    awq = int(mode == "awq")
+    s = torch.tensor(1.0) / 448
+    mids = [(j + 0.5) * 2.0 ** -9 for j in range(8)]
+    mids += [(8 + j + 0.5) * 2.0 ** (e - 3) for e in range(-6, 9) for j in range(8) if (8 + j + 0.5) * 2.0 ** (e - 3) < 448]
+    m = torch.tensor(mids, dtype=torch.float64)
+    x = (m * s.double()).float()
+    vals = torch.cat([x, -x, x.nextafter(torch.tensor(1.0)), x.nextafter(torch.tensor(0.0))])
+    k = -(-(vals.numel() + 1) // 32) * 32
+    w = torch.zeros(2, k)
+    w[0, 0] = 1.0
+    w[0, 1:1 + vals.numel()] = vals
+    w[1] = w[0].flip(0)
+    ctypes.c_int64.in_dll(lib, "aoq_emu_divided_lanes").value = 0
+    out, codes, scales, zeros = emu_fwd(lib, w, 32, "fp8_int4", awq, 1 - awq)
+    assert ctypes.c_int64.in_dll(lib, "aoq_emu_divided_lanes").value > 0
+    assert_bits_equal(out, torch.ops.ao_awq.fq_weight(w, 32, 0, bool(awq), False, 1 - awq), mode)
+    c2, s2, z2 = torch.ops.ao_awq.quantize(w, 32, 0, bool(awq), 1 - awq)
+    assert torch.equal(codes, c2) and torch.equal(scales, s2) and torch.equal(zeros, z2)
+
+
 def special_weight(dtype, g):
     """8 rows of 8 groups, each row with values that the forward's fast paths
     must leave to the general code, beside groups they take: 0 plain; 1 a
@@ -271,6 +298,10 @@ def test_emulated_forward_fast_and_general_paths(lib, scheme, mode, dtype):
         assert torch.equal(codes, c2), what + " codes"
         assert_bits_equal(scales, s2, what + " scales")
         assert_bits_equal(zeros, z2, what + " zeros")
+        if special:  # the backward's row max (fp8) sees these rows too
+            gout = (torch.randn(w.shape, generator=torch.Generator().manual_seed(2)) * 1e3).to(dtype)
+            ref = torch.ops.ao_awq.fq_weight_backward(gout, w, g, SCH[scheme], bool(awq), True, cs)
+            assert_bits_equal(emu_bwd(lib, gout, w, g, scheme, awq, cs, 1), ref, what + " grad")
 
 
 @pytest.mark.parametrize("mode", ["torchao", "awq"])

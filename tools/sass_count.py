@@ -3,7 +3,8 @@
 issue rather than memory.  Compiles csrc/kernels/fq_cuda.cu (or the version at
 --rev) for sm_90 in variants fixed at compile time: the fake-quant launch
 (out only: no codes, scales or zeros), CUDA division semantics (cs = 1), and
-each of the fast and general paths alone; then counts the instructions of one
+each of the fast and general paths alone (the fast one without its rare
+branch for values near e4m3 midpoints); then counts the instructions of one
 forward step (a lane's 32 bytes of a group: load, quantize, store) compiled
 into a kernel of its own, minus the division slow-path calls, per element.
 Sources before the forward's own layout (--rev of an older commit): the
@@ -55,7 +56,8 @@ def variant_source(src, path):
     if "bool fast = false;" in src:  # the kernels with fast paths
         subs += [("if (out) {", "if (true) {"), ("  bool fast = false;\n", "  bool fast = false;\n  cs = 1;\n"),
                  ("if (fast && aoq_isfinite(p.rcp) && aoq_isfinite(p.sdq)) {", f"if ({str(fast).lower()}) {{"),
-                 ("  if (fast) {\n", f"  if ({str(fast).lower()}) {{\n")]
+                 ("  if (fast) {\n", f"  if ({str(fast).lower()}) {{\n"),
+                 ("    if (near) {", "    if (false) {")]  # (rare: a lane's values near e4m3 midpoints)
     elif fast:
         return None
     else:  # before them: scheme and awq were kernel arguments
@@ -78,7 +80,8 @@ def variant_source(src, path):
 # steps) whose code a static count cannot tell apart.
 STEP_KERNEL = """
 template <int DT, int E, int SCHEME, int AWQ>
-__global__ void aoq_measure_step(const void *__restrict__ w, void *__restrict__ out, float s_row, int cs) {
+__global__ void aoq_measure_step(const void *__restrict__ w, void *__restrict__ out, float s_row, float r_row,
+                                 int cs) {
   typedef FwdLayout<DT, E> L;
   constexpr bool FP8 = SCHEME == AOQ_SCHEME_FP8_INT4;
   const int64_t idx = (int64_t)(blockIdx.x * blockDim.x + threadIdx.x) * L::EL;
@@ -86,7 +89,7 @@ __global__ void aoq_measure_step(const void *__restrict__ w, void *__restrict__ 
   load_chunk<DT, L::EL, true>(w, idx, v);
   bool fg;
   if (FP8)
-    fg = fp8_group<DT, L::EL, L::LPG, AWQ>(v, s_row, true, y, qf, &sc);
+    fg = fp8_group<DT, L::EL, L::LPG, AWQ>(v, s_row, r_row, true, y, qf, &sc);
   else
     fg = asym_group<DT, L::EL, L::LPG, AWQ>(v, cs, true, y, qf, &sc, &zr);
   if (fg)
@@ -171,12 +174,14 @@ def main():
             with open(cu, "w") as f:
                 f.write(variant_source(src, path).replace("AOQ_M_INSTANTIATE", "\n".join(
                     f"template __global__ void aoq_measure_step<{args.dtype}, {e}, {s}, {a}>"
-                    "(const void *, void *, float, int);" for e in es)))
+                    "(const void *, void *, float, float, int);" for e in es)))
             cubin = cu + ".cubin"
-            subprocess.run([nvcc, "-cubin", "-o", cubin, cu, "-O3", "--fmad=false", "-std=c++17",
-                            "-DAOQ_WITH_CUDA=1", f"-DAOQ_M_SCHEME={s}", f"-DAOQ_M_AWQ={a}",
-                            "-I" + os.path.join(ROOT, "csrc"), "-I" + os.path.join(ROOT, "csrc", "kernels"),
-                            "-arch=sm_90", "-diag-suppress", "128"], check=True, env=env)
+            r = subprocess.run([nvcc, "-cubin", "-o", cubin, cu, "-O3", "--fmad=false", "-std=c++17",
+                                "-DAOQ_WITH_CUDA=1", f"-DAOQ_M_SCHEME={s}", f"-DAOQ_M_AWQ={a}",
+                                "-I" + os.path.join(ROOT, "csrc"), "-I" + os.path.join(ROOT, "csrc", "kernels"),
+                                "-arch=sm_90", "-diag-suppress", "128"], env=env, capture_output=True, text=True)
+            if r.returncode:
+                raise SystemExit(f"nvcc failed on the {path} variant {scheme} {mode}:\n{r.stderr[-3000:]}")
             return subprocess.run(["cuobjdump", "-sass", cubin], check=True, capture_output=True, text=True,
                                   env=env).stdout
 

@@ -180,9 +180,12 @@ AOQ_HD float aoq_fp8_e4m3_round(float x) {
 
 /* aoq_fp8_e4m3_round(x) for |x| <= 448 (after the clamp): 3 fraction bits,
  * and below 2^-6 the subnormal spacing 2^-9 (c = 1.5 * 2^14). */
+AOQ_HD float aoq_fp8_e4m3_c(float x) { /* its c */
+  const float c = aoq_u2f(aoq_f2u(x) & 0x7f800000u) * 1572864.0f; /* 1.5 * 2^20 */
+  return c > 24576.0f ? c : 24576.0f;
+}
 AOQ_HD float aoq_fp8_e4m3_round_fast(float x) {
-  float c = aoq_u2f(aoq_f2u(x) & 0x7f800000u) * 1572864.0f; /* 1.5 * 2^20 */
-  c = c > 24576.0f ? c : 24576.0f;
+  const float c = aoq_fp8_e4m3_c(x);
   return (x + c) - c;
 }
 

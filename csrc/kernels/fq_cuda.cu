@@ -168,11 +168,14 @@ __device__ __forceinline__ void load_groups(const void *p, int64_t base, int64_t
 // row amax |x| (NaN-propagating) over a weight row, chunk layout, vector
 // loads; STAGE: the row is also copied to stage (shared memory), complete
 // when block_max's barrier returns (the backward reads back exactly the
-// chunks each thread wrote; the forward reads in its own layout)
+// chunks each thread wrote; the forward reads in its own layout).  Each
+// thread takes fmaxf (blind to NaN) beside a fmaf(x, 0, .) sum, which an Inf
+// or a NaN makes NaN; a thread whose sum is NaN reads its chunks again with
+// the NaN-propagating max (rows holding Inf or NaN only).
 template <int DT, int E, bool VEC, bool STAGE>
 __device__ float row_amax_chunks(const void *w, int64_t base, int64_t G, float *sh, void *stage) {
   const int warp = threadIdx.x >> 5;
-  float a = 0.f;
+  float a = 0.f, chk = 0.f;
   for (int64_t j0 = warp; j0 < G; j0 += AOQ_NW * AOQ_U) {
     float v[AOQ_U][E];
     load_groups<DT, E, VEC, AOQ_U, STAGE>(w, base, j0, G, v, stage);
@@ -180,7 +183,22 @@ __device__ float row_amax_chunks(const void *w, int64_t base, int64_t G, float *
     for (int u = 0; u < AOQ_U; u++)
       if (j0 + u * AOQ_NW < G)
 #pragma unroll
-        for (int e = 0; e < E; e++) a = nanmax(a, v[u][e] < 0.f ? -v[u][e] : v[u][e]);
+        for (int e = 0; e < E; e++) {
+          a = fmaxf(a, fabsf(v[u][e]));
+          chk = fmaf(v[u][e], 0.f, chk);
+        }
+  }
+  if (chk != 0.f) {
+    a = 0.f;
+    for (int64_t j0 = warp; j0 < G; j0 += AOQ_NW * AOQ_U) {
+      float v[AOQ_U][E];
+      load_groups<DT, E, VEC, AOQ_U>(w, base, j0, G, v);
+#pragma unroll
+      for (int u = 0; u < AOQ_U; u++)
+        if (j0 + u * AOQ_NW < G)
+#pragma unroll
+          for (int e = 0; e < E; e++) a = nanmax(a, v[u][e] < 0.f ? -v[u][e] : v[u][e]);
+    }
   }
   return block_max(a, sh);
 }
@@ -221,13 +239,16 @@ __device__ __forceinline__ float row_fix(float ga, float xv, float each, float a
 // kernels; tests/fast_paths.c checks the roundings over their whole domains).
 
 #ifdef AOQ_EMU
-// the emulator's tests count the groups each path ran (lane 0 of each group)
+// the emulator's tests count the groups each path ran (lane 0 of each group),
+// and the lanes whose fp8 values had to be divided (fp8_group)
 extern "C" {
-int64_t aoq_emu_fast_groups = 0, aoq_emu_general_groups = 0;
+int64_t aoq_emu_fast_groups = 0, aoq_emu_general_groups = 0, aoq_emu_divided_lanes = 0;
 }
 #define AOQ_COUNT_PATH(fast) (void)((fast) ? aoq_emu_fast_groups++ : aoq_emu_general_groups++)
+#define AOQ_COUNT_DIVIDED() (void)aoq_emu_divided_lanes++
 #else
 #define AOQ_COUNT_PATH(fast) (void)0
+#define AOQ_COUNT_DIVIDED() (void)0
 #endif
 
 // the largest amax of an fp8 fast row: its fp8 values, group scales and every
@@ -288,17 +309,47 @@ struct FwdLayout {
   static constexpr int GPW = 32 / LPG;
 };
 
+// A fast row's e4m3(clamp(x / s)) without the division: t' = x * r (r the
+// correctly rounded 1 / s, once per row) is within 2.5 float ulps of the
+// quotient x / s, and t = RN(x / s) within half an ulp of it, so t and t'
+// round alike to e4m3 unless an e4m3 midpoint lies within 3 ulps of t'.  A
+// lane with a value that close (|t' - e4m3(t')| at least (1 - 2^-16) of half
+// the e4m3 spacing; the margin 2^-16 of it is 8 ulps of t''s binade) divides
+// instead.  Values past 448 clamp to 448 either way.
+template <int N>
+__device__ __forceinline__ void fp8_round_by_reciprocal(const float *v, float r_row, float *t8, bool *near) {
+  // half the e4m3 spacing is c / (1.5 * 2^24): the threshold is c * K
+  const float K = (float)((1.0 - 0x1p-16) * 0x1p-24 / 1.5);
+#pragma unroll
+  for (int e = 0; e < N; e++) {
+    const float t = fminf(fmaxf(v[e] * r_row, -AOQ_FP8_MAX), AOQ_FP8_MAX);
+    const float c = aoq_fp8_e4m3_c(t);
+    t8[e] = (t + c) - c;
+    *near |= fabsf(t - t8[e]) >= c * K;
+  }
+}
+
 // one fp8-int4 group: this lane's N values v of the weight -> dequantized y,
 // codes qf (as float, 8 added), the group's scale; W lanes share the group;
-// fast: the row is a fast row.  Returns whether the group took the fast path.
+// fast: the row is a fast row, r_row = 1 / s_row.  Returns whether the group
+// took the fast path.
 template <int DT, int N, int W, int AWQ>
-__device__ __forceinline__ bool fp8_group(float *v, float s_row, bool fast, float *y, float *qf, float *sc) {
+__device__ __forceinline__ bool fp8_group(float *v, float s_row, float r_row, bool fast, float *y, float *qf,
+                                          float *sc) {
   float m = 0.f;
   if (fast) {
+    float t8[N];
+    bool near = false;
+    fp8_round_by_reciprocal<N>(v, r_row, t8, &near);
+    if (near) {  // rare (about 1 value in 2^16), and a lane's own branch: no shuffles
+      AOQ_COUNT_DIVIDED();
+#pragma unroll
+      for (int e = 0; e < N; e++)
+        t8[e] = aoq_fp8_e4m3_round_fast(fminf(fmaxf(v[e] / s_row, -AOQ_FP8_MAX), AOQ_FP8_MAX));
+    }
 #pragma unroll
     for (int e = 0; e < N; e++) {
-      const float t = fminf(fmaxf(v[e] / s_row, -AOQ_FP8_MAX), AOQ_FP8_MAX);
-      v[e] = round_fast<DT>(aoq_fp8_e4m3_round_fast(t) * s_row);
+      v[e] = round_fast<DT>(t8[e] * s_row);
       m = fmaxf(m, fabsf(v[e]));
     }
     m = warp_max_fast<W>(m);
@@ -398,12 +449,13 @@ __global__ void __launch_bounds__(TPB) fq_fwd_kernel(const void *__restrict__ w,
   // that the staged reads compile to shared-memory loads)
   const void *const src = STAGE ? (const void *)stage_mem : w;
   const int64_t sbase = STAGE ? 0 : base;
-  float s_row = 0.f;
+  float s_row = 0.f, r_row = 0.f;
   bool fast = false;
   if (FP8) {
     const float a0 = row_amax_chunks<DT, E, VEC, STAGE>(w, base, G, sh, stage_mem);
     s_row = aoq_fp8_scale_from_amax(a0, DT, cs);
     fast = fast_ok && a0 <= fast_amax<DT>() && s_row > 0.f;  // (false for a NaN)
+    if (fast) r_row = 1.0f / s_row;
   }
   // steps t = warp, warp + NW, ...: groups t * GPW + sub, AOQ_UF steps' loads in flight
   const int64_t steps = (G + L::GPW - 1) / L::GPW;
@@ -427,7 +479,7 @@ __global__ void __launch_bounds__(TPB) fq_fwd_kernel(const void *__restrict__ w,
       float y[L::EL], qf[L::EL], sc, zr = 8.f;
       bool fast_group;
       if (FP8)
-        fast_group = fp8_group<DT, L::EL, L::LPG, AWQ>(vv[u], s_row, fast, y, qf, &sc);
+        fast_group = fp8_group<DT, L::EL, L::LPG, AWQ>(vv[u], s_row, r_row, fast, y, qf, &sc);
       else
         fast_group = asym_group<DT, L::EL, L::LPG, AWQ>(vv[u], cs, fast_ok, y, qf, &sc, &zr);
       if (j >= G) continue;

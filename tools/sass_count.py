@@ -159,7 +159,8 @@ def main():
     # (the chunk layout, before FwdLayout), or AOQ_UF steps of 32 bytes
     layout = "struct FwdLayout" in src
     knob = "AOQ_UF" if layout else "AOQ_U"
-    unroll = int(re.search(r"#define %s (\d+)" % knob, src).group(1))
+    m = re.search(r"#define %s (\d+)" % knob, src)
+    unroll = int(m.group(1)) if m else 1  # (before the unroll knobs: one group at a time)
     print(f"# fq_cuda.cu {args.rev or 'working tree'}: forward, sm_90, dtype {args.dtype}; "
           + ("instructions per element of one forward step (32 bytes per lane, in a kernel of its own)"
              if layout else f"instructions per element, one iteration of the main loop ({knob}={unroll}) / "
@@ -168,6 +169,13 @@ def main():
     print("|---|---|---|---|---|---|---|---|")
     jobs = [(path, v) for path in ("fast", "general") if variant_source(src, path) is not None for v in VARIANTS]
     with tempfile.TemporaryDirectory() as tmp:
+        inc = os.path.join(ROOT, "csrc")
+        if args.rev:  # that revision's headers too
+            archive = subprocess.run(["git", "archive", args.rev, "csrc"], cwd=ROOT, check=True,
+                                     capture_output=True).stdout
+            subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+            inc = os.path.join(tmp, "csrc")
+
         def compile_one(job):
             path, (scheme, mode, s, a) = job
             cu = os.path.join(tmp, f"v_{path}_{s}{a}.cu")
@@ -178,7 +186,7 @@ def main():
             cubin = cu + ".cubin"
             r = subprocess.run([nvcc, "-cubin", "-o", cubin, cu, "-O3", "--fmad=false", "-std=c++17",
                                 "-DAOQ_WITH_CUDA=1", f"-DAOQ_M_SCHEME={s}", f"-DAOQ_M_AWQ={a}",
-                                "-I" + os.path.join(ROOT, "csrc"), "-I" + os.path.join(ROOT, "csrc", "kernels"),
+                                "-I" + inc, "-I" + os.path.join(inc, "kernels"),
                                 "-arch=sm_90", "-diag-suppress", "128"], env=env, capture_output=True, text=True)
             if r.returncode:
                 raise SystemExit(f"nvcc failed on the {path} variant {scheme} {mode}:\n{r.stderr[-3000:]}")
@@ -194,8 +202,10 @@ def main():
                                           whole=True)
                         per = 32 // (4 if args.dtype == 0 else 2)
                     else:
-                        want = f"fq_fwd_kernel<{args.dtype}, {e}, true, false>"
-                        ops = loop_counts(fns[next(k for k in fns if want in k)])
+                        # the vectorized, unstaged kernel (older ones had no STAGE parameter)
+                        cands = [k for k in fns if f"fq_fwd_kernel<{args.dtype}, {e}, true" in k]
+                        name = next((k for k in cands if f"<{args.dtype}, {e}, true, false>" in k), cands[0])
+                        ops = loop_counts(fns[name])
                         per = unroll * e
                     n = sum(ops.values())
                     alu = sum(c for o, c in ops.items() if o in ALU)

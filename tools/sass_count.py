@@ -3,8 +3,9 @@
 issue rather than memory.  Compiles csrc/kernels/fq_cuda.cu (or the version at
 --rev) for sm_90 in variants fixed at compile time: the fake-quant launch
 (out only: no codes, scales or zeros), CUDA division semantics (cs = 1), and
-each of the fast and general paths alone (the fast one without its rare
-branch for values near e4m3 midpoints); then counts the instructions of one
+each of the fast and general paths alone (the fast one without the branch
+that divides: fp8 rows whose scale has few significant bits, 1 in 16, and
+lanes near e4m3 midpoints); then counts the instructions of one
 forward step (a lane's 32 bytes of a group: load, quantize, store) compiled
 into a kernel of its own, minus the division slow-path calls, per element.
 Sources before the forward's own layout (--rev of an older commit): the
@@ -57,7 +58,9 @@ def variant_source(src, path):
         subs += [("if (out) {", "if (true) {"), ("  bool fast = false;\n", "  bool fast = false;\n  cs = 1;\n"),
                  ("if (fast && aoq_isfinite(p.rcp) && aoq_isfinite(p.sdq)) {", f"if ({str(fast).lower()}) {{"),
                  ("  if (fast) {\n", f"  if ({str(fast).lower()}) {{\n"),
-                 ("    if (near) {", "    if (false) {")]  # (rare: a lane's values near e4m3 midpoints)
+                 # the division branch (fp8 rows that divide, or rare lanes near e4m3
+                 # midpoints) left out, the check that decides it kept (an empty asm uses it)
+                 ("    if (near) {", '    asm volatile("" ::"r"((int)near));\n    if (false) {')]
     elif fast:
         return None
     else:  # before them: scheme and awq were kernel arguments
@@ -146,6 +149,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rev", help="git revision of fq_cuda.cu to measure (default: the working tree)")
     ap.add_argument("--dtype", type=int, default=2, help="0 fp32, 1 fp16, 2 bf16 (default)")
+    ap.add_argument("--paths", default="fast,general", help="fast, general or both (default)")
     ap.add_argument("--e", default="4", help="elements per lane and group, g / 32, comma-separated (default 4: "
                     "g=128)")
     args = ap.parse_args()
@@ -167,7 +171,7 @@ def main():
              "its elements per thread"))
     print("| variant | E | path | total | alu | fma | xu | other |")
     print("|---|---|---|---|---|---|---|---|")
-    jobs = [(path, v) for path in ("fast", "general") if variant_source(src, path) is not None for v in VARIANTS]
+    jobs = [(path, v) for path in args.paths.split(",") if variant_source(src, path) is not None for v in VARIANTS]
     with tempfile.TemporaryDirectory() as tmp:
         inc = os.path.join(ROOT, "csrc")
         if args.rev:  # that revision's headers too

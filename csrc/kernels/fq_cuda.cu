@@ -240,7 +240,8 @@ __device__ __forceinline__ float row_fix(float ga, float xv, float each, float a
 
 #ifdef AOQ_EMU
 // the emulator's tests count the groups each path ran (lane 0 of each group),
-// and the lanes whose fp8 values had to be divided (fp8_group)
+// and the lanes of reciprocal rows whose fp8 values had to be divided
+// (fp8_group)
 extern "C" {
 int64_t aoq_emu_fast_groups = 0, aoq_emu_general_groups = 0, aoq_emu_divided_lanes = 0;
 }
@@ -315,7 +316,18 @@ struct FwdLayout {
 // round alike to e4m3 unless an e4m3 midpoint lies within 3 ulps of t'.  A
 // lane with a value that close (|t' - e4m3(t')| at least (1 - 2^-16) of half
 // the e4m3 spacing; the margin 2^-16 of it is 8 ulps of t''s binade) divides
-// instead.  Values past 448 clamp to 448 either way.
+// instead.  Values past 448 clamp to 448 either way.  Rows use it only where
+// no normal e4m3 midpoint m (5 significant bits) can be the exact quotient of
+// a value x of the dtype and s: x = m * s would need s's odd significand to
+// have at most (bits of the dtype) - 4 bits, so a scale with one of the 4
+// lowest bits of the dtype's significand set qualifies.  The others (1 row in
+// 16) divide: with bf16 weights, such rows put about 1 value in 400 on a
+// midpoint, and near-midpoint lanes are each a branch of their own.
+template <int DT>
+__device__ __forceinline__ bool reciprocal_row(float s_row) {
+  return (aoq_f2u(s_row) & (DT == AOQ_BF16 ? 0x000f0000u : DT == AOQ_F16 ? 0x0001e000u : 0xfu)) != 0;
+}
+
 template <int N>
 __device__ __forceinline__ void fp8_round_by_reciprocal(const float *v, float r_row, float *t8, bool *near) {
   // half the e4m3 spacing is c / (1.5 * 2^24): the threshold is c * K
@@ -331,18 +343,18 @@ __device__ __forceinline__ void fp8_round_by_reciprocal(const float *v, float r_
 
 // one fp8-int4 group: this lane's N values v of the weight -> dequantized y,
 // codes qf (as float, 8 added), the group's scale; W lanes share the group;
-// fast: the row is a fast row, r_row = 1 / s_row.  Returns whether the group
-// took the fast path.
+// fast: the row is a fast row, r_row = 1 / s_row where reciprocal_row, else
+// 0 (divide).  Returns whether the group took the fast path.
 template <int DT, int N, int W, int AWQ>
 __device__ __forceinline__ bool fp8_group(float *v, float s_row, float r_row, bool fast, float *y, float *qf,
                                           float *sc) {
   float m = 0.f;
   if (fast) {
     float t8[N];
-    bool near = false;
-    fp8_round_by_reciprocal<N>(v, r_row, t8, &near);
-    if (near) {  // rare (about 1 value in 2^16), and a lane's own branch: no shuffles
-      AOQ_COUNT_DIVIDED();
+    bool near = r_row == 0.f;
+    if (!near) fp8_round_by_reciprocal<N>(v, r_row, t8, &near);
+    if (near) {  // rare in a reciprocal row (a lane's own branch: no shuffles)
+      if (r_row != 0.f) AOQ_COUNT_DIVIDED();
 #pragma unroll
       for (int e = 0; e < N; e++)
         t8[e] = aoq_fp8_e4m3_round_fast(fminf(fmaxf(v[e] / s_row, -AOQ_FP8_MAX), AOQ_FP8_MAX));
@@ -455,7 +467,7 @@ __global__ void __launch_bounds__(TPB) fq_fwd_kernel(const void *__restrict__ w,
     const float a0 = row_amax_chunks<DT, E, VEC, STAGE>(w, base, G, sh, stage_mem);
     s_row = aoq_fp8_scale_from_amax(a0, DT, cs);
     fast = fast_ok && a0 <= fast_amax<DT>() && s_row > 0.f;  // (false for a NaN)
-    if (fast) r_row = 1.0f / s_row;
+    if (fast && reciprocal_row<DT>(s_row)) r_row = 1.0f / s_row;
   }
   // steps t = warp, warp + NW, ...: groups t * GPW + sub, AOQ_UF steps' loads in flight
   const int64_t steps = (G + L::GPW - 1) / L::GPW;

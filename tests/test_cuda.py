@@ -15,7 +15,7 @@ import torch
 
 import ao_awq_export as aq
 from ao_awq_export import _C
-from tests.test_cuda_emu import row_tail_case, special_weight, staged_bytes
+from tests.test_cuda_emu import midpoint_weight, row_tail_case, special_weight, staged_bytes
 from tests.test_fake_quant import (OPS, assert_bits_equal, check_grads, make_weight, torchao_fq,
                                    zero_torchao_nans)
 
@@ -165,6 +165,16 @@ def test_gpu_forward_special_rows(scheme, mode, dtype):
     got = torch.ops.ao_awq.quantize(w.cuda(), 64, SCH[scheme], awq, cs)
     for a, b, what in zip(got, torch.ops.ao_awq.quantize(w, 64, SCH[scheme], awq, cs), ("codes", "scales", "zeros")):
         assert_bits_equal(a.cpu(), b, what)
+
+
+@pytest.mark.parametrize("mode", ["torchao", "awq"])
+def test_gpu_fp8_values_near_e4m3_midpoints(mode):
+    """fp32 weights on every e4m3 midpoint times the row scale (the fp8 fast
+    path's reciprocal must not round them otherwise than the division)."""
+    w = midpoint_weight()
+    awq, cs = mode == "awq", 1 if mode == "torchao" else 0
+    out = torch.ops.ao_awq.fq_weight(w.cuda(), 32, 0, awq, False, cs)
+    assert_bits_equal(out.cpu(), torch.ops.ao_awq.fq_weight(w, 32, 0, awq, False, cs), "midpoints")
 
 
 NEAR_48K = """

@@ -215,6 +215,23 @@ def test_emulated_forward_general_code_only(lib, scheme, monkeypatch):
     assert fast == 0 and general > 0, (fast, general)
 
 
+def midpoint_weight():
+    """2 fp32 rows of amax 1 (scale s = fp32(1 / 448)) holding fp32(m * s)
+    for every e4m3 midpoint m, their negatives and their float neighbours."""
+    s = torch.tensor(1.0) / 448
+    mids = [(j + 0.5) * 2.0 ** -9 for j in range(8)]
+    mids += [(8 + j + 0.5) * 2.0 ** (e - 3) for e in range(-6, 9) for j in range(8)
+             if (8 + j + 0.5) * 2.0 ** (e - 3) < 448]
+    x = (torch.tensor(mids, dtype=torch.float64) * s.double()).float()
+    vals = torch.cat([x, -x, x.nextafter(torch.tensor(1.0)), x.nextafter(torch.tensor(0.0))])
+    k = -(-(vals.numel() + 1) // 32) * 32
+    w = torch.zeros(2, k)
+    w[0, 0] = 1.0
+    w[0, 1:1 + vals.numel()] = vals
+    w[1] = w[0].flip(0)
+    return w
+
+
 @pytest.mark.parametrize("mode", ["torchao", "awq"])
 def test_emulated_fp8_values_near_e4m3_midpoints(lib, mode):
     """The fp8 fast path rounds x * (1 / s) instead of x / s to e4m3, except
@@ -223,17 +240,7 @@ def test_emulated_fp8_values_near_e4m3_midpoints(lib, mode):
     = fp32(1 / 448), the scale of a row whose amax is 1) put x / s within an
     ulp of each m: against the CPU kernel, and the lanes must have divided."""
     awq = int(mode == "awq")
-    s = torch.tensor(1.0) / 448
-    mids = [(j + 0.5) * 2.0 ** -9 for j in range(8)]
-    mids += [(8 + j + 0.5) * 2.0 ** (e - 3) for e in range(-6, 9) for j in range(8) if (8 + j + 0.5) * 2.0 ** (e - 3) < 448]
-    m = torch.tensor(mids, dtype=torch.float64)
-    x = (m * s.double()).float()
-    vals = torch.cat([x, -x, x.nextafter(torch.tensor(1.0)), x.nextafter(torch.tensor(0.0))])
-    k = -(-(vals.numel() + 1) // 32) * 32
-    w = torch.zeros(2, k)
-    w[0, 0] = 1.0
-    w[0, 1:1 + vals.numel()] = vals
-    w[1] = w[0].flip(0)
+    w = midpoint_weight()
     ctypes.c_int64.in_dll(lib, "aoq_emu_divided_lanes").value = 0
     out, codes, scales, zeros = emu_fwd(lib, w, 32, "fp8_int4", awq, 1 - awq)
     assert ctypes.c_int64.in_dll(lib, "aoq_emu_divided_lanes").value > 0
@@ -249,7 +256,8 @@ def special_weight(dtype, g):
     20000 > 16384; else 2^101); 5 a group spanning -M..M (M = 3e38: its range
     overflows to Inf; fp16: 60000); 6 a group of range 2e6 (its AWQ fp16
     scale overflows; fp16 weights cannot reach that); 7 tiny values (1e-30:
-    the fp16 row scale underflows to 0)."""
+    the fp16 row scale underflows to 0).  Row 0's third group is small (fp16:
+    its scale's reciprocal overflows, in a fast row)."""
     w = make_weight(8, 8 * g, torch.float32, g, seed=11, special=False)
     f16 = dtype == torch.float16
     w[1, 3] = float("nan")
@@ -259,6 +267,7 @@ def special_weight(dtype, g):
     w[5, 0], w[5, 1] = (6e4, -6e4) if f16 else (3e38, -3e38)
     w[6, g:2 * g] *= 1e6 / w[6, g:2 * g].abs().max()
     w[7] *= 1e-30
+    w[0, 2 * g:3 * g] *= 2e-4
     return w.to(dtype)
 
 

@@ -313,10 +313,10 @@ struct FwdLayout {
 // A fast row's e4m3(clamp(x / s)) without the division: t' = x * r (r the
 // correctly rounded 1 / s, once per row) is within 2.5 float ulps of the
 // quotient x / s, and t = RN(x / s) within half an ulp of it, so t and t'
-// round alike to e4m3 unless an e4m3 midpoint lies within 3 ulps of t'.  A
-// lane with a value that close (|t' - e4m3(t')| at least (1 - 2^-16) of half
-// the e4m3 spacing; the margin 2^-16 of it is 8 ulps of t''s binade) divides
-// instead.  Values past 448 clamp to 448 either way.  Rows use it only where
+// round alike to e4m3 unless an e4m3 midpoint lies within 3 ulps (of the
+// quotient's binade: up to 6 of t''s) of t'.  A lane with a value that close
+// (|t' - e4m3(t')| at least (1 - 2^-16) of half the e4m3 spacing; the margin
+// 2^-16 of it is 8 ulps of t''s binade) divides instead.  Values past 448 clamp to 448 either way.  Rows use it only where
 // no normal e4m3 midpoint m (5 significant bits) can be the exact quotient of
 // a value x of the dtype and s: x = m * s would need s's odd significand to
 // have at most (bits of the dtype) - 4 bits, so a scale with one of the 4

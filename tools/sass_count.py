@@ -64,7 +64,8 @@ def variant_source(src, path):
     elif fast:
         return None
     else:  # before them: scheme and awq were kernel arguments
-        subs += [("if (out) store_chunk", "if (true) store_chunk"), ("  const int g = 32 * E;\n  const int64_t n = blockIdx.x, base = n * K, G = K / g;\n"
+        subs += [("if (out) store_chunk", "if (true) store_chunk"),
+                 ("  const int g = 32 * E;\n  const int64_t n = blockIdx.x, base = n * K, G = K / g;\n"
                   "  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;\n  float s_row = 0.f;",
                   "  const int g = 32 * E;\n  const int64_t n = blockIdx.x, base = n * K, G = K / g;\n"
                   "  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;\n  float s_row = 0.f;\n"

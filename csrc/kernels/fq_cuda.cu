@@ -268,6 +268,9 @@ __device__ __forceinline__ float round_fast(float x) {
   return DT == AOQ_BF16 ? aoq_bf16_round_fast(x) : aoq_round_to(x, DT);
 }
 
+// clamp(x, lo, hi) for x that is not NaN
+__device__ __forceinline__ float clamp_fast(float x, float lo, float hi) { return fminf(fmaxf(x, lo), hi); }
+
 template <int W>
 __device__ __forceinline__ float warp_max_fast(float v) {  // no NaN to propagate
   for (int off = W / 2; off >= 1; off >>= 1) v = fmaxf(v, __shfl_xor_sync(FULL, v, off));
@@ -316,11 +319,12 @@ struct FwdLayout {
 // round alike to e4m3 unless an e4m3 midpoint lies within 3 ulps (of the
 // quotient's binade: up to 6 of t''s) of t'.  A lane with a value that close
 // (|t' - e4m3(t')| at least (1 - 2^-16) of half the e4m3 spacing; the margin
-// 2^-16 of it is 8 ulps of t''s binade) divides instead.  Values past 448 clamp to 448 either way.  Rows use it only where
-// no normal e4m3 midpoint m (5 significant bits) can be the exact quotient of
-// a value x of the dtype and s: x = m * s would need s's odd significand to
-// have at most (bits of the dtype) - 4 bits, so a scale with one of the 4
-// lowest bits of the dtype's significand set qualifies.  The others (1 row in
+// 2^-16 of it is 8 ulps of t''s binade) divides instead.  Values past 448
+// clamp to 448 either way.  Rows use it only where no normal e4m3 midpoint m
+// (5 significant bits) can be the exact quotient of a value x of the dtype
+// and s: x = m * s would need s's odd significand to have at most (bits of
+// the dtype) - 4 bits, so a scale with one of the 4 lowest bits of the
+// dtype's significand set qualifies.  The others (1 row in
 // 16) divide: with bf16 weights, such rows put about 1 value in 400 on a
 // midpoint, and near-midpoint lanes are each a branch of their own.
 template <int DT>
@@ -334,7 +338,7 @@ __device__ __forceinline__ void fp8_round_by_reciprocal(const float *v, float r_
   const float K = (float)((1.0 - 0x1p-16) * 0x1p-24 / 1.5);
 #pragma unroll
   for (int e = 0; e < N; e++) {
-    const float t = fminf(fmaxf(v[e] * r_row, -AOQ_FP8_MAX), AOQ_FP8_MAX);
+    const float t = clamp_fast(v[e] * r_row, -AOQ_FP8_MAX, AOQ_FP8_MAX);
     const float c = aoq_fp8_e4m3_c(t);
     t8[e] = (t + c) - c;
     *near |= fabsf(t - t8[e]) >= c * K;
@@ -357,7 +361,7 @@ __device__ __forceinline__ bool fp8_group(float *v, float s_row, float r_row, bo
       if (r_row != 0.f) AOQ_COUNT_DIVIDED();
 #pragma unroll
       for (int e = 0; e < N; e++)
-        t8[e] = aoq_fp8_e4m3_round_fast(fminf(fmaxf(v[e] / s_row, -AOQ_FP8_MAX), AOQ_FP8_MAX));
+        t8[e] = aoq_fp8_e4m3_round_fast(clamp_fast(v[e] / s_row, -AOQ_FP8_MAX, AOQ_FP8_MAX));
     }
 #pragma unroll
     for (int e = 0; e < N; e++) {
@@ -380,7 +384,7 @@ __device__ __forceinline__ bool fp8_group(float *v, float s_row, float r_row, bo
   if (fast && aoq_isfinite(p.rcp) && aoq_isfinite(p.sdq)) {
 #pragma unroll
     for (int e = 0; e < N; e++) {
-      const float qc = fminf(fmaxf(aoq_rint(round_fast<DT>(v[e] * p.rcp)) + 0.0f, -8.f), 7.f);
+      const float qc = clamp_fast(aoq_rint(round_fast<DT>(v[e] * p.rcp)) + 0.0f, -8.f, 7.f);
       y[e] = round_fast<DT>(qc * p.sdq);
       qf[e] = qc + 8.f;
     }
@@ -416,7 +420,7 @@ __device__ __forceinline__ bool asym_group(const float *v, int cs, bool fast_ok,
   if (fast) {
 #pragma unroll
     for (int e = 0; e < N; e++) {
-      const float qc = fminf(fmaxf(aoq_asym_code_raw(v[e], &p, AWQ), 0.f), 15.f);
+      const float qc = clamp_fast(aoq_asym_code_raw(v[e], &p, AWQ), 0.f, 15.f);
       y[e] = aoq_asym_deq(qc, &p, AWQ);
       qf[e] = qc;
     }

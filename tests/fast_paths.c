@@ -1,7 +1,8 @@
 /* Every float of each fast path's domain against the general function
- * (csrc/kernels/aoq_math.h).  Run by tests/test_cuda_emu.py; argv[1] is a
- * stride over the bit patterns (1: all of them, a few seconds).  Prints one
- * line per mismatch (at most 10) and exits 1 if there was any. */
+ * (csrc/kernels/aoq_math.h), and aoq_div_by against the division.  Run by
+ * tests/test_cuda_emu.py; argv[1] is a stride over the bit patterns (1: all
+ * of them, about half a minute).  Prints one line per mismatch (at most 10)
+ * and exits 1 if there was any. */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -33,6 +34,26 @@ static uint64_t check(const char *what, uint64_t lo, uint64_t hi, uint64_t strid
   return n;
 }
 
+/* aoq_div_by(a, b, 1 / b) against a / b for every significand of a in [1, 2)
+ * (stride apart) times 2^ea, both signs, and b = (1 + mb / 2^23) * 2^eb.
+ * Inside the domain (no under- or overflow) the result only depends on the
+ * significands; the exponents test its edges. */
+static uint64_t check_div(uint32_t mb, int ea, int eb, uint64_t stride) {
+  const float b = aoq_u2f(((uint32_t)(127 + eb) << 23) | mb), y = 1.0f / b;
+  uint64_t n = 0;
+  for (uint64_t ma = 0; ma < (1u << 23); ma += stride) {
+    for (uint32_t s = 0; s < 2; s++) {
+      const float a = aoq_u2f((s << 31) | ((uint32_t)(127 + ea) << 23) | (uint32_t)ma);
+      const float want = a / b, got = aoq_div_by(a, b, y);
+      if (aoq_f2u(want) != aoq_f2u(got)) {
+        if (bad++ < 10) printf("div_by(%a, %a): want %a, got %a\n", a, b, want, got);
+      }
+      n++;
+    }
+  }
+  return n;
+}
+
 int main(int argc, char **argv) {
   const uint64_t stride = argc > 1 ? strtoull(argv[1], NULL, 10) : 1;
   uint64_t n = 0;
@@ -42,5 +63,28 @@ int main(int argc, char **argv) {
   n += check("bf16_round_fast", 0, 0, 1, aoq_bf16_round, aoq_bf16_round_fast);
   n += check("bf16_round_fast", 0x00800000u, 0x767fffffu, stride, aoq_bf16_round, aoq_bf16_round_fast);
   printf("%llu floats checked, %d mismatches\n", (unsigned long long)n, bad);
+  /* aoq_div_by: b's significand at the ends of [1, 2) and spread over it
+   * (an LCG), every a; its domain's corners (quotients 2^-120, 2^120) */
+  uint64_t nd = 0;
+  uint32_t r = 12345u;
+  for (int i = 0; i < 40; i++) {
+    r = r * 1664525u + 1013904223u;
+    const uint32_t mb = i == 0 ? 0u : i == 1 ? 1u : i == 2 ? 0x7fffffu : i == 3 ? 0x7ffffeu : i == 4 ? 0x400000u
+                        : i < 12 ? 0x7fffffu - (r >> 22) : r >> 9;
+    nd += check_div(mb, 0, 0, stride);
+    if (i < 6) {
+      nd += check_div(mb, -96, 24, stride) + check_div(mb, 96, -24, stride);
+      nd += check_div(mb, -96, -24, stride) + check_div(mb, 95, 24, stride);
+    }
+  }
+  /* the zeros keep their sign */
+  for (int s = 0; s < 2; s++) {
+    const float a = s ? -0.0f : 0.0f, b = 0.1f;
+    if (aoq_f2u(aoq_div_by(a, b, 1.0f / b)) != aoq_f2u(a / b)) {
+      if (bad++ < 10) printf("div_by(%a, %a): the zero's sign\n", a, b);
+    }
+    nd++;
+  }
+  printf("%llu divisions checked, %d mismatches\n", (unsigned long long)nd, bad);
   return bad != 0;
 }

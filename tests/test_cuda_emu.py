@@ -195,12 +195,14 @@ def compare_with_cpu(lib, scheme, mode, dtype, g, limits=EMU_SMEM, device=0):
 
 def test_fast_roundings_over_their_domains(tmp_path):
     """aoq_math.h's fast roundings (the CUDA forward's fast paths) equal the
-    general ones on every float of their domains (tests/fast_paths.c)."""
+    general ones on every float of their domains, and aoq_div_by (the
+    backward's) equals the division on 2^30 quotients (tests/fast_paths.c)."""
     exe = tmp_path / "fast_paths"
     subprocess.run([os.environ.get("CC", "gcc"), "-O2", "-ffp-contract=off", "-I" + os.path.join(ROOT, "csrc"),
-                    "-o", str(exe), os.path.join(ROOT, "tests", "fast_paths.c")], check=True)
+                    "-o", str(exe), os.path.join(ROOT, "tests", "fast_paths.c"), "-lm"], check=True)
     r = subprocess.run([str(exe), "1"], capture_output=True, text=True)
     assert r.returncode == 0 and "6236930052 floats checked, 0 mismatches" in r.stdout, r.stdout
+    assert "1073741826 divisions checked, 0 mismatches" in r.stdout, r.stdout
 
 
 @pytest.mark.parametrize("scheme", list(SCH))
@@ -311,6 +313,144 @@ def test_emulated_forward_fast_and_general_paths(lib, scheme, mode, dtype):
             gout = (torch.randn(w.shape, generator=torch.Generator().manual_seed(2)) * 1e3).to(dtype)
             ref = torch.ops.ao_awq.fq_weight_backward(gout, w, g, SCH[scheme], bool(awq), True, cs)
             assert_bits_equal(emu_bwd(lib, gout, w, g, scheme, awq, cs, 1), ref, what + " grad")
+
+
+def bwd_path_counts(lib):
+    """(fast, general): the backward's groups per path since the last call."""
+    f = ctypes.c_int64.in_dll(lib, "aoq_emu_bwd_fast_groups")
+    gen = ctypes.c_int64.in_dll(lib, "aoq_emu_bwd_general_groups")
+    r = (f.value, gen.value)
+    f.value = gen.value = 0
+    return r
+
+
+def asym_bwd_edge_case(dtype, g):
+    """Rows of 8 groups for the int4-asym backward's fast domain (weights 0
+    or at least 2^-40, gradients 0 or in [2^-70, 2^70], scale at most 2^24),
+    each with its group 3 at or just past an edge, and the rows' expected
+    numbers of general groups: the 4 groups of a warp step (groups 0-3 of a
+    row) take the same path."""
+    w = make_weight(9, 8 * g, torch.float32, g, seed=5, special=False)
+    G = torch.randn(w.shape, generator=torch.Generator().manual_seed(6))
+    j = 3 * g + 7  # an element of group 3
+    w[1, j], w[2, j] = 2.0 ** -41, -(2.0 ** -40)
+    G[3, j], G[4, j] = 2.0 ** -71, -(2.0 ** -70)
+    G[5, j], G[6, j] = -(2.0 ** 71), 2.0 ** 70
+    w[7, 3 * g:4 * g] *= 2.0 ** 33  # range about 2^31: scale past 2^24
+    G[8, j] = float("nan")
+    # zeros of both signs in every row (fast: a zero keeps its sign)
+    w[:, 3 * g + 1], w[:, 3 * g + 2] = 0.0, -0.0
+    G[:, 3 * g + 1], G[:, 3 * g + 4] = -0.0, 0.0
+    general = [4 * k for k in (0, 1, 0, 1, 0, 1, 0, 1, 1)]  # (a warp's 4 groups decide together)
+    return w.to(dtype), G.to(dtype), general
+
+
+@pytest.mark.parametrize("mode", ["torchao", "awq"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_emulated_asym_backward_fast_and_general_paths(lib, mode, dtype):
+    """The int4-asym backward divides by the group's scale as three
+    multiply-adds with its reciprocal (aoq_div_by) in groups inside that
+    function's domain, and by IEEE division elsewhere: plain weights take
+    only the fast path, special_weight's rows and groups at or past each
+    edge of the domain both (fp16 can hold none of the edges but the NaN)."""
+    g = 64
+    awq = int(mode == "awq")
+    cs = 1 - awq
+    bwd_path_counts(lib)
+    plain = make_weight(4, 8 * g, dtype, g, seed=3, special=False)
+    gplain = (torch.randn(plain.shape, generator=torch.Generator().manual_seed(4)) * 1e3).to(dtype)
+    gplain[0, :9] = torch.tensor([0.0, -0.0] * 4 + [-0.0])
+    cases = [("plain", plain, gplain, 0)]
+    sw = special_weight(dtype, g)
+    cases.append(("special", sw, (torch.randn(sw.shape, generator=torch.Generator().manual_seed(2)) * 1e3
+                                  ).to(dtype), None))
+    if dtype != torch.float16:
+        w, G, general = asym_bwd_edge_case(dtype, g)
+        cases.append(("edges", w, G, sum(general)))
+    for name, w, G, want_general in cases:
+        what = f"{mode} {dtype} {name}"
+        for st in (0, 1):
+            gw = emu_bwd(lib, G, w, g, "int4_asym", awq, cs, st)
+            fast, general = bwd_path_counts(lib)
+            assert fast + general == w.numel() // g, what
+            if want_general is None:
+                assert fast > 0 and general > 0, (what, fast, general)
+            else:
+                assert general == want_general, (what, fast, general)
+            ref = torch.ops.ao_awq.fq_weight_backward(G, w, g, 1, bool(awq), bool(st), cs)
+            assert_bits_equal(gw, ref, what + f" grad st={st}")
+
+
+def fp8_bwd_edge_case(dtype, g, awq):
+    """Rows of 8 groups for the fp8-int4 backward's fast domain (rows: amax
+    at most fast_amax and scale in [2^-24, 2^24]; lanes: weights 0 or at
+    least 2^-40, gradients 0 or in [2^-60, 2^40]; groups: finite 1 / sg and
+    dequantizing scale), each row's group 3 at or just past an edge, or the
+    whole row; and the rows' expected numbers of general groups."""
+    w = make_weight(11, 8 * g, torch.float32, g, seed=7, special=False)
+    G = torch.randn(w.shape, generator=torch.Generator().manual_seed(8))
+    j = 3 * g + 7  # an element of group 3
+    w[1, j], w[2, j] = 2.0 ** -41, -(2.0 ** -40)
+    G[3, j], G[4, j] = 2.0 ** -61, -(2.0 ** -60)
+    G[5, j], G[6, j] = -(2.0 ** 41), 2.0 ** 40
+    w[7] *= 2.0 ** 34 / w[7].abs().max()  # row scale past 2^24
+    w[8] *= 1e-5 / w[8].abs().max()  # row scale below 2^-24
+    G[9, j] = float("nan")
+    w[10, 3 * g:4 * g] *= 1e6 / w[10, 3 * g:4 * g].abs().max()  # group scale past fp16's range
+    w[:, 3 * g + 1], w[:, 3 * g + 2] = 0.0, -0.0
+    G[:, 3 * g + 1], G[:, 3 * g + 4] = -0.0, 0.0
+    general = [0, 1, 0, 1, 0, 1, 0, 8, 8, 1, awq]
+    return w.to(dtype), G.to(dtype), general
+
+
+@pytest.mark.parametrize("mode", ["torchao", "awq"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_emulated_fp8_backward_fast_and_general_paths(lib, mode, dtype):
+    """The fp8-int4 backward's fast groups (aoq_div_by for the divisions by
+    the row scale, the fast roundings, no NaN handling) against the CPU
+    kernel: plain weights take only the fast path, special_weight's rows
+    and the groups and rows at or past each edge of the domain both."""
+    g = 64
+    awq = int(mode == "awq")
+    cs = 1 - awq
+    bwd_path_counts(lib)
+    plain = make_weight(4, 8 * g, dtype, g, seed=3, special=False)
+    gplain = (torch.randn(plain.shape, generator=torch.Generator().manual_seed(4)) * 1e-3).to(dtype)
+    gplain[0, :9] = torch.tensor([0.0, -0.0] * 4 + [-0.0])
+    cases = [("plain", plain, gplain, 0)]
+    sw = special_weight(dtype, g)
+    cases.append(("special", sw, (torch.randn(sw.shape, generator=torch.Generator().manual_seed(2)) * 1e3
+                                  ).to(dtype), None))
+    if dtype != torch.float16:
+        w, G, general = fp8_bwd_edge_case(dtype, g, awq)
+        cases.append(("edges", w, G, sum(general)))
+    for name, w, G, want_general in cases:
+        what = f"{mode} {dtype} {name}"
+        for st in (0, 1):
+            gw = emu_bwd(lib, G, w, g, "fp8_int4", awq, cs, st)
+            fast, general = bwd_path_counts(lib)
+            if want_general is None:  # (fp16: row 7's scale underflows to 0, a row of zero gradients)
+                assert fast > 0 and general > 0, (what, fast, general)
+            else:
+                assert (fast + general, general) == (w.numel() // g, want_general), (what, fast, general)
+            ref = torch.ops.ao_awq.fq_weight_backward(G, w, g, 0, bool(awq), bool(st), cs)
+            assert_bits_equal(gw, ref, what + f" grad st={st}")
+
+
+@pytest.mark.parametrize("scheme", list(SCH))
+def test_emulated_backward_general_code_only(lib, scheme, monkeypatch):
+    """AOQ_CUDA_FAST=0: every group of the backward through its general code."""
+    monkeypatch.setenv("AOQ_CUDA_FAST", "0")
+    bwd_path_counts(lib)
+    for mode in ("torchao", "awq"):
+        awq = int(mode == "awq")
+        for dtype, g in ((torch.bfloat16, 64), (torch.float16, 32), (torch.float32, 128)):
+            w = make_weight(3, 4 * g, dtype, g, seed=8, special=True)
+            G = (torch.randn(w.shape, generator=torch.Generator().manual_seed(9)) * 1e3).to(dtype)
+            ref = torch.ops.ao_awq.fq_weight_backward(G, w, g, SCH[scheme], bool(awq), True, 1 - awq)
+            assert_bits_equal(emu_bwd(lib, G, w, g, scheme, awq, 1 - awq, 1), ref, f"{mode} {dtype}")
+    fast, general = bwd_path_counts(lib)
+    assert fast == 0 and general > 0, (fast, general)
 
 
 @pytest.mark.parametrize("mode", ["torchao", "awq"])

@@ -23,6 +23,7 @@ nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm: they land under
 site-packages/nvidia/cu13/bin).
 
     python tools/sass_count.py [--rev GITREV] [--dtype 2] [--e 4]
+    python tools/sass_count.py --backward [--dtype 2] [--e 4]   (seconds)
 """
 import argparse
 import collections
@@ -105,6 +106,49 @@ AOQ_M_INSTANTIATE
 """
 
 
+# The backward: one group of each kernel's body (a lane's share: int4 asym
+# AB_C chunks of E, fp8-int4 one chunk of E) in a kernel of its own, on the
+# fast and on the general path (the fp8 fast tail with `each` in range).
+BWD_KERNELS = """
+template <int DT, int E, bool FAST>
+__global__ void aoq_measure_asym_bwd(const void *__restrict__ grad, const void *__restrict__ w,
+                                     void *__restrict__ gw, int cs, int st) {
+  const int64_t idx = (int64_t)(blockIdx.x * blockDim.x + threadIdx.x) * E;
+  float x[AB_C][E], Gv[AB_C][E], gx[AB_C][E];
+  for (int k = 0; k < AB_C; k++) {
+    load_chunk<DT, E, true>(w, idx + k * 8 * E, x[k]);
+    load_chunk<DT, E, true>(grad, idx + k * 8 * E, Gv[k]);
+  }
+  float mx = x[0][0], mn = x[0][0];
+  for (int k = 0; k < AB_C; k++)
+    for (int e = 0; e < E; e++) {
+      mx = nanmax(mx, x[k][e]);
+      mn = nanmin(mn, x[k][e]);
+    }
+  const aoq_asym_group p = aoq_asym_group_from_minmax(warp_max<8>(mx), warp_min<8>(mn), AOQ_M_AWQ, cs);
+  asym_bwd_group<E, FAST>(x, Gv, p, AOQ_M_AWQ, cs, st, gx);
+  for (int k = 0; k < AB_C; k++) store_chunk<DT, E, true>(gw, idx + k * 8 * E, gx[k]);
+}
+template <int DT, int E, bool FAST>
+__global__ void aoq_measure_fp8_bwd(const void *__restrict__ grad, const void *__restrict__ w,
+                                    void *__restrict__ gw, float s_row, float y_row, float a0, int st,
+                                    float *acc) {
+  const int64_t idx = (int64_t)(blockIdx.x * blockDim.x + threadIdx.x) * E;
+  float x[E], Gv[E], gx[E], t[E], f8[E], wd[E];
+  load_chunk<DT, E, true>(w, idx, x);
+  load_chunk<DT, E, true>(grad, idx, Gv);
+  const float m = FAST ? warp_max_fast<32>(fp8_bwd_first<DT, E, true>(x, s_row, y_row, t, f8, wd))
+                       : warp_max(fp8_bwd_first<DT, E, false>(x, s_row, y_row, t, f8, wd));
+  const aoq_sym_group p = aoq_sym_group_from_max(m, DT, AOQ_M_AWQ);
+  float acc_a = 0.f, acc_b = 0.f;
+  int cnt_row = 0;
+  fp8_bwd_rest<DT, E, FAST>(x, Gv, t, f8, wd, p, s_row, y_row, a0, AOQ_M_AWQ, st, gx, acc_a, acc_b, cnt_row);
+  store_chunk<DT, E, true>(gw, idx, gx);
+  acc[threadIdx.x] = acc_a + acc_b + cnt_row;
+}
+"""
+
+
 def functions(sass):
     out, cur = {}, None
     for line in sass.splitlines():
@@ -146,6 +190,61 @@ def loop_counts(ins, whole=False):
     return ops
 
 
+def counts_row(ops, per):
+    n = sum(ops.values())
+    alu = sum(c for o, c in ops.items() if o in ALU)
+    fma = sum(c for o, c in ops.items() if o in FMA)
+    xu = sum(c for o, c in ops.items() if o in XU)
+    return f"{n / per:.1f} | {alu / per:.1f} | {fma / per:.1f} | {xu / per:.1f} | {(n - alu - fma - xu) / per:.1f} |"
+
+
+def backward(src, args, nvcc, env):
+    """Instructions per element of one group of each backward kernel's body,
+    fast and general paths (the working tree only)."""
+    if "fp8_bwd_rest" not in src:
+        raise SystemExit("sass_count --backward: no backward group functions in this fq_cuda.cu")
+    body = src[:src.index("}  // namespace\n")]
+    # the fp8 fast path measured with its tail's fast roundings (`each` in range)
+    fin = "if (FAST && (ae == 0.f || (ae >= 0x1p-100f && ae <= 0x1p100f)))"
+    if fin not in body:
+        raise SystemExit(f"sass_count: the kernel source changed (no {fin!r}); update backward()")
+    body = body.replace(fin, "if (FAST)")
+    print(f"# fq_cuda.cu working tree: backward, sm_90, dtype {args.dtype}; instructions per element of one "
+          "group's body (a lane's elements: int4 asym 4 chunks of E, fp8-int4 one chunk of E), per-group "
+          "work included")
+    print("| variant | E | path | total | alu | fma | xu | other |")
+    print("|---|---|---|---|---|---|---|---|")
+    es = [int(e) for e in args.e.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode, awq in (("torchao", 0), ("awq", 1)):
+            cu = os.path.join(tmp, f"bwd{awq}.cu")
+            inst = []
+            for e in es:
+                for fast in ("true", "false"):
+                    inst.append(f"template __global__ void aoq_measure_asym_bwd<{args.dtype}, {e}, {fast}>"
+                                "(const void *, const void *, void *, int, int);")
+                    inst.append(f"template __global__ void aoq_measure_fp8_bwd<{args.dtype}, {e}, {fast}>"
+                                "(const void *, const void *, void *, float, float, float, int, float *);")
+            with open(cu, "w") as f:
+                f.write(body + BWD_KERNELS + "\n".join(inst) + "\n}  // namespace\n")
+            cubin = cu + ".cubin"
+            r = subprocess.run([nvcc, "-cubin", "-o", cubin, cu, "-O3", "--fmad=false", "-std=c++17",
+                                "-DAOQ_WITH_CUDA=1", f"-DAOQ_M_AWQ={awq}", "-I" + os.path.join(ROOT, "csrc"),
+                                "-I" + os.path.join(ROOT, "csrc", "kernels"), "-arch=sm_90", "-diag-suppress",
+                                "128,177"], env=env, capture_output=True, text=True)
+            if r.returncode:
+                raise SystemExit(f"nvcc failed on the backward variant {mode}:\n{r.stderr[-3000:]}")
+            fns = functions(subprocess.run(["cuobjdump", "-sass", cubin], check=True, capture_output=True,
+                                           text=True, env=env).stdout)
+            for scheme, kern, chunks in (("int4_asym", "aoq_measure_asym_bwd", 4), ("fp8_int4", "aoq_measure_fp8_bwd", 1)):
+                for e in es:
+                    for fast in ("true", "false"):
+                        name = next(k for k in fns if f"{kern}<{args.dtype}, {e}, {fast}>" in k)
+                        ops = loop_counts(fns[name], whole=True)
+                        path = "fast" if fast == "true" else "general"
+                        print(f"| {scheme} {mode} | {e} | {path} | {counts_row(ops, chunks * e)}", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rev", help="git revision of fq_cuda.cu to measure (default: the working tree)")
@@ -153,9 +252,16 @@ def main():
     ap.add_argument("--paths", default="fast,general", help="fast, general or both (default)")
     ap.add_argument("--e", default="4", help="elements per lane and group, g / 32, comma-separated (default 4: "
                     "g=128)")
+    ap.add_argument("--backward", action="store_true", help="the backward kernels' group bodies instead (working "
+                    "tree only)")
     args = ap.parse_args()
     nvcc = os.environ.get("NVCC", "/usr/local/cuda/bin/nvcc")
     env = dict(os.environ, PATH=find_tool("cuobjdump") + os.pathsep + os.environ.get("PATH", ""))
+    if args.backward:
+        if args.rev:
+            raise SystemExit("--backward measures the working tree only")
+        backward(open(os.path.join(ROOT, "csrc", "kernels", "fq_cuda.cu")).read(), args, nvcc, env)
+        return
     src = (subprocess.run(["git", "show", f"{args.rev}:csrc/kernels/fq_cuda.cu"], cwd=ROOT, check=True,
                           capture_output=True, text=True).stdout if args.rev
            else open(os.path.join(ROOT, "csrc", "kernels", "fq_cuda.cu")).read())

@@ -13,6 +13,9 @@
 
 #include <stdint.h>
 #include <string.h>
+#ifndef __CUDACC__
+#include <math.h> /* fmaf */
+#endif
 
 #ifdef __CUDACC__
 #define AOQ_HD __host__ __device__ __forceinline__
@@ -193,6 +196,20 @@ AOQ_HD float aoq_fp8_e4m3_round_fast(float x) {
 AOQ_HD float aoq_bf16_round_fast(float x) {
   const float c = aoq_u2f(aoq_f2u(x) & 0x7f800000u) * 98304.0f; /* 1.5 * 2^16 */
   return (x + c) - c;
+}
+
+/* a / b (IEEE, round to nearest) from y = 1 / b (IEEE), for a divisor that a
+ * whole group or row shares: q0 = a * y is within an ulp of a / b, e = b * q0
+ * - a is exact (one fma), and q0 - e * y rounds to a / b (Markstein's
+ * correction), for b in [2^-24, 2^24] and a = +-0 or |a| in [2^-96, 2^96]:
+ * no quotient, residual or product leaves the normal range (below |a| =
+ * 2^-102 the residual loses bits).  A zero a keeps its sign (b > 0).  Three
+ * multiply-adds instead of a division with its range check and slow path;
+ * tests/fast_paths.c checks it against the division. */
+AOQ_HD float aoq_div_by(float a, float b, float y) {
+  const float q0 = a * y;
+  const float e = fmaf(b, q0, -a);
+  return fmaf(-e, y, q0);
 }
 
 /* Constants as torch sees them after casting a Python scalar to dtype D. */

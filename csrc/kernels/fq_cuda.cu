@@ -3,10 +3,13 @@
 //
 // Layout: one block of AOQ_NW warps per row.  A warp owns whole groups
 // (groups w, w+NW, ... of its row), each lane a contiguous chunk of E = g/32
-// elements loaded with one vector access.  The per-element math is the
-// aoq_rows.h / aoq_math.h code the CPU kernel runs, and every sum follows the
-// canonical order documented in fq_cpu.c, so outputs and gradients are bit
-// identical to the CPU kernels.  Build with --fmad=false (no FMA contraction).
+// elements loaded with one vector access (the canonical layout: the fp8
+// backward's; the forward and the int4-asym backward hold more of a group per
+// lane, see FwdLayout and AB_C).  The per-element math is the aoq_rows.h /
+// aoq_math.h code the CPU kernel runs (or, in the fast paths, code shown equal
+// to it on its domain), and every sum follows the canonical order documented
+// in fq_cpu.c, so outputs and gradients are bit identical to the CPU kernels.
+// Build with --fmad=false (no FMA contraction).
 #include <cuda_runtime.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -244,11 +247,14 @@ __device__ __forceinline__ float row_fix(float ga, float xv, float each, float a
 // (fp8_group)
 extern "C" {
 int64_t aoq_emu_fast_groups = 0, aoq_emu_general_groups = 0, aoq_emu_divided_lanes = 0;
+int64_t aoq_emu_bwd_fast_groups = 0, aoq_emu_bwd_general_groups = 0;
 }
 #define AOQ_COUNT_PATH(fast) (void)((fast) ? aoq_emu_fast_groups++ : aoq_emu_general_groups++)
+#define AOQ_COUNT_BWD_PATH(fast) (void)((fast) ? aoq_emu_bwd_fast_groups++ : aoq_emu_bwd_general_groups++)
 #define AOQ_COUNT_DIVIDED() (void)aoq_emu_divided_lanes++
 #else
 #define AOQ_COUNT_PATH(fast) (void)0
+#define AOQ_COUNT_BWD_PATH(fast) (void)0
 #define AOQ_COUNT_DIVIDED() (void)0
 #endif
 
@@ -518,6 +524,157 @@ __global__ void __launch_bounds__(TPB) fq_fwd_kernel(const void *__restrict__ w,
   }
 }
 
+// The backward's fast groups (see each kernel for the domain and why): every
+// weight of the lane 0 or at least 2^XLO in magnitude, every gradient 0 or in
+// [2^GLO, 2^GHI] (no NaN or Inf).  As unsigned minima and a maximum of twice
+// the bit patterns, the sign dropped: a zero maps to 0 (2b) and 0xffffffff
+// (2b - 1), a NaN or Inf past any bound.
+#define AOQ_TWICE(e) (2u * ((uint32_t)(127 + (e)) << 23))
+template <int XLO, int GLO, int GHI>
+struct BwdLaneCheck {
+  uint32_t x_lo = 0xffffffffu, g_lo = 0xffffffffu, g_hi = 0u;
+  __device__ __forceinline__ void add(float x, float G) {
+    const uint32_t x2 = 2u * aoq_f2u(x), g2 = 2u * aoq_f2u(G);
+    x_lo = x2 - 1u < x_lo ? x2 - 1u : x_lo;
+    g_lo = g2 - 1u < g_lo ? g2 - 1u : g_lo;
+    g_hi = g2 > g_hi ? g2 : g_hi;
+  }
+  __device__ __forceinline__ bool ok() const {
+    return x_lo >= AOQ_TWICE(XLO) - 1u && g_lo >= AOQ_TWICE(GLO) - 1u && g_hi <= AOQ_TWICE(GHI);
+  }
+};
+
+// r with the sign bit of x: one 3-input logic op (nvcc splits the C form in two)
+__device__ __forceinline__ float with_sign_of(float r, float x) {
+#ifdef __CUDA_ARCH__
+  uint32_t d;
+  asm("lop3.b32 %0, %1, %2, %3, 0xb8;" : "=r"(d) : "r"(aoq_f2u(r)), "r"(0x80000000u), "r"(aoq_f2u(x)));
+  return aoq_u2f(d);  // (b ? c : a) bitwise, b the sign mask
+#else
+  const uint32_t u = aoq_f2u(r);
+  return aoq_u2f(u ^ ((u ^ aoq_f2u(x)) & 0x80000000u));
+#endif
+}
+
+// aoq_round_to for the backward's fast groups, x = +-0 or 2^-126 <= |x| <
+// 2^110 for bf16: aoq_bf16_round_fast with x's sign put back (a zero keeps its
+// sign, as the gradients' zeros must; a nonzero rounds to a nonzero of its
+// sign); other dtypes and !FAST: aoq_round_to
+template <int DT, bool FAST>
+__device__ __forceinline__ float rnd(float x) {
+  if (FAST && DT == AOQ_BF16) return with_sign_of(aoq_bf16_round_fast(x), x);
+  return aoq_round_to(x, DT);
+}
+// the same where the sign of a zero result does not matter (round_fast)
+template <int DT, bool FAST>
+__device__ __forceinline__ float rnd_nz(float x) {
+  return FAST ? round_fast<DT>(x) : aoq_round_to(x, DT);
+}
+
+// fp8-int4 backward, the first step of a group: t = x / s_row, its e4m3
+// value f8 = e4m3(clamp(t)) and the round trip wd = D(f8 * s_row); returns
+// the lane's max |wd|.  FAST: a fast row (s_row in [2^-24, 2^24], amax at
+// most fast_amax) whose lane holds weights 0 or at least 2^-40 (with the
+// gradients checked for fp8_bwd_rest: BwdLaneCheck<-40, -60, 40>): t by
+// aoq_div_by (x and t are 0 or in [2^-64, 2^33]), the fast roundings (f8 *
+// s_row is 0 or in [2^-33, 2^33]); zeros of f8 and wd may come out +0, which
+// nothing after depends on (the code of a zero is 0, sgn(+-0) = +0, and the
+// sums they enter start at +0).
+template <int DT, int E, bool FAST>
+__device__ __forceinline__ float fp8_bwd_first(const float *x, float s_row, float y_row, float *t, float *f8,
+                                               float *wd) {
+  float m = 0.f;
+#pragma unroll
+  for (int e = 0; e < E; e++) {
+    if (FAST) {
+      t[e] = aoq_div_by(x[e], s_row, y_row);
+      f8[e] = aoq_fp8_e4m3_round_fast(clamp_fast(t[e], -AOQ_FP8_MAX, AOQ_FP8_MAX));
+      wd[e] = round_fast<DT>(f8[e] * s_row);
+      m = fmaxf(m, fabsf(wd[e]));
+    } else {
+      t[e] = x[e] / s_row;
+      f8[e] = aoq_fp8_e4m3_round(aoq_clamp(t[e], -AOQ_FP8_MAX, AOQ_FP8_MAX));
+      wd[e] = aoq_round_to(f8[e] * s_row, DT);  // aoq_fp8_rt (s_row > 0 here)
+      m = nanmax(m, wd[e] < 0.f ? -wd[e] : wd[e]);
+    }
+  }
+  return m;
+}
+
+// the rest of a group's backward (its int4 stage, then the row stage's
+// per-element part).  FAST: a fast lane (fp8_bwd_first) in a group whose
+// 1 / sg and dequantizing scale are finite: every rounding by rnd (sg and
+// the fp16 sdq in [2^-20, 2^30], rcp in [2^-30, 2^20], gradients 0 or in
+// [2^-60, 2^40]: G * qc, D(G * sdq) * rcp and D(G * sdq) * wd are 0 or in
+// [2^-113, 2^103]), divisions by s_row by aoq_div_by (gt is an e4m3 value);
+// FIN, where the group's `each` is 0 or in [2^-100, 2^100], the last
+// roundings too (gwd + each * sgn(wd): 0 or in [2^-118, 2^101]) and, but
+// for fp16 (whose gwd may overflow), the e4m3 rounding of gh * s_row
+template <int DT, int E, bool FAST, bool FIN>
+__device__ __forceinline__ void fp8_bwd_tail(const float *x, const float *t, const float *f8, const float *wd,
+                                             float *gwd, const aoq_sym_group &p, float each, float s_row,
+                                             float y_row, float a0, int st, float *gx, float &acc_a, float &acc_b,
+                                             int &cnt_row) {
+#pragma unroll
+  for (int e = 0; e < E; e++) {
+    const int ext = (wd[e] < 0.f ? -wd[e] : wd[e]) == p.m;
+    const float gh = FIN ? rnd<DT, true>(gwd[e] + rnd<DT, true>((ext ? each : each * 0.0f) * aoq_sgn(wd[e])))
+                         : aoq_round_to(gwd[e] + aoq_round_to(aoq_masked(each, ext) * aoq_sgn(wd[e]), DT), DT);
+    gwd[e] = gh;
+    // row stage
+    acc_a += gh * f8[e];
+    float gt;
+    if (FIN && DT != AOQ_F16) {
+      const float v = gh * s_row;  // finite: e4m3 saturates as the clamp does, a zero keeps its sign
+      gt = with_sign_of(aoq_fp8_e4m3_round_fast(clamp_fast(v, -AOQ_FP8_MAX, AOQ_FP8_MAX)), v);
+    } else {
+      gt = aoq_fp8_e4m3_round(gh * s_row);
+    }
+    if (!aoq_in(t[e], -AOQ_FP8_MAX, AOQ_FP8_MAX, st)) gt = 0.f;
+    gx[e] = FAST ? aoq_div_by(gt, s_row, y_row) : gt / s_row;
+    acc_b += -gt * (FAST ? aoq_div_by(t[e], s_row, y_row) : t[e] / s_row);
+    cnt_row += ((x[e] < 0.f ? -x[e] : x[e]) == a0);
+  }
+}
+
+template <int DT, int E, bool FAST>
+__device__ __forceinline__ void fp8_bwd_rest(const float *x, const float *Gv, const float *t, const float *f8,
+                                             const float *wd, const aoq_sym_group &p, float s_row, float y_row,
+                                             float a0, int awq, int st, float *gx, float &acc_a, float &acc_b,
+                                             int &cnt_row) {
+  float gwd[E], q2[E];
+  float t1 = 0.f;
+#pragma unroll
+  for (int e = 0; e < E; e++) {
+    const float r = aoq_rint(rnd_nz<DT, FAST>(wd[e] * p.rcp)) + 0.0f;  // aoq_sym_code_raw (0 for wd = 0)
+    q2[e] = wd[e] == 0.f ? 0.f : r;
+    const float qc = FAST ? clamp_fast(q2[e], -8.f, 7.f) : aoq_clamp(q2[e], -8.f, 7.f);
+    t1 += awq ? Gv[e] * qc : rnd_nz<DT, FAST>(Gv[e] * qc);  // (the sums start at +0)
+  }
+  const float g_sg_a = aoq_round_to(warp_sum(t1), DT);
+  float t2 = 0.f;
+  int cnt = 0;
+#pragma unroll
+  for (int e = 0; e < E; e++) {
+    const float gd = rnd<DT, FAST>(Gv[e] * (awq ? p.sdq : p.sg));
+    const float gq = aoq_in(q2[e], -8.f, 7.f, st) ? gd : 0.f;
+    gwd[e] = FAST ? rnd<DT, true>(gq * p.rcp) : aoq_sym_gwd(gq, &p, DT);
+    t2 += rnd_nz<DT, FAST>(gq * wd[e]);
+    cnt += ((wd[e] < 0.f ? -wd[e] : wd[e]) == p.m);
+  }
+  const float g_r = aoq_round_to(warp_sum(t2), DT);
+  float g_sg = aoq_sym_gsg(g_sg_a, g_r, &p, DT);
+  if (!aoq_ge(p.m8, aoq_eps_in(1e-6f, DT), st)) g_sg = 0.f;
+  const float g_m = aoq_round_to(g_sg * 0.125f, DT);
+  cnt = warp_isum(cnt);
+  const float each = cnt ? aoq_round_to(g_m / (float)cnt, DT) : 0.f;
+  const float ae = each < 0.f ? -each : each;
+  if (FAST && (ae == 0.f || (ae >= 0x1p-100f && ae <= 0x1p100f)))
+    fp8_bwd_tail<DT, E, FAST, FAST>(x, t, f8, wd, gwd, p, each, s_row, y_row, a0, st, gx, acc_a, acc_b, cnt_row);
+  else
+    fp8_bwd_tail<DT, E, FAST, false>(x, t, f8, wd, gwd, p, each, s_row, y_row, a0, st, gx, acc_a, acc_b, cnt_row);
+}
+
 // ---------------------------------------------------------------------------
 // backward, fp8-int4 (one row per block)
 // ---------------------------------------------------------------------------
@@ -528,7 +685,7 @@ __global__ void __launch_bounds__(TPB) fq_fwd_kernel(const void *__restrict__ w,
 template <int DT, int E, bool VEC, bool STAGE>
 __global__ void __launch_bounds__(TPB, 2) fp8_int4_bwd_kernel(const void *__restrict__ grad,
                                                            const void *__restrict__ w, void *__restrict__ gw,
-                                                           int64_t K, int awq, int cs, int st) {
+                                                           int64_t K, int awq, int cs, int st, int fast_ok) {
   typedef typename Elt<DT>::T T;
   __shared__ float sh[AOQ_NW];
   __shared__ int shi[AOQ_NW];
@@ -543,9 +700,12 @@ __global__ void __launch_bounds__(TPB, 2) fp8_int4_bwd_kernel(const void *__rest
     for (int64_t k = threadIdx.x; k < K; k += TPB) aoq_store(gw, base + k, 0.f, DT);
     return;
   }
+  // a fast row (see fp8_bwd_first): s_row in aoq_div_by's divisor range
+  const bool fast_row = fast_ok && a0 <= fast_amax<DT>() && s_row >= 0x1p-24f && s_row <= 0x1p24f;
+  const float y_row = fast_row ? 1.0f / s_row : 0.f;
   float acc_a = 0.f, acc_b = 0.f;
   int cnt_row = 0;
-  constexpr int UB = STAGE ? AOQ_UBS : AOQ_UB;
+  constexpr int UB = STAGE ? (E >= 8 ? 2 : AOQ_UBS) : AOQ_UB;  // (g = 256: 128 registers hold 2)
   for (int64_t j0 = warp; j0 < G; j0 += AOQ_NW * UB) {
     float xx[UB][E], gg[UB][E];
     load_groups<DT, E, VEC, UB>(STAGE ? (const void *)xs : w, STAGE ? 0 : base, j0, G, xx);
@@ -555,54 +715,21 @@ __global__ void __launch_bounds__(TPB, 2) fp8_int4_bwd_kernel(const void *__rest
       const int64_t j = j0 + u * AOQ_NW;
       if (j >= G) break;
       const int64_t idx = base + j * g + lane * E;
-      float *x = xx[u], *Gv = gg[u];
-      float wd[E], gwd[E], q2[E];
-      float m = 0.f;
+      const float *x = xx[u], *Gv = gg[u];
+      float t[E], f8[E], wd[E], gx[E];
+      BwdLaneCheck<-40, -60, 40> chk;
 #pragma unroll
-      for (int e = 0; e < E; e++) {
-        wd[e] = aoq_fp8_rt(x[e], s_row, DT);
-        m = nanmax(m, wd[e] < 0.f ? -wd[e] : wd[e]);
-      }
-      aoq_sym_group p = aoq_sym_group_from_max(warp_max(m), DT, awq);
-      float t1 = 0.f, t2 = 0.f;
-      int cnt = 0;
-#pragma unroll
-      for (int e = 0; e < E; e++) {
-        q2[e] = aoq_sym_code_raw(wd[e], &p, DT);
-        float qc = aoq_clamp(q2[e], -8.f, 7.f);
-        t1 += awq ? Gv[e] * qc : aoq_round_to(Gv[e] * qc, DT);
-      }
-      const float g_sg_a = aoq_round_to(warp_sum(t1), DT);
-#pragma unroll
-      for (int e = 0; e < E; e++) {
-        float gd = aoq_round_to(Gv[e] * (awq ? p.sdq : p.sg), DT);
-        float gq = aoq_in(q2[e], -8.f, 7.f, st) ? gd : 0.f;
-        gwd[e] = aoq_sym_gwd(gq, &p, DT);
-        t2 += aoq_round_to(gq * wd[e], DT);
-        cnt += ((wd[e] < 0.f ? -wd[e] : wd[e]) == p.m);
-      }
-      const float g_r = aoq_round_to(warp_sum(t2), DT);
-      float g_sg = aoq_sym_gsg(g_sg_a, g_r, &p, DT);
-      if (!aoq_ge(p.m8, aoq_eps_in(1e-6f, DT), st)) g_sg = 0.f;
-      const float g_m = aoq_round_to(g_sg * 0.125f, DT);
-      cnt = warp_isum(cnt);
-      const float each = cnt ? aoq_round_to(g_m / (float)cnt, DT) : 0.f;
-      float gx[E];
-#pragma unroll
-      for (int e = 0; e < E; e++) {
-        gwd[e] = aoq_round_to(
-            gwd[e] + aoq_round_to(aoq_masked(each, (wd[e] < 0.f ? -wd[e] : wd[e]) == p.m) * aoq_sgn(wd[e]), DT),
-            DT);
-        // row stage
-        const float gh = gwd[e];
-        const float t = x[e] / s_row;
-        acc_a += gh * aoq_fp8_e4m3_round(aoq_clamp(t, -AOQ_FP8_MAX, AOQ_FP8_MAX));
-        float gt = aoq_fp8_e4m3_round(gh * s_row);
-        if (!aoq_in(t, -AOQ_FP8_MAX, AOQ_FP8_MAX, st)) gt = 0.f;
-        gx[e] = gt / s_row;
-        acc_b += -gt * (t / s_row);
-        cnt_row += ((x[e] < 0.f ? -x[e] : x[e]) == a0);
-      }
+      for (int e = 0; e < E; e++) chk.add(x[e], Gv[e]);
+      const bool fast = fast_row && __all_sync(FULL, chk.ok());
+      const float m = fast ? warp_max_fast<32>(fp8_bwd_first<DT, E, true>(x, s_row, y_row, t, f8, wd))
+                           : warp_max(fp8_bwd_first<DT, E, false>(x, s_row, y_row, t, f8, wd));
+      const aoq_sym_group p = aoq_sym_group_from_max(m, DT, awq);
+      const bool fast_group = fast && aoq_isfinite(p.rcp) && aoq_isfinite(p.sdq);
+      if (fast_group)
+        fp8_bwd_rest<DT, E, true>(x, Gv, t, f8, wd, p, s_row, y_row, a0, awq, st, gx, acc_a, acc_b, cnt_row);
+      else
+        fp8_bwd_rest<DT, E, false>(x, Gv, t, f8, wd, p, s_row, y_row, a0, awq, st, gx, acc_a, acc_b, cnt_row);
+      if (lane == 0) AOQ_COUNT_BWD_PATH(fast_group);
       // D(gx), row extremes fixed below
       if (STAGE)
         store_chunk<DT, E, VEC>(gs, idx - base, gx);
@@ -637,82 +764,187 @@ __global__ void __launch_bounds__(TPB, 2) fp8_int4_bwd_kernel(const void *__rest
 // ---------------------------------------------------------------------------
 // backward, int4-asym (one row per block, everything per group)
 // ---------------------------------------------------------------------------
+// a / b for the group's scale b: IEEE division, or (FAST) aoq_div_by with y = 1 / b
+template <bool FAST>
+__device__ __forceinline__ float div_g(float a, float b, float y) {
+  return FAST ? aoq_div_by(a, b, y) : a / b;
+}
+
+// The fast groups' domain, where every quotient of the group's body is one of
+// aoq_div_by (b = s or s16 in [2^-24, 2^24]; numerators 0 or in [2^-96,
+// 2^96]): scale at most 2^24 (at least 2^-24 by construction: s >= 1e-6 / 15,
+// s16 its fp16 rounding), max and min at most 2^60 in magnitude, and per lane
+// (BwdLaneCheck<-40, -70, 70>) every weight 0 or at least 2^-40 (so x - mn is
+// 0 or at least 2^-63, an ulp of 2^-40, and (x - mn) / s at least 2^-87; x /
+// s16 is in [2^-64, 2^84]), every gradient 0 or in [2^-70, 2^70] (G * s in
+// [2^-94, 2^94]).
+//
+// The int4-asym backward's layout: 8 lanes per group (4 groups per warp
+// step), each lane holding the chunks (E = g / 32 elements) of the canonical
+// lanes L, L + 8, L + 16 and L + 24 of its group (L = lane % 8).  Its sums are
+// those of the canonical order: each chunk summed in order, the halving
+// tree's first two levels (lanes l + 16, then l + 8) inside the lane, the last
+// three across its 8 lanes.  A quarter of the shuffles, and of the per-group
+// scalar work per element, of one canonical lane per thread.
+constexpr int AB_C = 4;  // chunks per lane
+
+// the canonical warp_sum of a group from this lane's chunk sums s[c] (result
+// in all 8 lanes of the group)
+__device__ __forceinline__ float group_sum(const float *s) {
+  float v = (s[0] + s[2]) + (s[1] + s[3]);
+#pragma unroll
+  for (int off = 4; off >= 1; off >>= 1) v += __shfl_down_sync(FULL, v, off);  // (lane 8i's terms stay in its 8)
+  return __shfl_sync(FULL, v, threadIdx.x & 24);
+}
+__device__ __forceinline__ int group_isum(int v) {
+#pragma unroll
+  for (int off = 4; off >= 1; off >>= 1) v += __shfl_xor_sync(FULL, v, off);
+  return v;
+}
+
+// one group's gradient (this lane's AB_C chunks of E elements) once p is
+// known; FAST: its divisions by the scale as aoq_div_by (the same bits in the
+// domain above)
+template <int E, bool FAST>
+__device__ __forceinline__ void asym_bwd_group(const float (*x)[E], const float (*Gv)[E], const aoq_asym_group &p,
+                                               int awq, int cs, int st, float (*gx)[E]) {
+  float g_s, g_mn; /* g_s ends as the gradient of the group max */
+  float a[AB_C], b[AB_C], c[AB_C], d[AB_C];
+  if (!awq) {
+    const float y = FAST ? 1.0f / p.s : 0.f;
+    float u[AB_C][E];
+#pragma unroll
+    for (int k = 0; k < AB_C; k++) {
+      a[k] = b[k] = 0.f;
+#pragma unroll
+      for (int e = 0; e < E; e++) {
+        u[k][e] = div_g<FAST>(x[k][e] - p.mn, p.s, y);  // aoq_asym_code_raw's quotient
+        a[k] += Gv[k][e];
+        b[k] += Gv[k][e] * (aoq_clamp(aoq_rint(u[k][e]), 0.f, 15.f) - 8.f);
+      }
+    }
+    const float g_z = group_sum(a), g_s_a = group_sum(b);
+#pragma unroll
+    for (int k = 0; k < AB_C; k++) {
+      c[k] = d[k] = 0.f;
+#pragma unroll
+      for (int e = 0; e < E; e++) {
+        float q = aoq_rint(u[k][e]);
+        float gq = aoq_in(q, 0.f, 15.f, st) ? Gv[k][e] * p.s : 0.f;
+        gx[k][e] = div_g<FAST>(gq, p.s, y);
+        c[k] += -gq * div_g<FAST>(u[k][e], p.s, y);
+        d[k] += gx[k][e];
+      }
+    }
+    const float g_s_b = group_sum(c), g_mn_a = -group_sum(d);
+    aoq_asym_gminmax_torchao(g_s_a, g_s_b, g_z, g_mn_a, &p, cs, st, &g_s, &g_mn);
+  } else {
+    const float y = FAST ? 1.0f / p.s16 : 0.f;
+    float xs[AB_C][E];
+#pragma unroll
+    for (int k = 0; k < AB_C; k++) {
+      a[k] = b[k] = 0.f;
+#pragma unroll
+      for (int e = 0; e < E; e++) {
+        xs[k][e] = div_g<FAST>(x[k][e], p.s16, y);  // aoq_asym_code_raw's quotient
+        a[k] += Gv[k][e] * p.s16;
+        b[k] += Gv[k][e] * (aoq_clamp(aoq_rint(xs[k][e]) + p.zi, 0.f, 15.f) - p.zi);
+      }
+    }
+    const float g_z_a = -group_sum(a), g_s_a = group_sum(b);
+#pragma unroll
+    for (int k = 0; k < AB_C; k++) {
+      c[k] = d[k] = 0.f;
+#pragma unroll
+      for (int e = 0; e < E; e++) {
+        float v = aoq_rint(xs[k][e]) + p.zi;
+        float gv = aoq_in(v, 0.f, 15.f, st) ? Gv[k][e] * p.s16 : 0.f;
+        gx[k][e] = div_g<FAST>(gv, p.s16, y);
+        c[k] += -gv * div_g<FAST>(xs[k][e], p.s16, y);
+        d[k] += gv;
+      }
+    }
+    const float g_s_b = group_sum(c), g_z_b = group_sum(d);
+    aoq_asym_gminmax_awq(g_s_a, g_s_b, g_z_a, g_z_b, &p, st, &g_s, &g_mn);
+  }
+  int cx = 0, cn = 0;
+#pragma unroll
+  for (int k = 0; k < AB_C; k++) {
+#pragma unroll
+    for (int e = 0; e < E; e++) {
+      cx += (x[k][e] == p.mx);
+      cn += (x[k][e] == p.mn);
+    }
+  }
+  cx = group_isum(cx);
+  cn = group_isum(cn);
+  const float ex = cx ? g_s / (float)cx : 0.f, en = cn ? g_mn / (float)cn : 0.f;
+#pragma unroll
+  for (int k = 0; k < AB_C; k++) {
+#pragma unroll
+    for (int e = 0; e < E; e++)
+      gx[k][e] = (gx[k][e] + aoq_masked(ex, x[k][e] == p.mx)) + aoq_masked(en, x[k][e] == p.mn);
+  }
+}
+
 template <int DT, int E, bool VEC>
 __global__ void __launch_bounds__(TPB) asym_bwd_kernel(const void *__restrict__ grad, const void *__restrict__ w,
-                                                       void *__restrict__ gw, int64_t K, int awq, int cs,
-                                                       int st) {
+                                                       void *__restrict__ gw, int64_t K, int awq, int cs, int st,
+                                                       int fast_ok) {
   const int g = 32 * E;
+  constexpr int GPW = 32 / 8;                // groups per warp step
+  constexpr int UB = E >= 8 ? 1 : AOQ_UB;  // steps' loads in flight
   const int64_t n = blockIdx.x, base = n * K, G = K / g;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  for (int64_t j0 = warp; j0 < G; j0 += AOQ_NW * AOQ_UB) {
-    float xx[AOQ_UB][E], gg[AOQ_UB][E];
-    load_groups<DT, E, VEC, AOQ_UB>(w, base, j0, G, xx);
-    load_groups<DT, E, VEC, AOQ_UB>(grad, base, j0, G, gg);
+  const int sub = lane >> 3, L = lane & 7;  // this lane's group in a step, its place there
+  const int64_t steps = (G + GPW - 1) / GPW;
+  for (int64_t t0 = warp; t0 < steps; t0 += AOQ_NW * UB) {
+    float xx[UB][AB_C][E], gg[UB][AB_C][E];
 #pragma unroll
-    for (int u = 0; u < AOQ_UB; u++) {
-      const int64_t j = j0 + u * AOQ_NW;
-      if (j >= G) break;
-      const int64_t idx = base + j * g + lane * E;
-      float *x = xx[u], *Gv = gg[u];
-      float gx[E];
-      float mx = x[0], mn = x[0];
+    for (int u = 0; u < UB; u++) {
+      const int64_t j = (t0 + u * AOQ_NW) * GPW + sub;
 #pragma unroll
-      for (int e = 0; e < E; e++) {
-        mx = nanmax(mx, x[e]);
-        mn = nanmin(mn, x[e]);
+      for (int k = 0; k < AB_C; k++) {
+        if (t0 + u * AOQ_NW < steps && j < G) {
+          load_chunk<DT, E, VEC>(w, base + j * g + (L + 8 * k) * E, xx[u][k]);
+          load_chunk<DT, E, VEC>(grad, base + j * g + (L + 8 * k) * E, gg[u][k]);
+        } else {
+#pragma unroll
+          for (int e = 0; e < E; e++) xx[u][k][e] = gg[u][k][e] = 0.f;  // no group: zeros through the shuffles
+        }
       }
-      aoq_asym_group p = aoq_asym_group_from_minmax(warp_max(mx), warp_min(mn), awq, cs);
-      float g_s, g_mn; /* g_s ends as the gradient of the group max */
-      if (!awq) {
-        float a = 0.f, b = 0.f, c = 0.f, d = 0.f;
+    }
+#pragma unroll
+    for (int u = 0; u < UB; u++) {
+      if (t0 + u * AOQ_NW >= steps) break;
+      const int64_t j = (t0 + u * AOQ_NW) * GPW + sub;
+      const float(*x)[E] = xx[u];
+      const float(*Gv)[E] = gg[u];
+      float gx[AB_C][E];
+      float mx = x[0][0], mn = x[0][0];
+      BwdLaneCheck<-40, -70, 70> chk;
+#pragma unroll
+      for (int k = 0; k < AB_C; k++) {
 #pragma unroll
         for (int e = 0; e < E; e++) {
-          a += Gv[e];
-          b += Gv[e] * (aoq_clamp(aoq_asym_code_raw(x[e], &p, 0), 0.f, 15.f) - 8.f);
+          mx = nanmax(mx, x[k][e]);
+          mn = nanmin(mn, x[k][e]);
+          chk.add(x[k][e], Gv[k][e]);
         }
-        const float g_z = warp_sum(a), g_s_a = warp_sum(b);
-#pragma unroll
-        for (int e = 0; e < E; e++) {
-          float u = (x[e] - p.mn) / p.s;
-          float q = aoq_rint(u);
-          float gq = aoq_in(q, 0.f, 15.f, st) ? Gv[e] * p.s : 0.f;
-          gx[e] = gq / p.s;
-          c += -gq * (u / p.s);
-          d += gx[e];
-        }
-        const float g_s_b = warp_sum(c), g_mn_a = -warp_sum(d);
-        aoq_asym_gminmax_torchao(g_s_a, g_s_b, g_z, g_mn_a, &p, cs, st, &g_s, &g_mn);
-      } else {
-        float a = 0.f, b = 0.f, c = 0.f, d = 0.f;
-#pragma unroll
-        for (int e = 0; e < E; e++) {
-          a += Gv[e] * p.s16;
-          b += Gv[e] * (aoq_clamp(aoq_asym_code_raw(x[e], &p, 1), 0.f, 15.f) - p.zi);
-        }
-        const float g_z_a = -warp_sum(a), g_s_a = warp_sum(b);
-#pragma unroll
-        for (int e = 0; e < E; e++) {
-          float v = aoq_asym_code_raw(x[e], &p, 1);
-          float gv = aoq_in(v, 0.f, 15.f, st) ? Gv[e] * p.s16 : 0.f;
-          gx[e] = gv / p.s16;
-          c += -gv * ((x[e] / p.s16) / p.s16);
-          d += gv;
-        }
-        const float g_s_b = warp_sum(c), g_z_b = warp_sum(d);
-        aoq_asym_gminmax_awq(g_s_a, g_s_b, g_z_a, g_z_b, &p, st, &g_s, &g_mn);
       }
-      int cx = 0, cn = 0;
+      const aoq_asym_group p = aoq_asym_group_from_minmax(warp_max<8>(mx), warp_min<8>(mn), awq, cs);
+      const float sc = awq ? p.s16 : p.s;
+      const bool fast = __all_sync(FULL, chk.ok() && sc <= 0x1p24f && (p.mx < 0.f ? -p.mx : p.mx) <= 0x1p60f &&
+                                             (p.mn < 0.f ? -p.mn : p.mn) <= 0x1p60f) &&
+                        fast_ok;
+      if (fast)
+        asym_bwd_group<E, true>(x, Gv, p, awq, cs, st, gx);
+      else
+        asym_bwd_group<E, false>(x, Gv, p, awq, cs, st, gx);
+      if (j >= G) continue;
+      if (L == 0) AOQ_COUNT_BWD_PATH(fast);
 #pragma unroll
-      for (int e = 0; e < E; e++) {
-        cx += (x[e] == p.mx);
-        cn += (x[e] == p.mn);
-      }
-      cx = warp_isum(cx);
-      cn = warp_isum(cn);
-      const float ex = cx ? g_s / (float)cx : 0.f, en = cn ? g_mn / (float)cn : 0.f;
-#pragma unroll
-      for (int e = 0; e < E; e++) gx[e] = (gx[e] + aoq_masked(ex, x[e] == p.mx)) + aoq_masked(en, x[e] == p.mn);
-      store_chunk<DT, E, VEC>(gw, idx, gx);
+      for (int k = 0; k < AB_C; k++) store_chunk<DT, E, VEC>(gw, base + j * g + (L + 8 * k) * E, gx[k]);
     }
   }
 }
@@ -903,6 +1135,13 @@ int finish() {
 
 }  // namespace
 
+// AOQ_CUDA_FAST=0: every row and group through the general code (read at
+// each launch, like AOQ_CUDA_STAGE), for comparison
+static int fast_enabled() {
+  const char *env = getenv("AOQ_CUDA_FAST");
+  return !(env && env[0] == '0');
+}
+
 extern "C" int64_t aoq_cuda_last_stage_bytes(void) { return last_stage_bytes.load(); }
 
 extern "C" const char *aoq_cuda_last_error(void) {
@@ -917,10 +1156,7 @@ extern "C" int aoq_cuda_fq_fwd(const void *w, void *out, uint8_t *codes, float *
   if (!guard.ok) return AOQ_ERR_CUDA;
   cudaStream_t strm = (cudaStream_t)stream;
   const bool vec = aligned16(w) && (!out || aligned16(out));
-  // AOQ_CUDA_FAST=0: every row and group through the general code (read at
-  // each launch, like AOQ_CUDA_STAGE), for comparison
-  const char *fast_env = getenv("AOQ_CUDA_FAST");
-  const int fast_ok = !(fast_env && fast_env[0] == '0');
+  const int fast_ok = fast_enabled();
   AOQ_DISPATCH_DT(dt, AOQ_DISPATCH_E(g, AOQ_DISPATCH_AWQ(awq, {
     size_t smem = 0;
     if (scheme == AOQ_SCHEME_FP8_INT4) {
@@ -948,6 +1184,7 @@ extern "C" int aoq_cuda_fq_bwd(const void *grad, const void *w, void *gw, int64_
   if (!guard.ok) return AOQ_ERR_CUDA;
   cudaStream_t strm = (cudaStream_t)stream;
   const bool vec = aligned16(w) && aligned16(grad) && aligned16(gw);
+  const int fast_ok = fast_enabled();
   AOQ_DISPATCH_DT(dt, AOQ_DISPATCH_E(g, {
     if (scheme == AOQ_SCHEME_FP8_INT4) {
       const size_t bytes = 2 * (size_t)K * sizeof(typename Elt<DT>::T);
@@ -957,13 +1194,13 @@ extern "C" int aoq_cuda_fq_bwd(const void *grad, const void *w, void *gw, int64_
                     true, device, bytes, &smem)
               : choose<fp8_int4_bwd_kernel<DT, E, false, false>, fp8_int4_bwd_kernel<DT, E, false, true>>(
                     true, device, bytes, &smem);
-      kern<<<(unsigned)N, TPB, smem, strm>>>(grad, w, gw, K, awq, cs, st);
+      kern<<<(unsigned)N, TPB, smem, strm>>>(grad, w, gw, K, awq, cs, st, fast_ok);
       last_stage_bytes = (int64_t)smem;
     } else {
       if (vec)
-        asym_bwd_kernel<DT, E, true><<<(unsigned)N, TPB, 0, strm>>>(grad, w, gw, K, awq, cs, st);
+        asym_bwd_kernel<DT, E, true><<<(unsigned)N, TPB, 0, strm>>>(grad, w, gw, K, awq, cs, st, fast_ok);
       else
-        asym_bwd_kernel<DT, E, false><<<(unsigned)N, TPB, 0, strm>>>(grad, w, gw, K, awq, cs, st);
+        asym_bwd_kernel<DT, E, false><<<(unsigned)N, TPB, 0, strm>>>(grad, w, gw, K, awq, cs, st, fast_ok);
       last_stage_bytes = 0;
     }
   }));

@@ -12,6 +12,8 @@ torchao, backward <= 1.2x forward time.
 On CUDA the fp8_int4 kernels stage each row in shared memory where it fits
 (one read of the weight); the rows marked "unstaged" time the same op with
 AOQ_CUDA_STAGE=0, the kernels that read the row again from global memory.
+The rows marked "general code" time it with AOQ_CUDA_FAST=0: every row and
+group through the kernels' general code, without the fast paths.
 """
 import argparse
 import os
@@ -55,7 +57,7 @@ def timeit(fn, device, reps, warmup=2):
 def with_env(fn, var):
     """fn run with the CUDA switch `var` (read at each launch) set to 0:
     AOQ_CUDA_STAGE (the fp8 kernels' shared-memory staging) or AOQ_CUDA_FAST
-    (the forward's fast paths)"""
+    (the fast paths of the forward and backward)"""
     def run():
         before = os.environ.get(var)
         os.environ[var] = "0"
@@ -113,7 +115,8 @@ def main():
                 ("bwd kernel", bwd, None, None, 3 * nbytes),
             ]
             if dev == "cuda":
-                rows += [("fwd general code", with_env(lambda: ours(w), "AOQ_CUDA_FAST"), None, None, 2 * nbytes)]
+                rows += [("fwd general code", with_env(lambda: ours(w), "AOQ_CUDA_FAST"), None, None, 2 * nbytes),
+                         ("bwd kernel general code", with_env(bwd, "AOQ_CUDA_FAST"), None, None, 3 * nbytes)]
             if dev == "cuda" and scheme == "fp8_int4":
                 rows += [("fwd unstaged", with_env(lambda: ours(w), "AOQ_CUDA_STAGE"), None, None, 2 * nbytes),
                          ("bwd kernel unstaged", with_env(bwd, "AOQ_CUDA_STAGE"), None, None, 3 * nbytes)]

@@ -15,7 +15,8 @@ import torch
 
 import ao_awq_export as aq
 from ao_awq_export import _C
-from tests.test_cuda_emu import midpoint_weight, row_tail_case, special_weight, staged_bytes
+from tests.test_cuda_emu import (asym_bwd_edge_case, fp8_bwd_edge_case, midpoint_weight, row_tail_case,
+                                 special_weight, staged_bytes)
 from tests.test_fake_quant import (OPS, assert_bits_equal, check_grads, make_weight, torchao_fq,
                                    zero_torchao_nans)
 
@@ -143,8 +144,8 @@ def test_gpu_unstaged(mode, monkeypatch):
 
 @pytest.mark.parametrize("scheme", list(OPS))
 def test_gpu_forward_general_code(scheme, monkeypatch):
-    """AOQ_CUDA_FAST=0: the forward's general code for every row and group
-    (the fast paths run in the tests above)."""
+    """AOQ_CUDA_FAST=0: the general code of the forward and the backward for
+    every row and group (the fast paths run in the tests above)."""
     monkeypatch.setenv("AOQ_CUDA_FAST", "0")
     for mode in ("torchao", "awq"):
         for dtype, g in ((torch.bfloat16, 128), (torch.float16, 64), (torch.float32, 32)):
@@ -165,6 +166,22 @@ def test_gpu_forward_special_rows(scheme, mode, dtype):
     got = torch.ops.ao_awq.quantize(w.cuda(), 64, SCH[scheme], awq, cs)
     for a, b, what in zip(got, torch.ops.ao_awq.quantize(w, 64, SCH[scheme], awq, cs), ("codes", "scales", "zeros")):
         assert_bits_equal(a.cpu(), b, what)
+
+
+@pytest.mark.parametrize("scheme", list(SCH))
+@pytest.mark.parametrize("mode", ["torchao", "awq"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_gpu_backward_domain_edges(scheme, mode, dtype):
+    """Weights, gradients, groups and rows at and just past each edge of the
+    backward's fast domains (aoq_div_by for the divisions, the fast
+    roundings), zeros of both signs among them, against the CPU kernel."""
+    awq, cs = mode == "awq", 1 if mode == "torchao" else 0
+    w, G, _ = (fp8_bwd_edge_case(dtype, 64, int(awq)) if scheme == "fp8_int4"
+               else asym_bwd_edge_case(dtype, 64))
+    for st in (False, True):
+        ref = torch.ops.ao_awq.fq_weight_backward(G, w, 64, SCH[scheme], awq, st, cs)
+        got = torch.ops.ao_awq.fq_weight_backward(G.cuda(), w.cuda(), 64, SCH[scheme], awq, st, cs)
+        assert_bits_equal(got.cpu(), ref, f"{scheme} {mode} {dtype} st={st}")
 
 
 @pytest.mark.parametrize("mode", ["torchao", "awq"])

@@ -589,8 +589,13 @@ def test_emulated_unaligned_takes_scalar_path(lib, scheme):
         assert torch.equal(a, b)
     gout = torch.randn(n, k).to(torch.bfloat16)
     gbase = torch.empty(n * k + 1, dtype=torch.bfloat16)
+    bwd_path_counts(lib)
     gw = emu_bwd(lib, gout, wu, g, scheme, 0, 1, 0, gw=gbase[1:].view(n, k))
+    fast, general = bwd_path_counts(lib)
+    assert fast == 0 and general > 0, (fast, general)  # (the unaligned kernels keep to the general code)
     assert torch.equal(gw, emu_bwd(lib, gout, w, g, scheme, 0, 1, 0))
+    fast, general = bwd_path_counts(lib)
+    assert fast > 0, (fast, general)
 
 
 @pytest.mark.parametrize("scheme", list(SCH))

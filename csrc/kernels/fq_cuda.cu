@@ -556,6 +556,15 @@ __device__ __forceinline__ float with_sign_of(float r, float x) {
 #endif
 }
 
+// aoq_in(x, lo, hi, st) with the bounds made inclusive once (x > lo is x >=
+// the float above lo, for finite lo), so that either rule is two compares
+struct InRange {
+  float lo, hi;
+  __device__ __forceinline__ InRange(float l, float h, int st)
+      : lo(st ? nextafterf(l, INFINITY) : l), hi(st ? nextafterf(h, -INFINITY) : h) {}
+  __device__ __forceinline__ bool operator()(float x) const { return x >= lo && x <= hi; }
+};
+
 // aoq_round_to for the backward's fast groups, x = +-0 or 2^-126 <= |x| <
 // 2^110 for bf16: aoq_bf16_round_fast with x's sign put back (a zero keeps its
 // sign, as the gradients' zeros must; a nonzero rounds to a nonzero of its
@@ -608,13 +617,13 @@ __device__ __forceinline__ float fp8_bwd_first(const float *x, float s_row, floa
 // [2^-60, 2^40]: G * qc, D(G * sdq) * rcp and D(G * sdq) * wd are 0 or in
 // [2^-113, 2^103]), divisions by s_row by aoq_div_by (gt is an e4m3 value);
 // FIN, where the group's `each` is 0 or in [2^-100, 2^100], the last
-// roundings too (gwd + each * sgn(wd): 0 or in [2^-118, 2^101]) and, but
+// roundings too (gwd + each * sgn(wd): 0 or in [2^-117, 2^101]) and, but
 // for fp16 (whose gwd may overflow), the e4m3 rounding of gh * s_row
 template <int DT, int E, bool FAST, bool FIN>
 __device__ __forceinline__ void fp8_bwd_tail(const float *x, const float *t, const float *f8, const float *wd,
                                              float *gwd, const aoq_sym_group &p, float each, float s_row,
-                                             float y_row, float a0, int st, float *gx, float &acc_a, float &acc_b,
-                                             int &cnt_row) {
+                                             float y_row, float a0, const InRange &in_t, float *gx, float &acc_a,
+                                             float &acc_b, int &cnt_row) {
 #pragma unroll
   for (int e = 0; e < E; e++) {
     const int ext = (wd[e] < 0.f ? -wd[e] : wd[e]) == p.m;
@@ -630,7 +639,7 @@ __device__ __forceinline__ void fp8_bwd_tail(const float *x, const float *t, con
     } else {
       gt = aoq_fp8_e4m3_round(gh * s_row);
     }
-    if (!aoq_in(t[e], -AOQ_FP8_MAX, AOQ_FP8_MAX, st)) gt = 0.f;
+    if (!in_t(t[e])) gt = 0.f;
     gx[e] = FAST ? aoq_div_by(gt, s_row, y_row) : gt / s_row;
     acc_b += -gt * (FAST ? aoq_div_by(t[e], s_row, y_row) : t[e] / s_row);
     cnt_row += ((x[e] < 0.f ? -x[e] : x[e]) == a0);
@@ -640,8 +649,8 @@ __device__ __forceinline__ void fp8_bwd_tail(const float *x, const float *t, con
 template <int DT, int E, bool FAST>
 __device__ __forceinline__ void fp8_bwd_rest(const float *x, const float *Gv, const float *t, const float *f8,
                                              const float *wd, const aoq_sym_group &p, float s_row, float y_row,
-                                             float a0, int awq, int st, float *gx, float &acc_a, float &acc_b,
-                                             int &cnt_row) {
+                                             float a0, int awq, int st, const InRange &in_q, const InRange &in_t,
+                                             float *gx, float &acc_a, float &acc_b, int &cnt_row) {
   float gwd[E], q2[E];
   float t1 = 0.f;
 #pragma unroll
@@ -657,7 +666,7 @@ __device__ __forceinline__ void fp8_bwd_rest(const float *x, const float *Gv, co
 #pragma unroll
   for (int e = 0; e < E; e++) {
     const float gd = rnd<DT, FAST>(Gv[e] * (awq ? p.sdq : p.sg));
-    const float gq = aoq_in(q2[e], -8.f, 7.f, st) ? gd : 0.f;
+    const float gq = in_q(q2[e]) ? gd : 0.f;
     gwd[e] = FAST ? rnd<DT, true>(gq * p.rcp) : aoq_sym_gwd(gq, &p, DT);
     t2 += rnd_nz<DT, FAST>(gq * wd[e]);
     cnt += ((wd[e] < 0.f ? -wd[e] : wd[e]) == p.m);
@@ -670,9 +679,19 @@ __device__ __forceinline__ void fp8_bwd_rest(const float *x, const float *Gv, co
   const float each = cnt ? aoq_round_to(g_m / (float)cnt, DT) : 0.f;
   const float ae = each < 0.f ? -each : each;
   if (FAST && (ae == 0.f || (ae >= 0x1p-100f && ae <= 0x1p100f)))
-    fp8_bwd_tail<DT, E, FAST, FAST>(x, t, f8, wd, gwd, p, each, s_row, y_row, a0, st, gx, acc_a, acc_b, cnt_row);
+    fp8_bwd_tail<DT, E, FAST, FAST>(x, t, f8, wd, gwd, p, each, s_row, y_row, a0, in_t, gx, acc_a, acc_b, cnt_row);
   else
-    fp8_bwd_tail<DT, E, FAST, false>(x, t, f8, wd, gwd, p, each, s_row, y_row, a0, st, gx, acc_a, acc_b, cnt_row);
+    fp8_bwd_tail<DT, E, FAST, false>(x, t, f8, wd, gwd, p, each, s_row, y_row, a0, in_t, gx, acc_a, acc_b,
+                                     cnt_row);
+}
+
+// row_fix in a fast row whose `each` is 0 or within [2^-100, 2^100]: ga is a
+// gx of the row, an e4m3 value over s_row (0, NaN, or within [2^-33, 2^33]),
+// so both roundings stay in rnd's domain (sums 0 or within [2^-107, 2^101])
+template <int DT>
+__device__ __forceinline__ float row_fix_fast(float ga, float xv, float each, float a0) {
+  const bool ext = (xv < 0.f ? -xv : xv) == a0;
+  return rnd<DT, true>(ga + rnd<DT, true>((ext ? each : each * 0.0f) * aoq_sgn(xv)));
 }
 
 // ---------------------------------------------------------------------------
@@ -700,9 +719,12 @@ __global__ void __launch_bounds__(TPB, 2) fp8_int4_bwd_kernel(const void *__rest
     for (int64_t k = threadIdx.x; k < K; k += TPB) aoq_store(gw, base + k, 0.f, DT);
     return;
   }
-  // a fast row (see fp8_bwd_first): s_row in aoq_div_by's divisor range
-  const bool fast_row = fast_ok && a0 <= fast_amax<DT>() && s_row >= 0x1p-24f && s_row <= 0x1p24f;
+  // a fast row (see fp8_bwd_first): s_row in aoq_div_by's divisor range (the
+  // kernels for unaligned tensors, rare, keep to the general code: half the
+  // code to compile)
+  const bool fast_row = VEC && fast_ok && a0 <= fast_amax<DT>() && s_row >= 0x1p-24f && s_row <= 0x1p24f;
   const float y_row = fast_row ? 1.0f / s_row : 0.f;
+  const InRange in_q(-8.f, 7.f, st), in_t(-AOQ_FP8_MAX, AOQ_FP8_MAX, st);  // torch's clamp masks
   float acc_a = 0.f, acc_b = 0.f;
   int cnt_row = 0;
   constexpr int UB = STAGE ? (E >= 8 ? 2 : AOQ_UBS) : AOQ_UB;  // (g = 256: 128 registers hold 2)
@@ -726,9 +748,11 @@ __global__ void __launch_bounds__(TPB, 2) fp8_int4_bwd_kernel(const void *__rest
       const aoq_sym_group p = aoq_sym_group_from_max(m, DT, awq);
       const bool fast_group = fast && aoq_isfinite(p.rcp) && aoq_isfinite(p.sdq);
       if (fast_group)
-        fp8_bwd_rest<DT, E, true>(x, Gv, t, f8, wd, p, s_row, y_row, a0, awq, st, gx, acc_a, acc_b, cnt_row);
+        fp8_bwd_rest<DT, E, true>(x, Gv, t, f8, wd, p, s_row, y_row, a0, awq, st, in_q, in_t, gx, acc_a, acc_b,
+                                  cnt_row);
       else
-        fp8_bwd_rest<DT, E, false>(x, Gv, t, f8, wd, p, s_row, y_row, a0, awq, st, gx, acc_a, acc_b, cnt_row);
+        fp8_bwd_rest<DT, E, false>(x, Gv, t, f8, wd, p, s_row, y_row, a0, awq, st, in_q, in_t, gx, acc_a, acc_b,
+                                   cnt_row);
       if (lane == 0) AOQ_COUNT_BWD_PATH(fast_group);
       // D(gx), row extremes fixed below
       if (STAGE)
@@ -743,6 +767,8 @@ __global__ void __launch_bounds__(TPB, 2) fp8_int4_bwd_kernel(const void *__rest
   float g_a = aoq_round_to(aoq_div_scalar(aoq_round_to(sum_a + sum_b, DT), AOQ_FP8_MAX, cs), DT);
   if (!aoq_ge(a0, aoq_eps_in(1e-12f, DT), st)) g_a = 0.f;
   const float each = cnt_row ? aoq_round_to(g_a / (float)cnt_row, DT) : 0.f;
+  const float ae = each < 0.f ? -each : each;
+  const bool fix_fast = fast_row && (ae == 0.f || (ae >= 0x1p-100f && ae <= 0x1p100f));
   if (STAGE) {
     // this thread's own chunks of xs and gs (it wrote them): one write of gw
     for (int64_t j = warp; j < G; j += AOQ_NW) {
@@ -750,15 +776,22 @@ __global__ void __launch_bounds__(TPB, 2) fp8_int4_bwd_kernel(const void *__rest
       float xv[E], ga[E];
       load_chunk<DT, E, VEC>(xs, o, xv);
       load_chunk<DT, E, VEC>(gs, o, ga);
+      if (fix_fast) {
 #pragma unroll
-      for (int e = 0; e < E; e++) ga[e] = row_fix(ga[e], xv[e], each, a0, DT);
+        for (int e = 0; e < E; e++) ga[e] = row_fix_fast<DT>(ga[e], xv[e], each, a0);
+      } else {
+#pragma unroll
+        for (int e = 0; e < E; e++) ga[e] = row_fix(ga[e], xv[e], each, a0, DT);
+      }
       store_chunk<DT, E, VEC>(gw, base + o, ga);
     }
     return;
   }
   __syncthreads();  // gw of this row, written above by other threads, is visible
-  for (int64_t k = threadIdx.x; k < K; k += TPB)
-    aoq_store(gw, base + k, row_fix(aoq_load(gw, base + k, DT), aoq_load(w, base + k, DT), each, a0, DT), DT);
+  for (int64_t k = threadIdx.x; k < K; k += TPB) {
+    const float ga = aoq_load(gw, base + k, DT), xv = aoq_load(w, base + k, DT);
+    aoq_store(gw, base + k, fix_fast ? row_fix_fast<DT>(ga, xv, each, a0) : row_fix(ga, xv, each, a0, DT), DT);
+  }
 }
 
 // ---------------------------------------------------------------------------
@@ -807,7 +840,7 @@ __device__ __forceinline__ int group_isum(int v) {
 // domain above)
 template <int E, bool FAST>
 __device__ __forceinline__ void asym_bwd_group(const float (*x)[E], const float (*Gv)[E], const aoq_asym_group &p,
-                                               int awq, int cs, int st, float (*gx)[E]) {
+                                               int awq, int cs, int st, const InRange &in_q, float (*gx)[E]) {
   float g_s, g_mn; /* g_s ends as the gradient of the group max */
   float a[AB_C], b[AB_C], c[AB_C], d[AB_C];
   if (!awq) {
@@ -830,7 +863,7 @@ __device__ __forceinline__ void asym_bwd_group(const float (*x)[E], const float 
 #pragma unroll
       for (int e = 0; e < E; e++) {
         float q = aoq_rint(u[k][e]);
-        float gq = aoq_in(q, 0.f, 15.f, st) ? Gv[k][e] * p.s : 0.f;
+        float gq = in_q(q) ? Gv[k][e] * p.s : 0.f;
         gx[k][e] = div_g<FAST>(gq, p.s, y);
         c[k] += -gq * div_g<FAST>(u[k][e], p.s, y);
         d[k] += gx[k][e];
@@ -858,7 +891,7 @@ __device__ __forceinline__ void asym_bwd_group(const float (*x)[E], const float 
 #pragma unroll
       for (int e = 0; e < E; e++) {
         float v = aoq_rint(xs[k][e]) + p.zi;
-        float gv = aoq_in(v, 0.f, 15.f, st) ? Gv[k][e] * p.s16 : 0.f;
+        float gv = in_q(v) ? Gv[k][e] * p.s16 : 0.f;
         gx[k][e] = div_g<FAST>(gv, p.s16, y);
         c[k] += -gv * div_g<FAST>(xs[k][e], p.s16, y);
         d[k] += gv;
@@ -898,6 +931,7 @@ __global__ void __launch_bounds__(TPB) asym_bwd_kernel(const void *__restrict__ 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int sub = lane >> 3, L = lane & 7;  // this lane's group in a step, its place there
   const int64_t steps = (G + GPW - 1) / GPW;
+  const InRange in_q(0.f, 15.f, st);  // torch's clamp mask of the codes
   for (int64_t t0 = warp; t0 < steps; t0 += AOQ_NW * UB) {
     float xx[UB][AB_C][E], gg[UB][AB_C][E];
 #pragma unroll
@@ -934,13 +968,14 @@ __global__ void __launch_bounds__(TPB) asym_bwd_kernel(const void *__restrict__ 
       }
       const aoq_asym_group p = aoq_asym_group_from_minmax(warp_max<8>(mx), warp_min<8>(mn), awq, cs);
       const float sc = awq ? p.s16 : p.s;
-      const bool fast = __all_sync(FULL, chk.ok() && sc <= 0x1p24f && (p.mx < 0.f ? -p.mx : p.mx) <= 0x1p60f &&
-                                             (p.mn < 0.f ? -p.mn : p.mn) <= 0x1p60f) &&
-                        fast_ok;
+      // (as in the fp8 backward, the kernels for unaligned tensors keep to the general code)
+      const bool lane_ok = chk.ok() && sc <= 0x1p24f && (p.mx < 0.f ? -p.mx : p.mx) <= 0x1p60f &&
+                           (p.mn < 0.f ? -p.mn : p.mn) <= 0x1p60f;
+      const bool fast = VEC && __all_sync(FULL, lane_ok) && fast_ok;
       if (fast)
-        asym_bwd_group<E, true>(x, Gv, p, awq, cs, st, gx);
+        asym_bwd_group<E, true>(x, Gv, p, awq, cs, st, in_q, gx);
       else
-        asym_bwd_group<E, false>(x, Gv, p, awq, cs, st, gx);
+        asym_bwd_group<E, false>(x, Gv, p, awq, cs, st, in_q, gx);
       if (j >= G) continue;
       if (L == 0) AOQ_COUNT_BWD_PATH(fast);
 #pragma unroll

@@ -345,42 +345,6 @@ def asym_bwd_edge_case(dtype, g):
     return w.to(dtype), G.to(dtype), general
 
 
-@pytest.mark.parametrize("mode", ["torchao", "awq"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_emulated_asym_backward_fast_and_general_paths(lib, mode, dtype):
-    """The int4-asym backward divides by the group's scale as three
-    multiply-adds with its reciprocal (aoq_div_by) in groups inside that
-    function's domain, and by IEEE division elsewhere: plain weights take
-    only the fast path, special_weight's rows and groups at or past each
-    edge of the domain both (fp16 can hold none of the edges but the NaN)."""
-    g = 64
-    awq = int(mode == "awq")
-    cs = 1 - awq
-    bwd_path_counts(lib)
-    plain = make_weight(4, 8 * g, dtype, g, seed=3, special=False)
-    gplain = (torch.randn(plain.shape, generator=torch.Generator().manual_seed(4)) * 1e3).to(dtype)
-    gplain[0, :9] = torch.tensor([0.0, -0.0] * 4 + [-0.0])
-    cases = [("plain", plain, gplain, 0)]
-    sw = special_weight(dtype, g)
-    cases.append(("special", sw, (torch.randn(sw.shape, generator=torch.Generator().manual_seed(2)) * 1e3
-                                  ).to(dtype), None))
-    if dtype != torch.float16:
-        w, G, general = asym_bwd_edge_case(dtype, g)
-        cases.append(("edges", w, G, sum(general)))
-    for name, w, G, want_general in cases:
-        what = f"{mode} {dtype} {name}"
-        for st in (0, 1):
-            gw = emu_bwd(lib, G, w, g, "int4_asym", awq, cs, st)
-            fast, general = bwd_path_counts(lib)
-            assert fast + general == w.numel() // g, what
-            if want_general is None:
-                assert fast > 0 and general > 0, (what, fast, general)
-            else:
-                assert general == want_general, (what, fast, general)
-            ref = torch.ops.ao_awq.fq_weight_backward(G, w, g, 1, bool(awq), bool(st), cs)
-            assert_bits_equal(gw, ref, what + f" grad st={st}")
-
-
 def fp8_bwd_edge_case(dtype, g, awq):
     """Rows of 8 groups for the fp8-int4 backward's fast domain (rows: amax
     at most fast_amax and scale in [2^-24, 2^24]; lanes: weights 0 or at
@@ -403,37 +367,39 @@ def fp8_bwd_edge_case(dtype, g, awq):
     return w.to(dtype), G.to(dtype), general
 
 
+@pytest.mark.parametrize("scheme", list(SCH))
 @pytest.mark.parametrize("mode", ["torchao", "awq"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_emulated_fp8_backward_fast_and_general_paths(lib, mode, dtype):
-    """The fp8-int4 backward's fast groups (aoq_div_by for the divisions by
-    the row scale, the fast roundings, no NaN handling) against the CPU
-    kernel: plain weights take only the fast path, special_weight's rows
-    and the groups and rows at or past each edge of the domain both."""
+def test_emulated_backward_fast_and_general_paths(lib, scheme, mode, dtype):
+    """The backward's fast groups (aoq_div_by for the divisions by a group's
+    or row's scale; fp8: the fast roundings, no NaN handling) against the CPU
+    kernel: plain weights take only the fast path, special_weight's rows and
+    the groups and rows at or just past each edge of the domain both (fp16
+    can hold none of the edges but the NaN)."""
     g = 64
     awq = int(mode == "awq")
     cs = 1 - awq
     bwd_path_counts(lib)
     plain = make_weight(4, 8 * g, dtype, g, seed=3, special=False)
-    gplain = (torch.randn(plain.shape, generator=torch.Generator().manual_seed(4)) * 1e-3).to(dtype)
+    gplain = (torch.randn(plain.shape, generator=torch.Generator().manual_seed(4)) * 1e3).to(dtype)
     gplain[0, :9] = torch.tensor([0.0, -0.0] * 4 + [-0.0])
     cases = [("plain", plain, gplain, 0)]
     sw = special_weight(dtype, g)
     cases.append(("special", sw, (torch.randn(sw.shape, generator=torch.Generator().manual_seed(2)) * 1e3
                                   ).to(dtype), None))
     if dtype != torch.float16:
-        w, G, general = fp8_bwd_edge_case(dtype, g, awq)
+        w, G, general = fp8_bwd_edge_case(dtype, g, awq) if scheme == "fp8_int4" else asym_bwd_edge_case(dtype, g)
         cases.append(("edges", w, G, sum(general)))
     for name, w, G, want_general in cases:
-        what = f"{mode} {dtype} {name}"
+        what = f"{scheme} {mode} {dtype} {name}"
         for st in (0, 1):
-            gw = emu_bwd(lib, G, w, g, "fp8_int4", awq, cs, st)
+            gw = emu_bwd(lib, G, w, g, scheme, awq, cs, st)
             fast, general = bwd_path_counts(lib)
-            if want_general is None:  # (fp16: row 7's scale underflows to 0, a row of zero gradients)
+            if want_general is None:  # (fp8, fp16: row 7's scale underflows to 0, a row of zero gradients)
                 assert fast > 0 and general > 0, (what, fast, general)
             else:
                 assert (fast + general, general) == (w.numel() // g, want_general), (what, fast, general)
-            ref = torch.ops.ao_awq.fq_weight_backward(G, w, g, 0, bool(awq), bool(st), cs)
+            ref = torch.ops.ao_awq.fq_weight_backward(G, w, g, SCH[scheme], bool(awq), bool(st), cs)
             assert_bits_equal(gw, ref, what + f" grad st={st}")
 
 

@@ -126,7 +126,7 @@ __global__ void aoq_measure_asym_bwd(const void *__restrict__ grad, const void *
       mn = nanmin(mn, x[k][e]);
     }
   const aoq_asym_group p = aoq_asym_group_from_minmax(warp_max<8>(mx), warp_min<8>(mn), AOQ_M_AWQ, cs);
-  asym_bwd_group<E, FAST>(x, Gv, p, AOQ_M_AWQ, cs, st, InRange(0.f, 15.f, st), gx);
+  asym_bwd_group<E, FAST>(x, Gv, p, AOQ_M_AWQ, cs, st, InRange<true>(0.f, 15.f, st), gx);
   for (int k = 0; k < AB_C; k++) store_chunk<DT, E, true>(gw, idx + k * 8 * E, gx[k]);
 }
 template <int DT, int E, bool FAST>
@@ -142,7 +142,8 @@ __global__ void aoq_measure_fp8_bwd(const void *__restrict__ grad, const void *_
   const aoq_sym_group p = aoq_sym_group_from_max(m, DT, AOQ_M_AWQ);
   float acc_a = 0.f, acc_b = 0.f;
   int cnt_row = 0;
-  const InRange in_q(-8.f, 7.f, st), in_t(-AOQ_FP8_MAX, AOQ_FP8_MAX, st);
+  const InRange<true> in_q(-8.f, 7.f, st);
+  const InRange<false> in_t(-AOQ_FP8_MAX, AOQ_FP8_MAX, st);
   fp8_bwd_rest<DT, E, FAST>(x, Gv, t, f8, wd, p, s_row, y_row, a0, AOQ_M_AWQ, st, in_q, in_t, gx, acc_a, acc_b,
                             cnt_row);
   store_chunk<DT, E, true>(gw, idx, gx);
@@ -238,7 +239,8 @@ def backward(src, args, nvcc, env):
                 raise SystemExit(f"nvcc failed on the backward variant {mode}:\n{r.stderr[-3000:]}")
             fns = functions(subprocess.run(["cuobjdump", "-sass", cubin], check=True, capture_output=True,
                                            text=True, env=env).stdout)
-            for scheme, kern, chunks in (("int4_asym", "aoq_measure_asym_bwd", 4), ("fp8_int4", "aoq_measure_fp8_bwd", 1)):
+            for scheme, kern, chunks in (("int4_asym", "aoq_measure_asym_bwd", 4),
+                                         ("fp8_int4", "aoq_measure_fp8_bwd", 1)):
                 for e in es:
                     for fast in ("true", "false"):
                         name = next(k for k in fns if f"{kern}<{args.dtype}, {e}, {fast}>" in k)

@@ -556,12 +556,16 @@ __device__ __forceinline__ float with_sign_of(float r, float x) {
 #endif
 }
 
-// aoq_in(x, lo, hi, st) with the bounds made inclusive once (x > lo is x >=
-// the float above lo, for finite lo), so that either rule is two compares
+// aoq_in(x, lo, hi, st) with the bounds made inclusive once, so that either
+// rule is two compares: x > lo is x >= the float above lo (finite lo), or, for
+// x known to be an integer, +-Inf or NaN (INT: the codes), x >= lo + 1 (no
+// bound near a subnormal, which a build with flush-to-zero would change)
+template <bool INT>
 struct InRange {
   float lo, hi;
   __device__ __forceinline__ InRange(float l, float h, int st)
-      : lo(st ? nextafterf(l, INFINITY) : l), hi(st ? nextafterf(h, -INFINITY) : h) {}
+      : lo(st ? (INT ? l + 1.f : nextafterf(l, INFINITY)) : l),
+        hi(st ? (INT ? h - 1.f : nextafterf(h, -INFINITY)) : h) {}
   __device__ __forceinline__ bool operator()(float x) const { return x >= lo && x <= hi; }
 };
 
@@ -622,8 +626,8 @@ __device__ __forceinline__ float fp8_bwd_first(const float *x, float s_row, floa
 template <int DT, int E, bool FAST, bool FIN>
 __device__ __forceinline__ void fp8_bwd_tail(const float *x, const float *t, const float *f8, const float *wd,
                                              float *gwd, const aoq_sym_group &p, float each, float s_row,
-                                             float y_row, float a0, const InRange &in_t, float *gx, float &acc_a,
-                                             float &acc_b, int &cnt_row) {
+                                             float y_row, float a0, const InRange<false> &in_t, float *gx,
+                                             float &acc_a, float &acc_b, int &cnt_row) {
 #pragma unroll
   for (int e = 0; e < E; e++) {
     const int ext = (wd[e] < 0.f ? -wd[e] : wd[e]) == p.m;
@@ -649,8 +653,9 @@ __device__ __forceinline__ void fp8_bwd_tail(const float *x, const float *t, con
 template <int DT, int E, bool FAST>
 __device__ __forceinline__ void fp8_bwd_rest(const float *x, const float *Gv, const float *t, const float *f8,
                                              const float *wd, const aoq_sym_group &p, float s_row, float y_row,
-                                             float a0, int awq, int st, const InRange &in_q, const InRange &in_t,
-                                             float *gx, float &acc_a, float &acc_b, int &cnt_row) {
+                                             float a0, int awq, int st, const InRange<true> &in_q,
+                                             const InRange<false> &in_t, float *gx, float &acc_a, float &acc_b,
+                                             int &cnt_row) {
   float gwd[E], q2[E];
   float t1 = 0.f;
 #pragma unroll
@@ -686,8 +691,9 @@ __device__ __forceinline__ void fp8_bwd_rest(const float *x, const float *Gv, co
 }
 
 // row_fix in a fast row whose `each` is 0 or within [2^-100, 2^100]: ga is a
-// gx of the row, an e4m3 value over s_row (0, NaN, or within [2^-33, 2^33]),
-// so both roundings stay in rnd's domain (sums 0 or within [2^-107, 2^101])
+// gx of the row, an e4m3 value over s_row (bf16: 0, NaN, or within [2^-33,
+// 2^33]), so both roundings stay in rnd's domain (sums 0 or within [2^-107,
+// 2^101]; fp16 and fp32 round as row_fix does)
 template <int DT>
 __device__ __forceinline__ float row_fix_fast(float ga, float xv, float each, float a0) {
   const bool ext = (xv < 0.f ? -xv : xv) == a0;
@@ -724,7 +730,8 @@ __global__ void __launch_bounds__(TPB, 2) fp8_int4_bwd_kernel(const void *__rest
   // code to compile)
   const bool fast_row = VEC && fast_ok && a0 <= fast_amax<DT>() && s_row >= 0x1p-24f && s_row <= 0x1p24f;
   const float y_row = fast_row ? 1.0f / s_row : 0.f;
-  const InRange in_q(-8.f, 7.f, st), in_t(-AOQ_FP8_MAX, AOQ_FP8_MAX, st);  // torch's clamp masks
+  const InRange<true> in_q(-8.f, 7.f, st);  // torch's clamp masks
+  const InRange<false> in_t(-AOQ_FP8_MAX, AOQ_FP8_MAX, st);
   float acc_a = 0.f, acc_b = 0.f;
   int cnt_row = 0;
   constexpr int UB = STAGE ? (E >= 8 ? 2 : AOQ_UBS) : AOQ_UB;  // (g = 256: 128 registers hold 2)
@@ -840,7 +847,7 @@ __device__ __forceinline__ int group_isum(int v) {
 // domain above)
 template <int E, bool FAST>
 __device__ __forceinline__ void asym_bwd_group(const float (*x)[E], const float (*Gv)[E], const aoq_asym_group &p,
-                                               int awq, int cs, int st, const InRange &in_q, float (*gx)[E]) {
+                                               int awq, int cs, int st, const InRange<true> &in_q, float (*gx)[E]) {
   float g_s, g_mn; /* g_s ends as the gradient of the group max */
   float a[AB_C], b[AB_C], c[AB_C], d[AB_C];
   if (!awq) {
@@ -931,7 +938,7 @@ __global__ void __launch_bounds__(TPB) asym_bwd_kernel(const void *__restrict__ 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int sub = lane >> 3, L = lane & 7;  // this lane's group in a step, its place there
   const int64_t steps = (G + GPW - 1) / GPW;
-  const InRange in_q(0.f, 15.f, st);  // torch's clamp mask of the codes
+  const InRange<true> in_q(0.f, 15.f, st);  // torch's clamp mask of the codes
   for (int64_t t0 = warp; t0 < steps; t0 += AOQ_NW * UB) {
     float xx[UB][AB_C][E], gg[UB][AB_C][E];
 #pragma unroll
@@ -971,7 +978,7 @@ __global__ void __launch_bounds__(TPB) asym_bwd_kernel(const void *__restrict__ 
       // (as in the fp8 backward, the kernels for unaligned tensors keep to the general code)
       const bool lane_ok = chk.ok() && sc <= 0x1p24f && (p.mx < 0.f ? -p.mx : p.mx) <= 0x1p60f &&
                            (p.mn < 0.f ? -p.mn : p.mn) <= 0x1p60f;
-      const bool fast = VEC && __all_sync(FULL, lane_ok) && fast_ok;
+      const bool fast = VEC && fast_ok && __all_sync(FULL, lane_ok);
       if (fast)
         asym_bwd_group<E, true>(x, Gv, p, awq, cs, st, in_q, gx);
       else

@@ -528,7 +528,8 @@ __global__ void __launch_bounds__(TPB) fq_fwd_kernel(const void *__restrict__ w,
 // weight of the lane 0 or at least 2^XLO in magnitude, every gradient 0 or in
 // [2^GLO, 2^GHI] (no NaN or Inf).  As unsigned minima and a maximum of twice
 // the bit patterns, the sign dropped: a zero maps to 0 (2b) and 0xffffffff
-// (2b - 1), a NaN or Inf past any bound.
+// (2b - 1), a NaN or Inf past any bound (so a weight's NaN or Inf passes
+// here: the row's or group's own check sends it to the general code).
 #define AOQ_TWICE(e) (2u * ((uint32_t)(127 + (e)) << 23))
 template <int XLO, int GLO, int GHI>
 struct BwdLaneCheck {

@@ -326,11 +326,12 @@ def bwd_path_counts(lib):
 
 def asym_bwd_edge_case(dtype, g):
     """Rows of 8 groups for the int4-asym backward's fast domain (weights 0
-    or at least 2^-40, gradients 0 or in [2^-70, 2^70], scale at most 2^24),
-    each with its group 3 at or just past an edge, and the rows' expected
-    numbers of general groups: the 4 groups of a warp step (groups 0-3 of a
-    row) take the same path."""
-    w = make_weight(9, 8 * g, torch.float32, g, seed=5, special=False)
+    or within [2^-40, 2^60], gradients 0 or in [2^-70, 2^70], scale at most
+    2^24),
+    each with its group 3 (row 9: group 1) at or just past an edge, and the
+    rows' expected numbers of general groups: the 4 groups of a warp step
+    (groups 0-3 of a row) take the same path."""
+    w = make_weight(10, 8 * g, torch.float32, g, seed=5, special=False)
     G = torch.randn(w.shape, generator=torch.Generator().manual_seed(6))
     j = 3 * g + 7  # an element of group 3
     w[1, j], w[2, j] = 2.0 ** -41, -(2.0 ** -40)
@@ -338,10 +339,11 @@ def asym_bwd_edge_case(dtype, g):
     G[5, j], G[6, j] = -(2.0 ** 71), 2.0 ** 70
     w[7, 3 * g:4 * g] *= 2.0 ** 33  # range about 2^31: scale past 2^24
     G[8, j] = float("nan")
+    w[9, g:2 * g] = 2.0 ** 100  # a constant group past the weights' 2^60 (awq: x / s16 / s16 overflows)
     # zeros of both signs in every row (fast: a zero keeps its sign)
     w[:, 3 * g + 1], w[:, 3 * g + 2] = 0.0, -0.0
     G[:, 3 * g + 1], G[:, 3 * g + 4] = -0.0, 0.0
-    general = [4 * k for k in (0, 1, 0, 1, 0, 1, 0, 1, 1)]  # (a warp's 4 groups decide together)
+    general = [4 * k for k in (0, 1, 0, 1, 0, 1, 0, 1, 1, 1)]  # (a warp's 4 groups decide together)
     return w.to(dtype), G.to(dtype), general
 
 

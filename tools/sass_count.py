@@ -60,8 +60,9 @@ def variant_source(src, path):
                  ("if (fast && aoq_isfinite(p.rcp) && aoq_isfinite(p.sdq)) {", f"if ({str(fast).lower()}) {{"),
                  ("  if (fast) {\n", f"  if ({str(fast).lower()}) {{\n"),
                  # the division branch (fp8 rows that divide, or rare lanes near e4m3
-                 # midpoints) left out, the check that decides it kept (an empty asm uses it)
-                 ("    if (near) {", '    asm volatile("" ::"r"((int)near));\n    if (false) {')]
+                 # midpoints) left out, the check that decides it kept (a select in
+                 # place of the branch uses it: ptxas drops a value only an empty asm reads)
+                 ("    if (near) {", "    if (near) t8[0] = 0.f;\n    if (false) {")]
     elif fast:
         return None
     else:  # before them: scheme and awq were kernel arguments
@@ -120,13 +121,28 @@ __global__ void aoq_measure_asym_bwd(const void *__restrict__ grad, const void *
     load_chunk<DT, E, true>(grad, idx + k * 8 * E, Gv[k]);
   }
   float mx = x[0][0], mn = x[0][0];
-  for (int k = 0; k < AB_C; k++)
-    for (int e = 0; e < E; e++) {
-      mx = nanmax(mx, x[k][e]);
-      mn = nanmin(mn, x[k][e]);
-    }
-  const aoq_asym_group p = aoq_asym_group_from_minmax(warp_max<8>(mx), warp_min<8>(mn), AOQ_M_AWQ, cs);
+  aoq_asym_group p;
+  bool ok = true;
+  if (FAST) {  // as asym_bwd_kernel: fminf / fmaxf and the lane check (its vote kept by a select)
+    BwdLaneCheck<-40, -70, 70, 60> chk;
+    for (int k = 0; k < AB_C; k++)
+      for (int e = 0; e < E; e++) {
+        mx = fmaxf(mx, x[k][e]);
+        mn = fminf(mn, x[k][e]);
+        chk.add(x[k][e], Gv[k][e]);
+      }
+    p = aoq_asym_group_from_minmax(warp_max_fast<8>(mx), warp_min_fast<8>(mn), AOQ_M_AWQ, cs);
+    ok = __all_sync(FULL, chk.ok() && (AOQ_M_AWQ ? p.s16 : p.s) <= 0x1p24f);
+  } else {
+    for (int k = 0; k < AB_C; k++)
+      for (int e = 0; e < E; e++) {
+        mx = nanmax(mx, x[k][e]);
+        mn = nanmin(mn, x[k][e]);
+      }
+    p = aoq_asym_group_from_minmax(warp_max<8>(mx), warp_min<8>(mn), AOQ_M_AWQ, cs);
+  }
   asym_bwd_group<E, FAST>(x, Gv, p, AOQ_M_AWQ, cs, st, InRange<true>(0.f, 15.f, st), gx);
+  if (!ok) gx[0][0] = 0.f;
   for (int k = 0; k < AB_C; k++) store_chunk<DT, E, true>(gw, idx + k * 8 * E, gx[k]);
 }
 template <int DT, int E, bool FAST>
@@ -137,6 +153,12 @@ __global__ void aoq_measure_fp8_bwd(const void *__restrict__ grad, const void *_
   float x[E], Gv[E], gx[E], t[E], f8[E], wd[E];
   load_chunk<DT, E, true>(w, idx, x);
   load_chunk<DT, E, true>(grad, idx, Gv);
+  bool ok = true;
+  if (FAST) {  // the lane check (its vote kept by a select)
+    BwdLaneCheck<-40, -60, 40> chk;
+    for (int e = 0; e < E; e++) chk.add(x[e], Gv[e]);
+    ok = __all_sync(FULL, chk.ok());
+  }
   const float m = FAST ? warp_max_fast<32>(fp8_bwd_first<DT, E, true>(x, s_row, y_row, t, f8, wd))
                        : warp_max(fp8_bwd_first<DT, E, false>(x, s_row, y_row, t, f8, wd));
   const aoq_sym_group p = aoq_sym_group_from_max(m, DT, AOQ_M_AWQ);
@@ -147,7 +169,7 @@ __global__ void aoq_measure_fp8_bwd(const void *__restrict__ grad, const void *_
   fp8_bwd_rest<DT, E, FAST>(x, Gv, t, f8, wd, p, s_row, y_row, a0, AOQ_M_AWQ, st, in_q, in_t, gx, acc_a, acc_b,
                             cnt_row);
   store_chunk<DT, E, true>(gw, idx, gx);
-  acc[threadIdx.x] = acc_a + acc_b + cnt_row;
+  acc[threadIdx.x] = ok ? acc_a + acc_b + cnt_row : 0.f;
 }
 """
 

@@ -531,17 +531,20 @@ __global__ void __launch_bounds__(TPB) fq_fwd_kernel(const void *__restrict__ w,
 // (2b - 1), a NaN or Inf past any bound (so a weight's NaN or Inf passes
 // here: the row's or group's own check sends it to the general code).
 #define AOQ_TWICE(e) (2u * ((uint32_t)(127 + (e)) << 23))
-template <int XLO, int GLO, int GHI>
+// XHI < 128: the weights also at most 2^XHI in magnitude (no NaN or Inf).
+template <int XLO, int GLO, int GHI, int XHI = 128>
 struct BwdLaneCheck {
-  uint32_t x_lo = 0xffffffffu, g_lo = 0xffffffffu, g_hi = 0u;
+  uint32_t x_lo = 0xffffffffu, x_hi = 0u, g_lo = 0xffffffffu, g_hi = 0u;
   __device__ __forceinline__ void add(float x, float G) {
     const uint32_t x2 = 2u * aoq_f2u(x), g2 = 2u * aoq_f2u(G);
     x_lo = x2 - 1u < x_lo ? x2 - 1u : x_lo;
+    if (XHI < 128) x_hi = x2 > x_hi ? x2 : x_hi;
     g_lo = g2 - 1u < g_lo ? g2 - 1u : g_lo;
     g_hi = g2 > g_hi ? g2 : g_hi;
   }
   __device__ __forceinline__ bool ok() const {
-    return x_lo >= AOQ_TWICE(XLO) - 1u && g_lo >= AOQ_TWICE(GLO) - 1u && g_hi <= AOQ_TWICE(GHI);
+    return x_lo >= AOQ_TWICE(XLO) - 1u && (XHI >= 128 || x_hi <= AOQ_TWICE(XHI)) &&
+           g_lo >= AOQ_TWICE(GLO) - 1u && g_hi <= AOQ_TWICE(GHI);
   }
 };
 
@@ -814,11 +817,11 @@ __device__ __forceinline__ float div_g(float a, float b, float y) {
 // The fast groups' domain, where every quotient of the group's body is one of
 // aoq_div_by (b = s or s16 in [2^-24, 2^24]; numerators 0 or in [2^-96,
 // 2^96]): scale at most 2^24 (at least 2^-24 by construction: s >= 1e-6 / 15,
-// s16 its fp16 rounding), max and min at most 2^60 in magnitude, and per lane
-// (BwdLaneCheck<-40, -70, 70>) every weight 0 or at least 2^-40 (so x - mn is
-// 0 or at least 2^-63, an ulp of 2^-40, and (x - mn) / s at least 2^-87; x /
-// s16 is in [2^-64, 2^84]), every gradient 0 or in [2^-70, 2^70] (G * s in
-// [2^-94, 2^94]).
+// s16 its fp16 rounding), and per lane (BwdLaneCheck<-40, -70, 70, 60>) every
+// weight 0 or within [2^-40, 2^60] in magnitude (so x - mn is 0 or at least
+// 2^-63, an ulp of 2^-40, and (x - mn) / s at least 2^-87; x / s16 is in
+// [2^-64, 2^84]), every gradient 0 or in [2^-70, 2^70] (G * s in [2^-94,
+// 2^94]).
 //
 // The int4-asym backward's layout: 8 lanes per group (4 groups per warp
 // step), each lane holding the chunks (E = g / 32 elements) of the canonical
@@ -963,23 +966,38 @@ __global__ void __launch_bounds__(TPB) asym_bwd_kernel(const void *__restrict__ 
       const float(*x)[E] = xx[u];
       const float(*Gv)[E] = gg[u];
       float gx[AB_C][E];
-      float mx = x[0][0], mn = x[0][0];
-      BwdLaneCheck<-40, -70, 70> chk;
-#pragma unroll
-      for (int k = 0; k < AB_C; k++) {
-#pragma unroll
-        for (int e = 0; e < E; e++) {
-          mx = nanmax(mx, x[k][e]);
-          mn = nanmin(mn, x[k][e]);
-          chk.add(x[k][e], Gv[k][e]);
-        }
-      }
-      const aoq_asym_group p = aoq_asym_group_from_minmax(warp_max<8>(mx), warp_min<8>(mn), awq, cs);
-      const float sc = awq ? p.s16 : p.s;
+      aoq_asym_group p;
+      bool fast = false;
       // (as in the fp8 backward, the kernels for unaligned tensors keep to the general code)
-      const bool lane_ok = chk.ok() && sc <= 0x1p24f && (p.mx < 0.f ? -p.mx : p.mx) <= 0x1p60f &&
-                           (p.mn < 0.f ? -p.mn : p.mn) <= 0x1p60f;
-      const bool fast = VEC && fast_ok && __all_sync(FULL, lane_ok);
+      if (VEC && fast_ok) {
+        // weights in [-2^60, 2^60] (no NaN, so fminf / fmaxf give the group's
+        // min and max; their zeros' signs matter nowhere), checked per lane
+        float mx = x[0][0], mn = x[0][0];
+        BwdLaneCheck<-40, -70, 70, 60> chk;
+#pragma unroll
+        for (int k = 0; k < AB_C; k++) {
+#pragma unroll
+          for (int e = 0; e < E; e++) {
+            mx = fmaxf(mx, x[k][e]);
+            mn = fminf(mn, x[k][e]);
+            chk.add(x[k][e], Gv[k][e]);
+          }
+        }
+        p = aoq_asym_group_from_minmax(warp_max_fast<8>(mx), warp_min_fast<8>(mn), awq, cs);
+        fast = __all_sync(FULL, chk.ok() && (awq ? p.s16 : p.s) <= 0x1p24f);
+      }
+      if (!fast) {  // the NaN-propagating max and min
+        float mx = x[0][0], mn = x[0][0];
+#pragma unroll
+        for (int k = 0; k < AB_C; k++) {
+#pragma unroll
+          for (int e = 0; e < E; e++) {
+            mx = nanmax(mx, x[k][e]);
+            mn = nanmin(mn, x[k][e]);
+          }
+        }
+        p = aoq_asym_group_from_minmax(warp_max<8>(mx), warp_min<8>(mn), awq, cs);
+      }
       if (fast)
         asym_bwd_group<E, true>(x, Gv, p, awq, cs, st, in_q, gx);
       else

@@ -324,6 +324,23 @@ def bwd_path_counts(lib):
     return r
 
 
+def bwd_edge_rows(n, g, seed, glo, ghi):
+    """fp32 weights and gradients, n rows of 8 groups, for the backward's
+    edge cases: in element j of group 3, row 1 a weight of 2^-41 (past the
+    lanes' 2^-40), row 2 one of -2^-40 (at it), rows 3-6 gradients just past
+    and at 2^glo and 2^ghi; zeros of both signs in group 3 of every row (a
+    fast zero keeps its sign).  Returns (w, G, j)."""
+    w = make_weight(n, 8 * g, torch.float32, g, seed=seed, special=False)
+    G = torch.randn(w.shape, generator=torch.Generator().manual_seed(seed + 1))
+    j = 3 * g + 7
+    w[1, j], w[2, j] = 2.0 ** -41, -(2.0 ** -40)
+    G[3, j], G[4, j] = 2.0 ** (glo - 1), -(2.0 ** glo)
+    G[5, j], G[6, j] = -(2.0 ** (ghi + 1)), 2.0 ** ghi
+    w[:, 3 * g + 1], w[:, 3 * g + 2] = 0.0, -0.0
+    G[:, 3 * g + 1], G[:, 3 * g + 4] = -0.0, 0.0
+    return w, G, j
+
+
 def asym_bwd_edge_case(dtype, g):
     """Rows of 8 groups for the int4-asym backward's fast domain (weights 0
     or within [2^-40, 2^60], gradients 0 or in [2^-70, 2^70], scale at most
@@ -331,18 +348,10 @@ def asym_bwd_edge_case(dtype, g):
     each with its group 3 (row 9: group 1) at or just past an edge, and the
     rows' expected numbers of general groups: the 4 groups of a warp step
     (groups 0-3 of a row) take the same path."""
-    w = make_weight(10, 8 * g, torch.float32, g, seed=5, special=False)
-    G = torch.randn(w.shape, generator=torch.Generator().manual_seed(6))
-    j = 3 * g + 7  # an element of group 3
-    w[1, j], w[2, j] = 2.0 ** -41, -(2.0 ** -40)
-    G[3, j], G[4, j] = 2.0 ** -71, -(2.0 ** -70)
-    G[5, j], G[6, j] = -(2.0 ** 71), 2.0 ** 70
+    w, G, j = bwd_edge_rows(10, g, 5, -70, 70)
     w[7, 3 * g:4 * g] *= 2.0 ** 33  # range about 2^31: scale past 2^24
     G[8, j] = float("nan")
     w[9, g:2 * g] = 2.0 ** 100  # a constant group past the weights' 2^60 (awq: x / s16 / s16 overflows)
-    # zeros of both signs in every row (fast: a zero keeps its sign)
-    w[:, 3 * g + 1], w[:, 3 * g + 2] = 0.0, -0.0
-    G[:, 3 * g + 1], G[:, 3 * g + 4] = -0.0, 0.0
     general = [4 * k for k in (0, 1, 0, 1, 0, 1, 0, 1, 1, 1)]  # (a warp's 4 groups decide together)
     return w.to(dtype), G.to(dtype), general
 
@@ -353,18 +362,11 @@ def fp8_bwd_edge_case(dtype, g, awq):
     least 2^-40, gradients 0 or in [2^-60, 2^40]; groups: finite 1 / sg and
     dequantizing scale), each row's group 3 at or just past an edge, or the
     whole row; and the rows' expected numbers of general groups."""
-    w = make_weight(11, 8 * g, torch.float32, g, seed=7, special=False)
-    G = torch.randn(w.shape, generator=torch.Generator().manual_seed(8))
-    j = 3 * g + 7  # an element of group 3
-    w[1, j], w[2, j] = 2.0 ** -41, -(2.0 ** -40)
-    G[3, j], G[4, j] = 2.0 ** -61, -(2.0 ** -60)
-    G[5, j], G[6, j] = -(2.0 ** 41), 2.0 ** 40
+    w, G, j = bwd_edge_rows(11, g, 7, -60, 40)
     w[7] *= 2.0 ** 34 / w[7].abs().max()  # row scale past 2^24
     w[8] *= 1e-5 / w[8].abs().max()  # row scale below 2^-24
     G[9, j] = float("nan")
     w[10, 3 * g:4 * g] *= 1e6 / w[10, 3 * g:4 * g].abs().max()  # group scale past fp16's range
-    w[:, 3 * g + 1], w[:, 3 * g + 2] = 0.0, -0.0
-    G[:, 3 * g + 1], G[:, 3 * g + 4] = -0.0, 0.0
     general = [0, 1, 0, 1, 0, 1, 0, 8, 8, 1, awq]
     return w.to(dtype), G.to(dtype), general
 

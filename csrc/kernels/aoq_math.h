@@ -168,21 +168,20 @@ AOQ_HD float aoq_fp8_e4m3_round(float x) {
   return x != x ? x : r;
 }
 
-/* ---- fast paths of the CUDA kernels' forward --------------------------- */
+/* ---- fast paths of the CUDA kernels ------------------------------------ */
 /* Each equals the general function above wherever its stated domain holds
- * (tests/fast_paths.c checks every float there), except that a zero comes
- * out +0 (the forward's outputs never depend on the sign of these zeros);
- * the kernels use them only for rows and groups known to stay in that domain.
- * They round x to the grid of its binade as RN(x + c) - c, with
- * c = 1.5 * 2^(e + 23 - p) for a format with p fraction bits and e the
- * exponent of x (2^e is x with its sign and fraction bits cleared): c's
- * float ulp is the grid spacing 2^(e - p), x + c stays in c's binade
- * (|x| < 2^(e + 1)), the difference is exact, and ties go to even because
- * c / ulp = 3 * 2^22 is even.  One integer op, a multiply and two adds,
- * instead of a chain of integer ops and NaN selects. */
+ * (tests/fast_paths.c checks every float there), except that
+ * aoq_fp8_e4m3_round_fast's zero comes out +0 (nothing the kernels compute
+ * from it depends on that sign); the kernels use them only for rows and
+ * groups known to stay in that domain. */
 
-/* aoq_fp8_e4m3_round(x) for |x| <= 448 (after the clamp): 3 fraction bits,
- * and below 2^-6 the subnormal spacing 2^-9 (c = 1.5 * 2^14). */
+/* aoq_fp8_e4m3_round(x) for |x| <= 448 (after the clamp), as RN(x + c) - c
+ * with c = 1.5 * 2^(e + 20) (e the exponent of x: 2^e is x with its sign
+ * and fraction bits cleared), at least 1.5 * 2^14 (below 2^-6 the
+ * subnormal spacing 2^-9): c's float ulp is the grid spacing 2^(e - 3), x + c
+ * stays in c's binade, the difference is exact, and ties go to even because
+ * c / ulp = 3 * 2^22 is even.  One integer op, a multiply, a max and two
+ * adds, instead of a chain of integer ops and NaN selects. */
 AOQ_HD float aoq_fp8_e4m3_c(float x) { /* its c */
   const float c = aoq_u2f(aoq_f2u(x) & 0x7f800000u) * 1572864.0f; /* 1.5 * 2^20 */
   return c > 24576.0f ? c : 24576.0f;
@@ -192,10 +191,23 @@ AOQ_HD float aoq_fp8_e4m3_round_fast(float x) {
   return (x + c) - c;
 }
 
-/* aoq_bf16_round(x) for x = +-0 or 2^-126 <= |x| < 2^110. */
+/* aoq_bf16_round(x) for x = +-0 or 2^-126 <= |x| < 2^110, the sign of a zero
+ * kept: Veltkamp's splitting, h = x * (2^16 + 1), x rounded to 24 - 16 = 8
+ * significant bits is h - (h - x), which rounds half to even on every float
+ * of the domain (tests/fast_paths.c: all of them; h stays finite, and a
+ * nonzero x normal, below 2^111).  A multiply and two subtractions, all on
+ * the float pipe (no integer op); each rounded on its own: CUDA's __fmul_rn
+ * and __fsub_rn are never contracted into a fused multiply-add, which would
+ * compute h - x exactly and break the splitting (the host code is built with
+ * -ffp-contract=off). */
 AOQ_HD float aoq_bf16_round_fast(float x) {
-  const float c = aoq_u2f(aoq_f2u(x) & 0x7f800000u) * 98304.0f; /* 1.5 * 2^16 */
-  return (x + c) - c;
+#ifdef __CUDA_ARCH__
+  const float h = __fmul_rn(x, 65537.0f);
+  return __fsub_rn(h, __fsub_rn(h, x));
+#else
+  const float h = x * 65537.0f;
+  return h - (h - x);
+#endif
 }
 
 /* a / b (IEEE, round to nearest) from y = 1 / b (IEEE), for a divisor that a

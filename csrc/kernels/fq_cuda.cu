@@ -267,8 +267,8 @@ __device__ __forceinline__ float fast_amax() {
   return DT == AOQ_F16 ? 16384.f : 0x1p100f;
 }
 
-// aoq_round_to for the fast paths (a zero may lose its sign, which the
-// forward's outputs never depend on)
+// aoq_round_to for the fast paths (bf16: aoq_bf16_round_fast, within its
+// domain; the sign of a zero kept either way)
 template <int DT>
 __device__ __forceinline__ float round_fast(float x) {
   return DT == AOQ_BF16 ? aoq_bf16_round_fast(x) : aoq_round_to(x, DT);
@@ -573,18 +573,11 @@ struct InRange {
   __device__ __forceinline__ bool operator()(float x) const { return x >= lo && x <= hi; }
 };
 
-// aoq_round_to for the backward's fast groups, x = +-0 or 2^-126 <= |x| <
-// 2^110 for bf16: aoq_bf16_round_fast with x's sign put back (a zero keeps its
-// sign, as the gradients' zeros must; a nonzero rounds to a nonzero of its
-// sign); other dtypes and !FAST: aoq_round_to
+// aoq_round_to for the backward's fast groups (FAST: bf16 x = +-0 or 2^-126
+// <= |x| < 2^110, aoq_bf16_round_fast's domain; a zero keeps its sign, as the
+// gradients' zeros must)
 template <int DT, bool FAST>
 __device__ __forceinline__ float rnd(float x) {
-  if (FAST && DT == AOQ_BF16) return with_sign_of(aoq_bf16_round_fast(x), x);
-  return aoq_round_to(x, DT);
-}
-// the same where the sign of a zero result does not matter (round_fast)
-template <int DT, bool FAST>
-__device__ __forceinline__ float rnd_nz(float x) {
   return FAST ? round_fast<DT>(x) : aoq_round_to(x, DT);
 }
 
@@ -664,10 +657,10 @@ __device__ __forceinline__ void fp8_bwd_rest(const float *x, const float *Gv, co
   float t1 = 0.f;
 #pragma unroll
   for (int e = 0; e < E; e++) {
-    const float r = aoq_rint(rnd_nz<DT, FAST>(wd[e] * p.rcp)) + 0.0f;  // aoq_sym_code_raw (0 for wd = 0)
+    const float r = aoq_rint(rnd<DT, FAST>(wd[e] * p.rcp)) + 0.0f;  // aoq_sym_code_raw (0 for wd = 0)
     q2[e] = wd[e] == 0.f ? 0.f : r;
     const float qc = FAST ? clamp_fast(q2[e], -8.f, 7.f) : aoq_clamp(q2[e], -8.f, 7.f);
-    t1 += awq ? Gv[e] * qc : rnd_nz<DT, FAST>(Gv[e] * qc);  // (the sums start at +0)
+    t1 += awq ? Gv[e] * qc : rnd<DT, FAST>(Gv[e] * qc);  // (the sums start at +0)
   }
   const float g_sg_a = aoq_round_to(warp_sum(t1), DT);
   float t2 = 0.f;
@@ -677,7 +670,7 @@ __device__ __forceinline__ void fp8_bwd_rest(const float *x, const float *Gv, co
     const float gd = rnd<DT, FAST>(Gv[e] * (awq ? p.sdq : p.sg));
     const float gq = in_q(q2[e]) ? gd : 0.f;
     gwd[e] = FAST ? rnd<DT, true>(gq * p.rcp) : aoq_sym_gwd(gq, &p, DT);
-    t2 += rnd_nz<DT, FAST>(gq * wd[e]);
+    t2 += rnd<DT, FAST>(gq * wd[e]);
     cnt += ((wd[e] < 0.f ? -wd[e] : wd[e]) == p.m);
   }
   const float g_r = aoq_round_to(warp_sum(t2), DT);

@@ -277,6 +277,23 @@ __device__ __forceinline__ float round_fast(float x) {
 // clamp(x, lo, hi) for x that is not NaN
 __device__ __forceinline__ float clamp_fast(float x, float lo, float hi) { return fminf(fmaxf(x, lo), hi); }
 
+// clamp(t, -448, 448) before the e4m3 rounding, for t = x / s_row (or x
+// times 1 / s_row) of a fast row: s_row = D(a / 448) is within 2^-8 of a /
+// 448 where it is a normal of D (bf16 and fp32: always; fp16 scales may be
+// subnormal, and keep the clamp), so |t| <= 449.8 and aoq_fp8_e4m3_round_fast
+// rounds it to +-448 by itself (up to 464)
+template <int DT>
+__device__ __forceinline__ float fp8_clamp_fast(float t) {
+  return DT == AOQ_F16 ? clamp_fast(t, -AOQ_FP8_MAX, AOQ_FP8_MAX) : t;
+}
+
+// clamp(q, -8, 7) of a fp8-int4 code q = rint(D(wd * rcp)) in a group whose
+// rcp is finite: |wd| <= m, sg = max(D(m / 8), eps) is at least m / 8 less
+// 2^-5 of it (fp16's subnormal m / 8 near eps; 2^-8 otherwise) and rcp =
+// D(1 / sg) at most 2^-8 above 1 / sg, so |wd * rcp| < 8.5 and q >= -8: only
+// the +max's 8 clips
+__device__ __forceinline__ float fast_code_clamp(float q) { return fminf(q, 7.f); }
+
 template <int W>
 __device__ __forceinline__ float warp_max_fast(float v) {  // no NaN to propagate
   for (int off = W / 2; off >= 1; off >>= 1) v = fmaxf(v, __shfl_xor_sync(FULL, v, off));
@@ -338,13 +355,13 @@ __device__ __forceinline__ bool reciprocal_row(float s_row) {
   return (aoq_f2u(s_row) & (DT == AOQ_BF16 ? 0x000f0000u : DT == AOQ_F16 ? 0x0001e000u : 0xfu)) != 0;
 }
 
-template <int N>
+template <int DT, int N>
 __device__ __forceinline__ void fp8_round_by_reciprocal(const float *v, float r_row, float *t8, bool *near) {
   // half the e4m3 spacing is c / (1.5 * 2^24): the threshold is c * K
   const float K = (float)((1.0 - 0x1p-16) * 0x1p-24 / 1.5);
 #pragma unroll
   for (int e = 0; e < N; e++) {
-    const float t = clamp_fast(v[e] * r_row, -AOQ_FP8_MAX, AOQ_FP8_MAX);
+    const float t = fp8_clamp_fast<DT>(v[e] * r_row);
     const float c = aoq_fp8_e4m3_c(t);
     t8[e] = (t + c) - c;
     *near |= fabsf(t - t8[e]) >= c * K;
@@ -362,12 +379,12 @@ __device__ __forceinline__ bool fp8_group(float *v, float s_row, float r_row, bo
   if (fast) {
     float t8[N];
     bool near = r_row == 0.f;
-    if (!near) fp8_round_by_reciprocal<N>(v, r_row, t8, &near);
+    if (!near) fp8_round_by_reciprocal<DT, N>(v, r_row, t8, &near);
     if (near) {  // rare in a reciprocal row (a lane's own branch: no shuffles)
       if (r_row != 0.f) AOQ_COUNT_DIVIDED();
 #pragma unroll
       for (int e = 0; e < N; e++)
-        t8[e] = aoq_fp8_e4m3_round_fast(clamp_fast(v[e] / s_row, -AOQ_FP8_MAX, AOQ_FP8_MAX));
+        t8[e] = aoq_fp8_e4m3_round_fast(fp8_clamp_fast<DT>(v[e] / s_row));
     }
 #pragma unroll
     for (int e = 0; e < N; e++) {
@@ -390,7 +407,7 @@ __device__ __forceinline__ bool fp8_group(float *v, float s_row, float r_row, bo
   if (fast && aoq_isfinite(p.rcp) && aoq_isfinite(p.sdq)) {
 #pragma unroll
     for (int e = 0; e < N; e++) {
-      const float qc = clamp_fast(aoq_rint(round_fast<DT>(v[e] * p.rcp)) + 0.0f, -8.f, 7.f);
+      const float qc = fast_code_clamp(aoq_rint(round_fast<DT>(v[e] * p.rcp)) + 0.0f);
       y[e] = round_fast<DT>(qc * p.sdq);
       qf[e] = qc + 8.f;
     }
@@ -405,6 +422,12 @@ __device__ __forceinline__ bool fp8_group(float *v, float s_row, float r_row, bo
   return false;
 }
 
+// An int4-asym torchao code rint((x - mn) / s) of a group whose range d is
+// finite needs no clamp: 0 <= x - mn <= d, both rounded alike, and s =
+// max(d, 1e-6) / 15 (or times the float 1 / 15) is at least 2^-23 less than
+// d / 15, a normal, so the quotient is in [0, 15 + 2 ulps] and rounds into
+// [0, 15].  (The awq codes, rint(x / s16) + zi, are clamped.)
+//
 // one int4-asym group, likewise.  Fast when the group's values, range, scale
 // and zero point are finite: a lane holding an Inf or a NaN (its fmaf(x, 0, .)
 // sum is NaN) sets its max to +Inf, which makes the range infinite.  The
@@ -426,7 +449,8 @@ __device__ __forceinline__ bool asym_group(const float *v, int cs, bool fast_ok,
   if (fast) {
 #pragma unroll
     for (int e = 0; e < N; e++) {
-      const float qc = clamp_fast(aoq_asym_code_raw(v[e], &p, AWQ), 0.f, 15.f);
+      const float q = aoq_asym_code_raw(v[e], &p, AWQ);
+      const float qc = AWQ ? clamp_fast(q, 0.f, 15.f) : q;  // (torchao: in range, above)
       y[e] = aoq_asym_deq(qc, &p, AWQ);
       qf[e] = qc;
     }
@@ -560,17 +584,20 @@ __device__ __forceinline__ float with_sign_of(float r, float x) {
 #endif
 }
 
-// aoq_in(x, lo, hi, st) with the bounds made inclusive once, so that either
-// rule is two compares: x > lo is x >= the float above lo (finite lo), or, for
-// x known to be an integer, +-Inf or NaN (INT: the codes), x >= lo + 1 (no
-// bound near a subnormal, which a build with flush-to-zero would change)
+// aoq_in(x, lo, hi, st) as one compare of a magnitude, |x - c| <= h, with the
+// bounds made inclusive once (st: x > lo && x < hi).  INT: x is an integer,
+// +-Inf or NaN (the codes): c the bounds' midpoint, h half their distance,
+// less 1 for st (x - c is exact up to 2^22, and past it stays past h; no
+// bound near a subnormal, which a build with flush-to-zero would change).
+// Otherwise the bounds are -hi and hi: c = 0, h = hi or, for st, the float
+// below it.  A NaN is outside either way.
 template <bool INT>
 struct InRange {
-  float lo, hi;
-  __device__ __forceinline__ InRange(float l, float h, int st)
-      : lo(st ? (INT ? l + 1.f : nextafterf(l, INFINITY)) : l),
-        hi(st ? (INT ? h - 1.f : nextafterf(h, -INFINITY)) : h) {}
-  __device__ __forceinline__ bool operator()(float x) const { return x >= lo && x <= hi; }
+  float c, h;
+  __device__ __forceinline__ InRange(float l, float hi, int st)
+      : c(INT ? 0.5f * (l + hi) : 0.f),
+        h(INT ? 0.5f * (hi - l) - (st ? 1.f : 0.f) : (st ? nextafterf(hi, 0.f) : hi)) {}
+  __device__ __forceinline__ bool operator()(float x) const { return fabsf(INT ? x - c : x) <= h; }
 };
 
 // aoq_round_to for the backward's fast groups (FAST: bf16 x = +-0 or 2^-126
@@ -598,7 +625,7 @@ __device__ __forceinline__ float fp8_bwd_first(const float *x, float s_row, floa
   for (int e = 0; e < E; e++) {
     if (FAST) {
       t[e] = aoq_div_by(x[e], s_row, y_row);
-      f8[e] = aoq_fp8_e4m3_round_fast(clamp_fast(t[e], -AOQ_FP8_MAX, AOQ_FP8_MAX));
+      f8[e] = aoq_fp8_e4m3_round_fast(fp8_clamp_fast<DT>(t[e]));
       wd[e] = round_fast<DT>(f8[e] * s_row);
       m = fmaxf(m, fabsf(wd[e]));
     } else {
@@ -628,7 +655,8 @@ __device__ __forceinline__ void fp8_bwd_tail(const float *x, const float *t, con
 #pragma unroll
   for (int e = 0; e < E; e++) {
     const int ext = (wd[e] < 0.f ? -wd[e] : wd[e]) == p.m;
-    const float gh = FIN ? rnd<DT, true>(gwd[e] + rnd<DT, true>((ext ? each : each * 0.0f) * aoq_sgn(wd[e])))
+    // (FIN: each is a value of D, so each * sgn(wd), +-each or a zero, needs no rounding)
+    const float gh = FIN ? rnd<DT, true>(gwd[e] + (ext ? each : each * 0.0f) * aoq_sgn(wd[e]))
                          : aoq_round_to(gwd[e] + aoq_round_to(aoq_masked(each, ext) * aoq_sgn(wd[e]), DT), DT);
     gwd[e] = gh;
     // row stage
@@ -657,9 +685,12 @@ __device__ __forceinline__ void fp8_bwd_rest(const float *x, const float *Gv, co
   float t1 = 0.f;
 #pragma unroll
   for (int e = 0; e < E; e++) {
-    const float r = aoq_rint(rnd<DT, FAST>(wd[e] * p.rcp)) + 0.0f;  // aoq_sym_code_raw (0 for wd = 0)
-    q2[e] = wd[e] == 0.f ? 0.f : r;
-    const float qc = FAST ? clamp_fast(q2[e], -8.f, 7.f) : aoq_clamp(q2[e], -8.f, 7.f);
+    // aoq_sym_code_raw (0 for wd = 0: FAST, a finite rcp gives it; FAST, its
+    // zero may be -0, which only enters the mask and sums that start at +0),
+    // clamped (FAST: at least -8 already, see fast_code_clamp)
+    const float r = aoq_rint(rnd<DT, FAST>(wd[e] * p.rcp));
+    q2[e] = FAST ? r : wd[e] != 0.f ? r + 0.0f : 0.f;
+    const float qc = FAST ? fast_code_clamp(q2[e]) : aoq_clamp(q2[e], -8.f, 7.f);
     t1 += awq ? Gv[e] * qc : rnd<DT, FAST>(Gv[e] * qc);  // (the sums start at +0)
   }
   const float g_sg_a = aoq_round_to(warp_sum(t1), DT);
@@ -694,7 +725,7 @@ __device__ __forceinline__ void fp8_bwd_rest(const float *x, const float *Gv, co
 template <int DT>
 __device__ __forceinline__ float row_fix_fast(float ga, float xv, float each, float a0) {
   const bool ext = (xv < 0.f ? -xv : xv) == a0;
-  return rnd<DT, true>(ga + rnd<DT, true>((ext ? each : each * 0.0f) * aoq_sgn(xv)));
+  return rnd<DT, true>(ga + (ext ? each : each * 0.0f) * aoq_sgn(xv));  // (each * sgn: exact, as in fp8_bwd_tail)
 }
 
 // ---------------------------------------------------------------------------
@@ -857,7 +888,8 @@ __device__ __forceinline__ void asym_bwd_group(const float (*x)[E], const float 
       for (int e = 0; e < E; e++) {
         u[k][e] = div_g<FAST>(x[k][e] - p.mn, p.s, y);  // aoq_asym_code_raw's quotient
         a[k] += Gv[k][e];
-        b[k] += Gv[k][e] * (aoq_clamp(aoq_rint(u[k][e]), 0.f, 15.f) - 8.f);
+        const float q = aoq_rint(u[k][e]);
+        b[k] += Gv[k][e] * ((FAST ? q : aoq_clamp(q, 0.f, 15.f)) - 8.f);  // (FAST: in range, see asym_group)
       }
     }
     const float g_z = group_sum(a), g_s_a = group_sum(b);

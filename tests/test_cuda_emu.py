@@ -361,13 +361,15 @@ def fp8_bwd_edge_case(dtype, g, awq):
     at most fast_amax and scale in [2^-24, 2^24]; lanes: weights 0 or at
     least 2^-40, gradients 0 or in [2^-60, 2^40]; groups: finite 1 / sg and
     dequantizing scale), each row's group 3 at or just past an edge, or the
-    whole row; and the rows' expected numbers of general groups."""
+    whole row; and the rows' expected numbers of general groups: the groups
+    of a warp step (g = 64: 4, groups 0-3 of a row) take the same path."""
+    assert g == 64
     w, G, j = bwd_edge_rows(11, g, 7, -60, 40)
     w[7] *= 2.0 ** 34 / w[7].abs().max()  # row scale past 2^24
     w[8] *= 1e-5 / w[8].abs().max()  # row scale below 2^-24
     G[9, j] = float("nan")
     w[10, 3 * g:4 * g] *= 1e6 / w[10, 3 * g:4 * g].abs().max()  # group scale past fp16's range
-    general = [0, 1, 0, 1, 0, 1, 0, 8, 8, 1, awq]
+    general = [0, 4, 0, 4, 0, 4, 0, 8, 8, 4, 4 * awq]  # (a warp's 4 groups decide together)
     return w.to(dtype), G.to(dtype), general
 
 

@@ -108,7 +108,7 @@ AOQ_M_INSTANTIATE
 
 
 # The backward: one group of each kernel's body (a lane's share: int4 asym
-# AB_C chunks of E, fp8-int4 one chunk of E) in a kernel of its own, on the
+# AB_C chunks of E, fp8-int4 AOQ_FP8_BWD_C(E) chunks of E) in a kernel of its own, on the
 # fast and on the general path (the fp8 fast tail with `each` in range).
 BWD_KERNELS = """
 template <int DT, int E, bool FAST>
@@ -149,27 +149,33 @@ template <int DT, int E, bool FAST>
 __global__ void aoq_measure_fp8_bwd(const void *__restrict__ grad, const void *__restrict__ w,
                                     void *__restrict__ gw, float s_row, float y_row, float a0, int st,
                                     float *acc) {
+  constexpr int C = AOQ_FP8_BWD_C(E), W = 32 / C;
   const int64_t idx = (int64_t)(blockIdx.x * blockDim.x + threadIdx.x) * E;
-  float x[E], Gv[E], gx[E], t[E], f8[E], wd[E];
-  load_chunk<DT, E, true>(w, idx, x);
-  load_chunk<DT, E, true>(grad, idx, Gv);
+  float x[C][E], Gv[C][E], gx[C][E], t[C][E], f8[C][E], wd[C][E];
+  for (int k = 0; k < C; k++) {
+    load_chunk<DT, E, true>(w, idx + k * W * E, x[k]);
+    load_chunk<DT, E, true>(grad, idx + k * W * E, Gv[k]);
+  }
   bool ok = true;
   if (FAST) {  // the lane check (its vote kept by a select)
     BwdLaneCheck<-40, -60, 40> chk;
-    for (int e = 0; e < E; e++) chk.add(x[e], Gv[e]);
+    for (int k = 0; k < C; k++)
+      for (int e = 0; e < E; e++) chk.add(x[k][e], Gv[k][e]);
     ok = __all_sync(FULL, chk.ok());
   }
-  const float m = FAST ? warp_max_fast<32>(fp8_bwd_first<DT, E, true>(x, s_row, y_row, t, f8, wd))
-                       : warp_max(fp8_bwd_first<DT, E, false>(x, s_row, y_row, t, f8, wd));
+  const float m = FAST ? warp_max_fast<W>(fp8_bwd_first<DT, C, E, true>(x, s_row, y_row, t, f8, wd))
+                       : warp_max<W>(fp8_bwd_first<DT, C, E, false>(x, s_row, y_row, t, f8, wd));
   const aoq_sym_group p = aoq_sym_group_from_max(m, DT, AOQ_M_AWQ);
-  float acc_a = 0.f, acc_b = 0.f;
+  float acc_a[C] = {}, acc_b[C] = {};
   int cnt_row = 0;
   const InRange<true> in_q(-8.f, 7.f, st);
   const InRange<false> in_t(-AOQ_FP8_MAX, AOQ_FP8_MAX, st);
-  fp8_bwd_rest<DT, E, FAST>(x, Gv, t, f8, wd, p, s_row, y_row, a0, AOQ_M_AWQ, st, in_q, in_t, gx, acc_a, acc_b,
-                            cnt_row);
-  store_chunk<DT, E, true>(gw, idx, gx);
-  acc[threadIdx.x] = ok ? acc_a + acc_b + cnt_row : 0.f;
+  fp8_bwd_rest<DT, C, E, FAST>(x, Gv, t, f8, wd, p, s_row, y_row, a0, AOQ_M_AWQ, st, in_q, in_t, true, gx, acc_a,
+                               acc_b, cnt_row);
+  for (int k = 0; k < C; k++) store_chunk<DT, E, true>(gw, idx + k * W * E, gx[k]);
+  float r = cnt_row;
+  for (int k = 0; k < C; k++) r += acc_a[k] + acc_b[k];
+  acc[threadIdx.x] = ok ? r : 0.f;
 }
 """
 
@@ -235,7 +241,7 @@ def backward(src, args, nvcc, env):
         raise SystemExit(f"sass_count: the kernel source changed (no {fin!r}); update backward()")
     body = body.replace(fin, "if (FAST)")
     print(f"# fq_cuda.cu working tree: backward, sm_90, dtype {args.dtype}; instructions per element of one "
-          "group's body (a lane's elements: int4 asym 4 chunks of E, fp8-int4 one chunk of E), per-group "
+          "group's body (a lane's elements: int4 asym 4 chunks of E, fp8-int4 AOQ_FP8_BWD_C(E) chunks of E), per-group "
           "work included")
     print("| variant | E | path | total | alu | fma | xu | other |")
     print("|---|---|---|---|---|---|---|---|")
@@ -261,9 +267,9 @@ def backward(src, args, nvcc, env):
                 raise SystemExit(f"nvcc failed on the backward variant {mode}:\n{r.stderr[-3000:]}")
             fns = functions(subprocess.run(["cuobjdump", "-sass", cubin], check=True, capture_output=True,
                                            text=True, env=env).stdout)
-            for scheme, kern, chunks in (("int4_asym", "aoq_measure_asym_bwd", 4),
-                                         ("fp8_int4", "aoq_measure_fp8_bwd", 1)):
+            for scheme, kern in (("int4_asym", "aoq_measure_asym_bwd"), ("fp8_int4", "aoq_measure_fp8_bwd")):
                 for e in es:
+                    chunks = 4 if scheme == "int4_asym" else (4 if e <= 2 else 2 if e == 4 else 1)
                     for fast in ("true", "false"):
                         name = next(k for k in fns if f"{kern}<{args.dtype}, {e}, {fast}>" in k)
                         ops = loop_counts(fns[name], whole=True)

@@ -12,8 +12,10 @@
  *   group sum (g elements, E = g/32 per lane): lane l adds its contiguous
  *     chunk l*E .. l*E+E-1 in order, then a halving tree over the 32 lanes
  *     (lane l += lane l+off, off = 16, 8, 4, 2, 1);
- *   row sum over groups: warp w takes groups w, w+NW, ... in order, its lane l
- *     adding its chunk of each; halving tree in each warp, then over warps;
+ *   row sum over groups (fp8-int4 weights): NV = NW * AOQ_FP8_BWD_C(E)
+ *     virtual warps of 32 lanes, warp v taking groups v, v+NV, ... in order,
+ *     its lane l adding its chunk of each; halving tree in each virtual warp,
+ *     then over them;
  *   row sum of an activation row (any K): thread t of NW*32 adds elements
  *     t, t+NW*32, ... in order; halving tree in each warp, then over warps.
  */
@@ -50,13 +52,14 @@ static void tree32(float *lane) {
     for (int l = 0; l < off; l++) lane[l] += lane[l + off];
 }
 
-static float tree_block(float acc[NW][32]) {
-  float ws[NW];
-  for (int w = 0; w < NW; w++) {
+/* halving tree in each of nv (virtual) warps, then over the warps */
+static float tree_block(float (*acc)[32], int nv) {
+  float ws[NW * 4];
+  for (int w = 0; w < nv; w++) {
     tree32(acc[w]);
     ws[w] = acc[w][0];
   }
-  for (int off = NW / 2; off >= 1; off >>= 1)
+  for (int off = nv / 2; off >= 1; off >>= 1)
     for (int w = 0; w < off; w++) ws[w] += ws[w + off];
   return ws[0];
 }
@@ -82,16 +85,17 @@ static float group_sum(const float *v, int64_t g) {
 }
 
 AOQ_INLINE float row_sum_grouped_e(const float *v, int64_t K, const int E) {
-  float acc[NW][32];
+  float acc[NW * 4][32];
+  const int nv = NW * AOQ_FP8_BWD_C(E);
   const int64_t g = 32 * E, G = K / g;
-  memset(acc, 0, sizeof acc);
+  memset(acc, 0, (size_t)nv * sizeof acc[0]);
   for (int64_t j = 0; j < G; j++) {
-    float *a = acc[j % NW];
+    float *a = acc[j % nv];
     const float *vj = v + j * g;
     for (int e = 0; e < E; e++)
       for (int l = 0; l < 32; l++) a[l] += vj[l * E + e];
   }
-  return tree_block(acc);
+  return tree_block(acc, nv);
 }
 
 static float row_sum_grouped(const float *v, int64_t K, int64_t g) {
@@ -107,7 +111,7 @@ static float row_sum_strided(const float *v, int64_t K) {
   float acc[NW][32];
   memset(acc, 0, sizeof acc);
   for (int64_t k = 0; k < K; k++) acc[(k / 32) % NW][k % 32] += v[k];
-  return tree_block(acc);
+  return tree_block(acc, NW);
 }
 
 /* ---- torch's own CPU summation order -------------------------------------

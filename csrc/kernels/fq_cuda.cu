@@ -3,9 +3,9 @@
 //
 // Layout: one block of AOQ_NW warps per row.  A warp owns whole groups
 // (groups w, w+NW, ... of its row), each lane a contiguous chunk of E = g/32
-// elements loaded with one vector access (the canonical layout: the fp8
-// backward's; the forward and the int4-asym backward hold more of a group per
-// lane, see FwdLayout and AB_C).  The per-element math is the aoq_rows.h /
+// elements loaded with one vector access (the canonical layout: the fp8 row
+// max's; the forward and both backwards hold more of a group per lane, see
+// FwdLayout, AB_C and AOQ_FP8_BWD_C).  The per-element math is the aoq_rows.h /
 // aoq_math.h code the CPU kernel runs (or, in the fast paths, code shown equal
 // to it on its domain), and every sum follows the canonical order documented
 // in fq_cpu.c, so outputs and gradients are bit identical to the CPU kernels.
@@ -39,30 +39,58 @@ __device__ __forceinline__ float warp_min(float v) {
   for (int off = W / 2; off >= 1; off >>= 1) v = nanmin(v, __shfl_xor_sync(FULL, v, off));
   return v;
 }
-// canonical halving tree: lane l += lane l+off, result broadcast from lane 0
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int off = 16; off >= 1; off >>= 1) v += __shfl_down_sync(FULL, v, off);
-  return __shfl_sync(FULL, v, 0);
+// The canonical halving tree of a group's 32 chunk sums (lane l += lane l +
+// off, off = 16, ..., 1) where each lane of W = 32 / C holds C of them, s[k]
+// the chunk of canonical lane L + W * k (L = lane % W): the first levels
+// inside the lane, the last ones by shuffles among its W lanes; the result,
+// that of the group's first lane, in all W (C = 1: warp_sum)
+template <int C>
+__device__ __forceinline__ float chunks_sum(const float *s) {
+  constexpr int W = 32 / C;
+  float v[C];
+#pragma unroll
+  for (int k = 0; k < C; k++) v[k] = s[k];
+#pragma unroll
+  for (int h = C / 2; h >= 1; h /= 2)
+#pragma unroll
+    for (int k = 0; k < h; k++) v[k] = v[k] + v[k + h];
+  float r = v[0];
+#pragma unroll
+  for (int off = W / 2; off >= 1; off >>= 1) r += __shfl_down_sync(FULL, r, off);  // (lane W i's terms stay in its W)
+  return __shfl_sync(FULL, r, threadIdx.x & (32 - W));
 }
-__device__ __forceinline__ int warp_isum(int v) {
-  for (int off = 16; off >= 1; off >>= 1) v += __shfl_xor_sync(FULL, v, off);
+// canonical halving tree: lane l += lane l+off, result broadcast from lane 0
+__device__ __forceinline__ float warp_sum(float v) { return chunks_sum<1>(&v); }
+// an integer sum over aligned groups of W lanes
+template <int W>
+__device__ __forceinline__ int lanes_isum(int v) {
+#pragma unroll
+  for (int off = W / 2; off >= 1; off >>= 1) v += __shfl_xor_sync(FULL, v, off);
   return v;
 }
+__device__ __forceinline__ int warp_isum(int v) { return lanes_isum<32>(v); }
 
-// block reductions over the NW warps (canonical order: tree over warps)
-__device__ float block_sum(float v, float *sh) {
-  v = warp_sum(v);
+// block_sum of C accumulators per thread, those of the canonical lanes L + W
+// * k (W = 32 / C, L = lane % W) of virtual warp warp * C + lane / W: each
+// virtual warp's canonical tree (chunks_sum), then the tree over the NW * C
+// virtual warps (sh: that many floats)
+template <int C>
+__device__ float block_sum_chunks(const float *acc, float *sh) {
+  constexpr int W = 32 / C, NV = AOQ_NW * C;
+  const float v = chunks_sum<C>(acc);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   __syncthreads();
-  if (lane == 0) sh[warp] = v;
+  if (lane % W == 0) sh[warp * C + lane / W] = v;
   __syncthreads();
   if (threadIdx.x == 0) {
-    for (int off = AOQ_NW / 2; off >= 1; off >>= 1)
+    for (int off = NV / 2; off >= 1; off >>= 1)
       for (int w = 0; w < off; w++) sh[w] += sh[w + off];
   }
   __syncthreads();
   return sh[0];
 }
+// block reductions over the NW warps (canonical order: tree over warps)
+__device__ float block_sum(float v, float *sh) { return block_sum_chunks<1>(&v, sh); }
 __device__ float block_max(float v, float *sh) {
   v = warp_max(v);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -617,22 +645,25 @@ __device__ __forceinline__ float rnd(float x) {
 // s_row is 0 or in [2^-33, 2^33]); zeros of f8 and wd may come out +0, which
 // nothing after depends on (the code of a zero is 0, sgn(+-0) = +0, and the
 // sums they enter start at +0).
-template <int DT, int E, bool FAST>
-__device__ __forceinline__ float fp8_bwd_first(const float *x, float s_row, float y_row, float *t, float *f8,
-                                               float *wd) {
+template <int DT, int C, int E, bool FAST>
+__device__ __forceinline__ float fp8_bwd_first(const float (*x)[E], float s_row, float y_row, float (*t)[E],
+                                               float (*f8)[E], float (*wd)[E]) {
   float m = 0.f;
 #pragma unroll
-  for (int e = 0; e < E; e++) {
-    if (FAST) {
-      t[e] = aoq_div_by(x[e], s_row, y_row);
-      f8[e] = aoq_fp8_e4m3_round_fast(fp8_clamp_fast<DT>(t[e]));
-      wd[e] = round_fast<DT>(f8[e] * s_row);
-      m = fmaxf(m, fabsf(wd[e]));
-    } else {
-      t[e] = x[e] / s_row;
-      f8[e] = aoq_fp8_e4m3_round(aoq_clamp(t[e], -AOQ_FP8_MAX, AOQ_FP8_MAX));
-      wd[e] = aoq_round_to(f8[e] * s_row, DT);  // aoq_fp8_rt (s_row > 0 here)
-      m = nanmax(m, wd[e] < 0.f ? -wd[e] : wd[e]);
+  for (int k = 0; k < C; k++) {
+#pragma unroll
+    for (int e = 0; e < E; e++) {
+      if (FAST) {
+        t[k][e] = aoq_div_by(x[k][e], s_row, y_row);
+        f8[k][e] = aoq_fp8_e4m3_round_fast(fp8_clamp_fast<DT>(t[k][e]));
+        wd[k][e] = round_fast<DT>(f8[k][e] * s_row);
+        m = fmaxf(m, fabsf(wd[k][e]));
+      } else {
+        t[k][e] = x[k][e] / s_row;
+        f8[k][e] = aoq_fp8_e4m3_round(aoq_clamp(t[k][e], -AOQ_FP8_MAX, AOQ_FP8_MAX));
+        wd[k][e] = aoq_round_to(f8[k][e] * s_row, DT);  // aoq_fp8_rt (s_row > 0 here)
+        m = nanmax(m, wd[k][e] < 0.f ? -wd[k][e] : wd[k][e]);
+      }
     }
   }
   return m;
@@ -649,7 +680,7 @@ __device__ __forceinline__ float fp8_bwd_first(const float *x, float s_row, floa
 // for fp16 (whose gwd may overflow), the e4m3 rounding of gh * s_row
 template <int DT, int E, bool FAST, bool FIN>
 __device__ __forceinline__ void fp8_bwd_tail(const float *x, const float *t, const float *f8, const float *wd,
-                                             float *gwd, const aoq_sym_group &p, float each, float s_row,
+                                             const float *gwd, const aoq_sym_group &p, float each, float s_row,
                                              float y_row, float a0, const InRange<false> &in_t, float *gx,
                                              float &acc_a, float &acc_b, int &cnt_row) {
 #pragma unroll
@@ -658,7 +689,6 @@ __device__ __forceinline__ void fp8_bwd_tail(const float *x, const float *t, con
     // (FIN: each is a value of D, so each * sgn(wd), +-each or a zero, needs no rounding)
     const float gh = FIN ? rnd<DT, true>(gwd[e] + (ext ? each : each * 0.0f) * aoq_sgn(wd[e]))
                          : aoq_round_to(gwd[e] + aoq_round_to(aoq_masked(each, ext) * aoq_sgn(wd[e]), DT), DT);
-    gwd[e] = gh;
     // row stage
     acc_a += gh * f8[e];
     float gt;
@@ -675,47 +705,66 @@ __device__ __forceinline__ void fp8_bwd_tail(const float *x, const float *t, con
   }
 }
 
-template <int DT, int E, bool FAST>
-__device__ __forceinline__ void fp8_bwd_rest(const float *x, const float *Gv, const float *t, const float *f8,
-                                             const float *wd, const aoq_sym_group &p, float s_row, float y_row,
-                                             float a0, int awq, int st, const InRange<true> &in_q,
-                                             const InRange<false> &in_t, float *gx, float &acc_a, float &acc_b,
-                                             int &cnt_row) {
-  float gwd[E], q2[E];
-  float t1 = 0.f;
-#pragma unroll
-  for (int e = 0; e < E; e++) {
-    // aoq_sym_code_raw (0 for wd = 0: FAST, a finite rcp gives it; FAST, its
-    // zero may be -0, which only enters the mask and sums that start at +0),
-    // clamped (FAST: at least -8 already, see fast_code_clamp)
-    const float r = aoq_rint(rnd<DT, FAST>(wd[e] * p.rcp));
-    q2[e] = FAST ? r : wd[e] != 0.f ? r + 0.0f : 0.f;
-    const float qc = FAST ? fast_code_clamp(q2[e]) : aoq_clamp(q2[e], -8.f, 7.f);
-    t1 += awq ? Gv[e] * qc : rnd<DT, FAST>(Gv[e] * qc);  // (the sums start at +0)
-  }
-  const float g_sg_a = aoq_round_to(warp_sum(t1), DT);
-  float t2 = 0.f;
+// (C chunks of E per lane, 32 / C lanes per group: see fp8_int4_bwd_kernel;
+// acc_a, acc_b the canonical lanes' row sums, one per chunk; cnt_row counts
+// only where live, the lane's group being one of the row)
+template <int DT, int C, int E, bool FAST>
+__device__ __forceinline__ void fp8_bwd_rest(const float (*x)[E], const float (*Gv)[E], const float (*t)[E],
+                                             const float (*f8)[E], const float (*wd)[E], const aoq_sym_group &p,
+                                             float s_row, float y_row, float a0, int awq, int st,
+                                             const InRange<true> &in_q, const InRange<false> &in_t, bool live,
+                                             float (*gx)[E], float *acc_a, float *acc_b, int &cnt_row) {
+  constexpr int W = 32 / C;
+  float gwd[C][E], q2[C][E], t1[C], t2[C];
   int cnt = 0;
 #pragma unroll
-  for (int e = 0; e < E; e++) {
-    const float gd = rnd<DT, FAST>(Gv[e] * (awq ? p.sdq : p.sg));
-    const float gq = in_q(q2[e]) ? gd : 0.f;
-    gwd[e] = FAST ? rnd<DT, true>(gq * p.rcp) : aoq_sym_gwd(gq, &p, DT);
-    t2 += rnd<DT, FAST>(gq * wd[e]);
-    cnt += ((wd[e] < 0.f ? -wd[e] : wd[e]) == p.m);
+  for (int k = 0; k < C; k++) {
+    t1[k] = 0.f;
+#pragma unroll
+    for (int e = 0; e < E; e++) {
+      // aoq_sym_code_raw (0 for wd = 0: FAST, a finite rcp gives it; FAST,
+      // its zero may be -0, which only enters the mask and sums that start at
+      // +0), clamped (FAST: at least -8 already, see fast_code_clamp)
+      const float r = aoq_rint(rnd<DT, FAST>(wd[k][e] * p.rcp));
+      q2[k][e] = FAST ? r : wd[k][e] != 0.f ? r + 0.0f : 0.f;
+      const float qc = FAST ? fast_code_clamp(q2[k][e]) : aoq_clamp(q2[k][e], -8.f, 7.f);
+      t1[k] += awq ? Gv[k][e] * qc : rnd<DT, FAST>(Gv[k][e] * qc);  // (the sums start at +0)
+    }
   }
-  const float g_r = aoq_round_to(warp_sum(t2), DT);
+  const float g_sg_a = aoq_round_to(chunks_sum<C>(t1), DT);
+#pragma unroll
+  for (int k = 0; k < C; k++) {
+    t2[k] = 0.f;
+#pragma unroll
+    for (int e = 0; e < E; e++) {
+      const float gd = rnd<DT, FAST>(Gv[k][e] * (awq ? p.sdq : p.sg));
+      const float gq = in_q(q2[k][e]) ? gd : 0.f;
+      gwd[k][e] = FAST ? rnd<DT, true>(gq * p.rcp) : aoq_sym_gwd(gq, &p, DT);
+      t2[k] += rnd<DT, FAST>(gq * wd[k][e]);
+      cnt += ((wd[k][e] < 0.f ? -wd[k][e] : wd[k][e]) == p.m);
+    }
+  }
+  const float g_r = aoq_round_to(chunks_sum<C>(t2), DT);
   float g_sg = aoq_sym_gsg(g_sg_a, g_r, &p, DT);
   if (!aoq_ge(p.m8, aoq_eps_in(1e-6f, DT), st)) g_sg = 0.f;
   const float g_m = aoq_round_to(g_sg * 0.125f, DT);
-  cnt = warp_isum(cnt);
+  cnt = lanes_isum<W>(cnt);
   const float each = cnt ? aoq_round_to(g_m / (float)cnt, DT) : 0.f;
   const float ae = each < 0.f ? -each : each;
-  if (FAST && (ae == 0.f || (ae >= 0x1p-100f && ae <= 0x1p100f)))
-    fp8_bwd_tail<DT, E, FAST, FAST>(x, t, f8, wd, gwd, p, each, s_row, y_row, a0, in_t, gx, acc_a, acc_b, cnt_row);
-  else
-    fp8_bwd_tail<DT, E, FAST, false>(x, t, f8, wd, gwd, p, each, s_row, y_row, a0, in_t, gx, acc_a, acc_b,
-                                     cnt_row);
+  // (no shuffles below: the groups of a warp may part here)
+  int cr = 0;
+  if (FAST && (ae == 0.f || (ae >= 0x1p-100f && ae <= 0x1p100f))) {
+#pragma unroll
+    for (int k = 0; k < C; k++)
+      fp8_bwd_tail<DT, E, FAST, FAST>(x[k], t[k], f8[k], wd[k], gwd[k], p, each, s_row, y_row, a0, in_t, gx[k],
+                                      acc_a[k], acc_b[k], cr);
+  } else {
+#pragma unroll
+    for (int k = 0; k < C; k++)
+      fp8_bwd_tail<DT, E, FAST, false>(x[k], t[k], f8[k], wd[k], gwd[k], p, each, s_row, y_row, a0, in_t, gx[k],
+                                       acc_a[k], acc_b[k], cr);
+  }
+  if (live) cnt_row += cr;
 }
 
 // row_fix in a fast row whose `each` is 0 or within [2^-100, 2^100]: ga is a
@@ -731,6 +780,16 @@ __device__ __forceinline__ float row_fix_fast(float ga, float xv, float each, fl
 // ---------------------------------------------------------------------------
 // backward, fp8-int4 (one row per block)
 // ---------------------------------------------------------------------------
+// Layout: C = AOQ_FP8_BWD_C(E) chunks per lane (2 for g = 128, 4 for 32 and
+// 64, 1 for 256), W = 32 / C lanes per group, C groups per warp step.  Each
+// lane holds the chunks of the canonical lanes L, L + W, ... of its group,
+// and the row sums run in the canonical order of NW * C virtual warps of 32
+// lanes (fq_cpu.c): the lanes of virtual warp warp * C + lane / W take its
+// groups v, v + NW * C, ... in order, each summing its canonical lanes'
+// chunks in its own accumulators.  So the group sums (chunks_sum) and the row
+// sums (block_sum_chunks) are those of the canonical order, with the
+// per-group work (the group's max, scales, sums and `each`) spread over C
+// times as many elements per lane.
 // STAGE: dynamic shared memory holds the row (K elements, copied by the row
 // max's read) and its gradient before the last step (K more), so that the
 // weight is read once, the upstream gradient once and gw written once
@@ -740,13 +799,15 @@ __global__ void __launch_bounds__(TPB, 2) fp8_int4_bwd_kernel(const void *__rest
                                                            const void *__restrict__ w, void *__restrict__ gw,
                                                            int64_t K, int awq, int cs, int st, int fast_ok) {
   typedef typename Elt<DT>::T T;
-  __shared__ float sh[AOQ_NW];
+  constexpr int C = AOQ_FP8_BWD_C(E), W = 32 / C, NV = AOQ_NW * C;
+  __shared__ float sh[NV];
   __shared__ int shi[AOQ_NW];
   extern __shared__ uint4 stage_mem[];
   T *const xs = reinterpret_cast<T *>(stage_mem), *const gs = xs + K;
   const int g = 32 * E;
   const int64_t n = blockIdx.x, base = n * K, G = K / g;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int L = lane % W, v = warp * C + lane / W;  // this lane's place in its group, its virtual warp
   const float a0 = row_amax_chunks<DT, E, VEC, STAGE>(w, base, G, sh, xs);
   const float s_row = aoq_fp8_scale_from_amax(a0, DT, cs);
   if (s_row == 0.f) {  // forward gave 0 (torchao: NaN)
@@ -760,44 +821,71 @@ __global__ void __launch_bounds__(TPB, 2) fp8_int4_bwd_kernel(const void *__rest
   const float y_row = fast_row ? 1.0f / s_row : 0.f;
   const InRange<true> in_q(-8.f, 7.f, st);  // torch's clamp masks
   const InRange<false> in_t(-AOQ_FP8_MAX, AOQ_FP8_MAX, st);
-  float acc_a = 0.f, acc_b = 0.f;
+  float acc_a[C], acc_b[C];
+#pragma unroll
+  for (int k = 0; k < C; k++) acc_a[k] = acc_b[k] = 0.f;
   int cnt_row = 0;
-  constexpr int UB = STAGE ? (E >= 8 ? 2 : AOQ_UBS) : AOQ_UB;  // (g = 256: 128 registers hold 2)
-  for (int64_t j0 = warp; j0 < G; j0 += AOQ_NW * UB) {
-    float xx[UB][E], gg[UB][E];
-    load_groups<DT, E, VEC, UB>(STAGE ? (const void *)xs : w, STAGE ? 0 : base, j0, G, xx);
-    load_groups<DT, E, VEC, UB>(grad, base, j0, G, gg);
+  // steps of C groups per warp (one per virtual warp: v, v + NV, ...), UB
+  // steps' loads in flight (the knob, up to the 16 elements of each tensor
+  // that 128 registers hold)
+  constexpr int UBK = STAGE ? AOQ_UBS : AOQ_UB, UB = C * E * UBK > 16 ? 16 / (C * E) : UBK;
+  for (int64_t i0 = 0; warp * C + NV * i0 < G; i0 += UB) {
+    float xx[UB][C][E], gg[UB][C][E];
 #pragma unroll
     for (int u = 0; u < UB; u++) {
-      const int64_t j = j0 + u * AOQ_NW;
-      if (j >= G) break;
-      const int64_t idx = base + j * g + lane * E;
-      const float *x = xx[u], *Gv = gg[u];
-      float t[E], f8[E], wd[E], gx[E];
+      const int64_t j = v + NV * (i0 + u);
+#pragma unroll
+      for (int k = 0; k < C; k++) {
+        const int64_t o = j * g + (L + W * k) * E;
+        if (j < G) {
+          load_chunk<DT, E, VEC>(STAGE ? (const void *)xs : w, (STAGE ? 0 : base) + o, xx[u][k]);
+          load_chunk<DT, E, VEC>(grad, base + o, gg[u][k]);
+        } else {
+#pragma unroll
+          for (int e = 0; e < E; e++) xx[u][k][e] = gg[u][k][e] = 0.f;  // no group: zeros (sums unchanged)
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < UB; u++) {
+      if (warp * C + NV * (i0 + u) >= G) break;
+      const int64_t j = v + NV * (i0 + u);
+      const bool live = j < G;
+      const float(*x)[E] = xx[u];
+      const float(*Gv)[E] = gg[u];
+      float t[C][E], f8[C][E], wd[C][E], gx[C][E];
       BwdLaneCheck<-40, -60, 40> chk;
 #pragma unroll
-      for (int e = 0; e < E; e++) chk.add(x[e], Gv[e]);
+      for (int k = 0; k < C; k++)
+#pragma unroll
+        for (int e = 0; e < E; e++) chk.add(x[k][e], Gv[k][e]);
+      // (the warp's C groups take one path: the shuffles need the whole warp)
       const bool fast = fast_row && __all_sync(FULL, chk.ok());
-      const float m = fast ? warp_max_fast<32>(fp8_bwd_first<DT, E, true>(x, s_row, y_row, t, f8, wd))
-                           : warp_max(fp8_bwd_first<DT, E, false>(x, s_row, y_row, t, f8, wd));
+      const float m = fast ? warp_max_fast<W>(fp8_bwd_first<DT, C, E, true>(x, s_row, y_row, t, f8, wd))
+                           : warp_max<W>(fp8_bwd_first<DT, C, E, false>(x, s_row, y_row, t, f8, wd));
       const aoq_sym_group p = aoq_sym_group_from_max(m, DT, awq);
-      const bool fast_group = fast && aoq_isfinite(p.rcp) && aoq_isfinite(p.sdq);
+      const bool fast_group = fast && __all_sync(FULL, aoq_isfinite(p.rcp) && aoq_isfinite(p.sdq));
       if (fast_group)
-        fp8_bwd_rest<DT, E, true>(x, Gv, t, f8, wd, p, s_row, y_row, a0, awq, st, in_q, in_t, gx, acc_a, acc_b,
-                                  cnt_row);
+        fp8_bwd_rest<DT, C, E, true>(x, Gv, t, f8, wd, p, s_row, y_row, a0, awq, st, in_q, in_t, live, gx, acc_a,
+                                     acc_b, cnt_row);
       else
-        fp8_bwd_rest<DT, E, false>(x, Gv, t, f8, wd, p, s_row, y_row, a0, awq, st, in_q, in_t, gx, acc_a, acc_b,
-                                   cnt_row);
-      if (lane == 0) AOQ_COUNT_BWD_PATH(fast_group);
+        fp8_bwd_rest<DT, C, E, false>(x, Gv, t, f8, wd, p, s_row, y_row, a0, awq, st, in_q, in_t, live, gx, acc_a,
+                                      acc_b, cnt_row);
+      if (!live) continue;
+      if (L == 0) AOQ_COUNT_BWD_PATH(fast_group);
       // D(gx), row extremes fixed below
-      if (STAGE)
-        store_chunk<DT, E, VEC>(gs, idx - base, gx);
-      else
-        store_chunk<DT, E, VEC>(gw, idx, gx);
+#pragma unroll
+      for (int k = 0; k < C; k++) {
+        const int64_t o = j * g + (L + W * k) * E;
+        if (STAGE)
+          store_chunk<DT, E, VEC>(gs, o, gx[k]);
+        else
+          store_chunk<DT, E, VEC>(gw, base + o, gx[k]);
+      }
     }
   }
-  const float sum_a = block_sum(acc_a, sh);
-  const float sum_b = block_sum(acc_b, sh);
+  const float sum_a = block_sum_chunks<C>(acc_a, sh);
+  const float sum_b = block_sum_chunks<C>(acc_b, sh);
   cnt_row = block_isum(cnt_row, shi);
   float g_a = aoq_round_to(aoq_div_scalar(aoq_round_to(sum_a + sum_b, DT), AOQ_FP8_MAX, cs), DT);
   if (!aoq_ge(a0, aoq_eps_in(1e-12f, DT), st)) g_a = 0.f;
@@ -805,7 +893,7 @@ __global__ void __launch_bounds__(TPB, 2) fp8_int4_bwd_kernel(const void *__rest
   const float ae = each < 0.f ? -each : each;
   const bool fix_fast = fast_row && (ae == 0.f || (ae >= 0x1p-100f && ae <= 0x1p100f));
   if (STAGE) {
-    // this thread's own chunks of xs and gs (it wrote them): one write of gw
+    // chunks of xs and gs (complete: block_sum_chunks's barriers): one write of gw
     for (int64_t j = warp; j < G; j += AOQ_NW) {
       const int64_t o = j * g + lane * E;
       float xv[E], ga[E];
@@ -858,17 +946,8 @@ constexpr int AB_C = 4;  // chunks per lane
 
 // the canonical warp_sum of a group from this lane's chunk sums s[c] (result
 // in all 8 lanes of the group)
-__device__ __forceinline__ float group_sum(const float *s) {
-  float v = (s[0] + s[2]) + (s[1] + s[3]);
-#pragma unroll
-  for (int off = 4; off >= 1; off >>= 1) v += __shfl_down_sync(FULL, v, off);  // (lane 8i's terms stay in its 8)
-  return __shfl_sync(FULL, v, threadIdx.x & 24);
-}
-__device__ __forceinline__ int group_isum(int v) {
-#pragma unroll
-  for (int off = 4; off >= 1; off >>= 1) v += __shfl_xor_sync(FULL, v, off);
-  return v;
-}
+__device__ __forceinline__ float group_sum(const float *s) { return chunks_sum<AB_C>(s); }
+__device__ __forceinline__ int group_isum(int v) { return lanes_isum<32 / AB_C>(v); }
 
 // one group's gradient (this lane's AB_C chunks of E elements) once p is
 // known; FAST: its divisions by the scale as aoq_div_by (the same bits in the

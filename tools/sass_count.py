@@ -172,7 +172,12 @@ __global__ void aoq_measure_fp8_bwd(const void *__restrict__ grad, const void *_
   const InRange<false> in_t(-AOQ_FP8_MAX, AOQ_FP8_MAX, st);
   fp8_bwd_rest<DT, C, E, FAST>(x, Gv, t, f8, wd, p, s_row, y_row, a0, AOQ_M_AWQ, st, in_q, in_t, true, gx, acc_a,
                                acc_b, cnt_row);
-  for (int k = 0; k < C; k++) store_chunk<DT, E, true>(gw, idx + k * W * E, gx[k]);
+  for (int k = 0; k < C; k++) {
+    if (FAST)  // (a fast group's gx is rounded in its tail)
+      store_chunk_fast<DT, E, true, true>(gw, idx + k * W * E, gx[k]);
+    else
+      store_chunk<DT, E, true>(gw, idx + k * W * E, gx[k]);
+  }
   float r = cnt_row;
   for (int k = 0; k < C; k++) r += acc_a[k] + acc_b[k];
   acc[threadIdx.x] = ok ? r : 0.f;
@@ -274,6 +279,10 @@ def backward(src, args, nvcc, env):
                         name = next(k for k in fns if f"{kern}<{args.dtype}, {e}, {fast}>" in k)
                         ops = loop_counts(fns[name], whole=True)
                         path = "fast" if fast == "true" else "general"
+                        if args.dump:  # the SASS, to read where the instructions go
+                            os.makedirs(args.dump, exist_ok=True)
+                            with open(os.path.join(args.dump, f"{scheme}_{mode}_e{e}_{path}.sass"), "w") as f:
+                                f.write("\n".join(f"/*{a:04x}*/ {i}" for a, i in fns[name]) + "\n")
                         print(f"| {scheme} {mode} | {e} | {path} | {counts_row(ops, chunks * e)}", flush=True)
 
 
@@ -286,6 +295,7 @@ def main():
                     "g=128)")
     ap.add_argument("--backward", action="store_true", help="the backward kernels' group bodies instead (working "
                     "tree only)")
+    ap.add_argument("--dump", help="with --backward: write each kernel's SASS to this folder")
     args = ap.parse_args()
     nvcc = os.environ.get("NVCC", "/usr/local/cuda/bin/nvcc")
     env = dict(os.environ, PATH=find_tool("cuobjdump") + os.pathsep + os.environ.get("PATH", ""))

@@ -253,7 +253,7 @@ __device__ float row_amax(const void *w, int64_t base, int64_t K, float *sh, voi
 // added to the row's extremes, and a signed zero (torch's each * mask * sgn(x))
 // to every other element
 __device__ __forceinline__ float row_fix(float ga, float xv, float each, float a0, int DT) {
-  const float e = aoq_masked(each, (xv < 0.f ? -xv : xv) == a0);
+  const float e = aoq_masked(each, fabsf(xv) == a0);
   return aoq_round_to(ga + aoq_round_to(e * aoq_sgn(xv), DT), DT);
 }
 
@@ -669,6 +669,13 @@ __device__ __forceinline__ float fp8_bwd_first(const float (*x)[E], float s_row,
   return m;
 }
 
+// (ext ? each : each * 0) * sgn(x) for a finite x and each: the bits of the
+// first with x's sign bit xor-ed in, or for x = +-0 each * 0 (sgn(+-0) = +0)
+__device__ __forceinline__ float masked_times_sgn(float each, bool ext, float x) {
+  const float v = ext ? each : each * 0.0f;
+  return x == 0.f ? each * 0.0f : aoq_u2f(aoq_f2u(v) ^ (aoq_f2u(x) & 0x80000000u));
+}
+
 // the rest of a group's backward (its int4 stage, then the row stage's
 // per-element part).  FAST: a fast lane (fp8_bwd_first) in a group whose
 // 1 / sg and dequantizing scale are finite: every rounding by rnd (sg and
@@ -685,9 +692,9 @@ __device__ __forceinline__ void fp8_bwd_tail(const float *x, const float *t, con
                                              float &acc_a, float &acc_b, int &cnt_row) {
 #pragma unroll
   for (int e = 0; e < E; e++) {
-    const int ext = (wd[e] < 0.f ? -wd[e] : wd[e]) == p.m;
+    const int ext = fabsf(wd[e]) == p.m;
     // (FIN: each is a value of D, so each * sgn(wd), +-each or a zero, needs no rounding)
-    const float gh = FIN ? rnd<DT, true>(gwd[e] + (ext ? each : each * 0.0f) * aoq_sgn(wd[e]))
+    const float gh = FIN ? rnd<DT, true>(gwd[e] + masked_times_sgn(each, ext, wd[e]))
                          : aoq_round_to(gwd[e] + aoq_round_to(aoq_masked(each, ext) * aoq_sgn(wd[e]), DT), DT);
     // row stage
     acc_a += gh * f8[e];
@@ -699,9 +706,9 @@ __device__ __forceinline__ void fp8_bwd_tail(const float *x, const float *t, con
       gt = aoq_fp8_e4m3_round(gh * s_row);
     }
     if (!in_t(t[e])) gt = 0.f;
-    gx[e] = FAST ? aoq_div_by(gt, s_row, y_row) : gt / s_row;
+    gx[e] = FAST ? round_fast<DT>(aoq_div_by(gt, s_row, y_row)) : gt / s_row;
     acc_b += -gt * (FAST ? aoq_div_by(t[e], s_row, y_row) : t[e] / s_row);
-    cnt_row += ((x[e] < 0.f ? -x[e] : x[e]) == a0);
+    cnt_row += fabsf(x[e]) == a0;
   }
 }
 
@@ -741,7 +748,7 @@ __device__ __forceinline__ void fp8_bwd_rest(const float (*x)[E], const float (*
       const float gq = in_q(q2[k][e]) ? gd : 0.f;
       gwd[k][e] = FAST ? rnd<DT, true>(gq * p.rcp) : aoq_sym_gwd(gq, &p, DT);
       t2[k] += rnd<DT, FAST>(gq * wd[k][e]);
-      cnt += ((wd[k][e] < 0.f ? -wd[k][e] : wd[k][e]) == p.m);
+      cnt += fabsf(wd[k][e]) == p.m;
     }
   }
   const float g_r = aoq_round_to(chunks_sum<C>(t2), DT);
@@ -750,7 +757,7 @@ __device__ __forceinline__ void fp8_bwd_rest(const float (*x)[E], const float (*
   const float g_m = aoq_round_to(g_sg * 0.125f, DT);
   cnt = lanes_isum<W>(cnt);
   const float each = cnt ? aoq_round_to(g_m / (float)cnt, DT) : 0.f;
-  const float ae = each < 0.f ? -each : each;
+  const float ae = fabsf(each);
   // (no shuffles below: the groups of a warp may part here)
   int cr = 0;
   if (FAST && (ae == 0.f || (ae >= 0x1p-100f && ae <= 0x1p100f))) {
@@ -773,8 +780,7 @@ __device__ __forceinline__ void fp8_bwd_rest(const float (*x)[E], const float (*
 // 2^101]; fp16 and fp32 round as row_fix does)
 template <int DT>
 __device__ __forceinline__ float row_fix_fast(float ga, float xv, float each, float a0) {
-  const bool ext = (xv < 0.f ? -xv : xv) == a0;
-  return rnd<DT, true>(ga + (ext ? each : each * 0.0f) * aoq_sgn(xv));  // (each * sgn: exact, as in fp8_bwd_tail)
+  return rnd<DT, true>(ga + masked_times_sgn(each, fabsf(xv) == a0, xv));  // (exact, as in fp8_bwd_tail)
 }
 
 // ---------------------------------------------------------------------------
@@ -873,14 +879,16 @@ __global__ void __launch_bounds__(TPB, 2) fp8_int4_bwd_kernel(const void *__rest
                                       acc_b, cnt_row);
       if (!live) continue;
       if (L == 0) AOQ_COUNT_BWD_PATH(fast_group);
-      // D(gx), row extremes fixed below
+      // D(gx) (a fast group's gx is rounded already), row extremes fixed below
 #pragma unroll
       for (int k = 0; k < C; k++) {
         const int64_t o = j * g + (L + W * k) * E;
-        if (STAGE)
-          store_chunk<DT, E, VEC>(gs, o, gx[k]);
+        void *const dst = STAGE ? (void *)gs : gw;
+        const int64_t at = (STAGE ? 0 : base) + o;
+        if (fast_group)
+          store_chunk_fast<DT, E, VEC, true>(dst, at, gx[k]);
         else
-          store_chunk<DT, E, VEC>(gw, base + o, gx[k]);
+          store_chunk<DT, E, VEC>(dst, at, gx[k]);
       }
     }
   }
@@ -890,7 +898,7 @@ __global__ void __launch_bounds__(TPB, 2) fp8_int4_bwd_kernel(const void *__rest
   float g_a = aoq_round_to(aoq_div_scalar(aoq_round_to(sum_a + sum_b, DT), AOQ_FP8_MAX, cs), DT);
   if (!aoq_ge(a0, aoq_eps_in(1e-12f, DT), st)) g_a = 0.f;
   const float each = cnt_row ? aoq_round_to(g_a / (float)cnt_row, DT) : 0.f;
-  const float ae = each < 0.f ? -each : each;
+  const float ae = fabsf(each);
   const bool fix_fast = fast_row && (ae == 0.f || (ae >= 0x1p-100f && ae <= 0x1p100f));
   if (STAGE) {
     // chunks of xs and gs (complete: block_sum_chunks's barriers): one write of gw
@@ -1158,7 +1166,7 @@ __global__ void __launch_bounds__(TPB) fp8_rows_bwd_kernel(const void *__restric
     float gt = aoq_fp8_e4m3_round(gh * s_row);
     if (!aoq_in(t, -AOQ_FP8_MAX, AOQ_FP8_MAX, st)) gt = 0.f;
     acc_b += -gt * (t / s_row);
-    cnt_row += ((xv < 0.f ? -xv : xv) == a0);
+    cnt_row += fabsf(xv) == a0;
     if (STAGE)
       aoq_store(gs, k, gt / s_row, DT);
     else

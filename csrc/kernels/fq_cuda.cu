@@ -786,8 +786,9 @@ __device__ __forceinline__ float row_fix_fast(float ga, float xv, float each, fl
 // ---------------------------------------------------------------------------
 // backward, fp8-int4 (one row per block)
 // ---------------------------------------------------------------------------
-// Layout: C = AOQ_FP8_BWD_C(E) chunks per lane (2 for g = 128, 4 for 32 and
-// 64, 1 for 256), W = 32 / C lanes per group, C groups per warp step.  Each
+// Layout: C = AOQ_FP8_BWD_C(E) chunks per lane (4, 2 for g = 256: 16
+// elements per lane for g >= 128), W = 32 / C lanes per group, C groups per
+// warp step.  Each
 // lane holds the chunks of the canonical lanes L, L + W, ... of its group,
 // and the row sums run in the canonical order of NW * C virtual warps of 32
 // lanes (fq_cpu.c): the lanes of virtual warp warp * C + lane / W take its

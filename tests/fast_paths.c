@@ -1,11 +1,12 @@
 /* Every float of each fast path's domain against the general function
  * (csrc/kernels/aoq_math.h), and aoq_div_by against the division.  Run by
  * tests/test_cuda_emu.py; argv[1] is a stride over the bit patterns (1: all
- * of them, about half a minute).  Prints one line per mismatch (at most 10)
+ * of them, about half a minute), argv[2] the fp16 check's.  Prints one line per mismatch (at most 10)
  * and exits 1 if there was any. */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "kernels/aoq_math.h"
 
@@ -55,6 +56,29 @@ static uint64_t check_div(uint32_t mb, int ea, int eb, uint64_t stride) {
   return n;
 }
 
+/* the fp16 fast paths' hardware conversions (fq_cuda.cu: f16_round_hw,
+ * f16_bits_hw; PTX cvt.rn, IEEE round-to-nearest-even) against
+ * aoq_f16_round and aoq_f32_to_f16_bits on every float but NaN (both
+ * signs; overflow to inf, subnormals, the sign of a zero), the C compiler's
+ * _Float16 conversion standing in for the hardware's */
+static uint64_t check_f16(uint64_t stride) {
+  uint64_t n = 0;
+  for (uint64_t a = 0; a <= 0x7f800000u; a += stride) {
+    for (uint32_t s = 0; s < 2; s++) {
+      const uint32_t u = (uint32_t)a | (s << 31);
+      const float x = aoq_u2f(u);
+      const _Float16 h = (_Float16)x;
+      uint16_t hb;
+      memcpy(&hb, &h, sizeof hb);
+      if (aoq_f2u(aoq_f16_round(x)) != aoq_f2u((float)h)) report("f16_round", u, (float)h, aoq_f16_round(x));
+      if (aoq_f32_to_f16_bits(x) != hb && bad++ < 10)
+        printf("f32_to_f16_bits(%08x): want %04x, got %04x\n", u, hb, aoq_f32_to_f16_bits(x));
+      n++;
+    }
+  }
+  return n;
+}
+
 int main(int argc, char **argv) {
   const uint64_t stride = argc > 1 ? strtoull(argv[1], NULL, 10) : 1;
   uint64_t n = 0;
@@ -65,6 +89,10 @@ int main(int argc, char **argv) {
   n += check("bf16_round_fast", 0, 0, 1, aoq_bf16_round, aoq_bf16_round_fast, 1);
   n += check("bf16_round_fast", 0x00800000u, 0x767fffffu, stride, aoq_bf16_round, aoq_bf16_round_fast, 1);
   printf("%llu floats checked, %d mismatches\n", (unsigned long long)n, bad);
+  /* argv[2]: the fp16 check's stride (1 where the compiler converts with
+   * F16C instructions, seconds; libgcc's soft conversion takes minutes) */
+  const uint64_t nh = check_f16(argc > 2 ? strtoull(argv[2], NULL, 10) : stride);
+  printf("%llu fp16 conversions checked, %d mismatches\n", (unsigned long long)nh, bad);
   /* aoq_div_by: b's significand at the ends of [1, 2) and spread over it
    * (an LCG), every a; its domain's corners (b in [2^23, 2^24) and [2^-24,
    * 2^-23), a in [2^-96, 2^-95) and [2^95, 2^96): quotients down to 2^-120,

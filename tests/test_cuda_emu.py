@@ -13,6 +13,7 @@ test_cuda.py).
 """
 import ctypes
 import os
+import platform
 import subprocess
 import sys
 
@@ -195,14 +196,24 @@ def compare_with_cpu(lib, scheme, mode, dtype, g, limits=EMU_SMEM, device=0):
 
 def test_fast_roundings_over_their_domains(tmp_path):
     """aoq_math.h's fast roundings (the CUDA forward's fast paths) equal the
-    general ones on every float of their domains, and aoq_div_by (the
-    backward's) equals the division on 2^30 quotients (tests/fast_paths.c)."""
+    general ones on every float of their domains, aoq_div_by (the
+    backward's) equals the division on 2^30 quotients, and the fp16 fast
+    paths' hardware conversions (IEEE round to nearest even, here the C
+    compiler's _Float16) equal aoq_f16_round and aoq_f32_to_f16_bits on every
+    float but NaN (tests/fast_paths.c)."""
     exe = tmp_path / "fast_paths"
+    # the fp16 check (fq_cuda.cu's hardware conversions against aoq_f16_round
+    # and aoq_f32_to_f16_bits) on every float with F16C, else on 1 in 17
+    f16c = platform.machine() in ("x86_64", "AMD64") and os.path.exists("/proc/cpuinfo") and \
+        " f16c" in open("/proc/cpuinfo").read()
     subprocess.run([os.environ.get("CC", "gcc"), "-O2", "-ffp-contract=off", "-I" + os.path.join(ROOT, "csrc"),
-                    "-o", str(exe), os.path.join(ROOT, "tests", "fast_paths.c"), "-lm"], check=True)
-    r = subprocess.run([str(exe), "1"], capture_output=True, text=True)
+                    *(["-mf16c"] if f16c else []), "-o", str(exe), os.path.join(ROOT, "tests", "fast_paths.c"),
+                    "-lm"], check=True)
+    h_stride = 1 if f16c else 17
+    r = subprocess.run([str(exe), "1", str(h_stride)], capture_output=True, text=True)
     assert r.returncode == 0 and "6236930052 floats checked, 0 mismatches" in r.stdout, r.stdout
     assert "1073741826 divisions checked, 0 mismatches" in r.stdout, r.stdout
+    assert f"{2 * (0x7f800000 // h_stride + 1)} fp16 conversions checked, 0 mismatches" in r.stdout, r.stdout
 
 
 @pytest.mark.parametrize("scheme", list(SCH))

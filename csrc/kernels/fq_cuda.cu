@@ -257,6 +257,19 @@ __device__ __forceinline__ float row_fix(float ga, float xv, float each, float a
   return aoq_round_to(ga + aoq_round_to(e * aoq_sgn(xv), DT), DT);
 }
 
+// n + (a == b), a count: on the GPU a `set` to 0 or -1 and a subtraction
+// (ptxas: a compare, a select, and two subtractions folded into one 3-input
+// add, 2.5 instructions per count where a compare into a predicate takes 3)
+__device__ __forceinline__ int add_eq(int n, float a, float b) {
+#ifdef __CUDA_ARCH__
+  int d;
+  asm("set.eq.s32.f32 %0, %1, %2;" : "=r"(d) : "f"(a), "f"(b));
+  return n - d;
+#else
+  return n + (a == b);
+#endif
+}
+
 // ---------------------------------------------------------------------------
 // forward: out / codes / scales / zeros for one row per block
 // ---------------------------------------------------------------------------
@@ -295,11 +308,35 @@ __device__ __forceinline__ float fast_amax() {
   return DT == AOQ_F16 ? 16384.f : 0x1p100f;
 }
 
+// x rounded to fp16 and back for an x that is not NaN: the hardware's
+// round-to-nearest-even conversions (PTX cvt.rn), which aoq_f16_round and
+// aoq_f32_to_f16_bits equal on every float but NaN (tests/fast_paths.c checks
+// them against the C compiler's IEEE _Float16 conversion); the emulator runs
+// the general functions
+__device__ __forceinline__ uint16_t f16_bits_hw(float x) {
+#ifdef __CUDA_ARCH__
+  uint16_t h;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x));
+  return h;
+#else
+  return aoq_f32_to_f16_bits(x);
+#endif
+}
+__device__ __forceinline__ float f16_round_hw(float x) {
+#ifdef __CUDA_ARCH__
+  float r;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(r) : "h"(f16_bits_hw(x)));
+  return r;
+#else
+  return aoq_f16_round(x);
+#endif
+}
+
 // aoq_round_to for the fast paths (bf16: aoq_bf16_round_fast, within its
-// domain; the sign of a zero kept either way)
+// domain; fp16: f16_round_hw; the sign of a zero kept either way)
 template <int DT>
 __device__ __forceinline__ float round_fast(float x) {
-  return DT == AOQ_BF16 ? aoq_bf16_round_fast(x) : aoq_round_to(x, DT);
+  return DT == AOQ_BF16 ? aoq_bf16_round_fast(x) : DT == AOQ_F16 ? f16_round_hw(x) : x;
 }
 
 // clamp(x, lo, hi) for x that is not NaN
@@ -344,6 +381,8 @@ __device__ __forceinline__ void store_chunk_fast(void *p, int64_t idx, const flo
     if (DT == AOQ_BF16) {
       const uint32_t u = aoq_f2u(v[e]);
       raw[e] = (uint16_t)((EXACT ? u : u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    } else if (DT == AOQ_F16) {
+      raw[e] = f16_bits_hw(v[e]);
     } else {
       aoq_store(raw, e, v[e], DT);
     }
@@ -669,6 +708,7 @@ __device__ __forceinline__ float fp8_bwd_first(const float (*x)[E], float s_row,
   return m;
 }
 
+
 // (ext ? each : each * 0) * sgn(x) for a finite x and each: the bits of the
 // first with x's sign bit xor-ed in, or for x = +-0 each * 0 (sgn(+-0) = +0)
 __device__ __forceinline__ float masked_times_sgn(float each, bool ext, float x) {
@@ -701,14 +741,15 @@ __device__ __forceinline__ void fp8_bwd_tail(const float *x, const float *t, con
     float gt;
     if (FIN && DT != AOQ_F16) {
       const float v = gh * s_row;  // finite: e4m3 saturates as the clamp does, a zero keeps its sign
-      gt = with_sign_of(aoq_fp8_e4m3_round_fast(clamp_fast(v, -AOQ_FP8_MAX, AOQ_FP8_MAX)), v);
+      // (the rounding is odd-symmetric: |v| clamped, rounded, given v's sign)
+      gt = with_sign_of(aoq_fp8_e4m3_round_fast(fminf(fabsf(v), AOQ_FP8_MAX)), v);
     } else {
       gt = aoq_fp8_e4m3_round(gh * s_row);
     }
     if (!in_t(t[e])) gt = 0.f;
     gx[e] = FAST ? round_fast<DT>(aoq_div_by(gt, s_row, y_row)) : gt / s_row;
     acc_b += -gt * (FAST ? aoq_div_by(t[e], s_row, y_row) : t[e] / s_row);
-    cnt_row += fabsf(x[e]) == a0;
+    cnt_row = add_eq(cnt_row, fabsf(x[e]), a0);
   }
 }
 
@@ -748,7 +789,7 @@ __device__ __forceinline__ void fp8_bwd_rest(const float (*x)[E], const float (*
       const float gq = in_q(q2[k][e]) ? gd : 0.f;
       gwd[k][e] = FAST ? rnd<DT, true>(gq * p.rcp) : aoq_sym_gwd(gq, &p, DT);
       t2[k] += rnd<DT, FAST>(gq * wd[k][e]);
-      cnt += fabsf(wd[k][e]) == p.m;
+      cnt = add_eq(cnt, fabsf(wd[k][e]), p.m);
     }
   }
   const float g_r = aoq_round_to(chunks_sum<C>(t2), DT);
@@ -1029,8 +1070,8 @@ __device__ __forceinline__ void asym_bwd_group(const float (*x)[E], const float 
   for (int k = 0; k < AB_C; k++) {
 #pragma unroll
     for (int e = 0; e < E; e++) {
-      cx += (x[k][e] == p.mx);
-      cn += (x[k][e] == p.mn);
+      cx = add_eq(cx, x[k][e], p.mx);
+      cn = add_eq(cn, x[k][e], p.mn);
     }
   }
   cx = group_isum(cx);
@@ -1167,7 +1208,7 @@ __global__ void __launch_bounds__(TPB) fp8_rows_bwd_kernel(const void *__restric
     float gt = aoq_fp8_e4m3_round(gh * s_row);
     if (!aoq_in(t, -AOQ_FP8_MAX, AOQ_FP8_MAX, st)) gt = 0.f;
     acc_b += -gt * (t / s_row);
-    cnt_row += fabsf(xv) == a0;
+    cnt_row = add_eq(cnt_row, fabsf(xv), a0);
     if (STAGE)
       aoq_store(gs, k, gt / s_row, DT);
     else

@@ -6,10 +6,12 @@
 #   test      build with CUDA kernels in place (skipped if built), GPU tests
 #   sanitize  compute-sanitizer memcheck and racecheck on a GPU test subset
 #   bench     the benchmark (staged and unstaged fp8 rows side by side)
-#   extra     a rebuild with one group per warp in flight (AOQ_U/UB/UBS=1,
-#             this GPU's arch only), benchmarked for the unroll's effect,
-#             then the CPU op tests under the box's torch (a later phase
-#             rebuilds the default kernels)
+#   extra     a rebuild with the fast paths' bf16 rounding by the hardware's
+#             conversion (AOQ_BF16_HW_ROUND=1, this GPU's arch only), its bf16
+#             GPU tests and benchmark; one with one group per warp in flight
+#             (AOQ_U/UB/UBS=1), benchmarked for the unroll's effect; then the
+#             CPU op tests under the box's torch (a later phase rebuilds the
+#             default kernels)
 #
 # In order of need, so a run cut short by the device budget loses the least;
 # all four take more than the device tool's 10 minutes per command, so run
@@ -79,8 +81,12 @@ for phase in $PHASES; do
       python3 benchmarks/bench_fake_quant.py --device cuda 2>&1 | quiet | tee "$OUT/bench.txt"
       ;;
     extra)
-      echo "== bench, one group or step per warp at a time (AOQ_U/UF/UB/UBS=1), for the unroll's effect"
       arch=$(python3 -c "import torch; print('%d%d' % torch.cuda.get_device_capability())")
+      echo "== bf16 fast-path rounding by cvt.rn.bf16.f32 (AOQ_BF16_HW_ROUND=1): tests, bench"
+      build bf16hw "-DAOQ_BF16_HW_ROUND=1" "$arch"
+      TAIL=3 run_pytest tests_bf16hw python3 -m pytest tests/test_cuda.py -q -x -p no:cacheprovider -k bfloat16
+      python3 benchmarks/bench_fake_quant.py --device cuda --no-compile 2>&1 | quiet | tee "$OUT/bench_bf16hw.txt"
+      echo "== bench, one group or step per warp at a time (AOQ_U/UF/UB/UBS=1), for the unroll's effect"
       build u1 "-DAOQ_U=1 -DAOQ_UF=1 -DAOQ_UB=1 -DAOQ_UBS=1" "$arch"
       python3 benchmarks/bench_fake_quant.py --device cuda --no-compile 2>&1 | quiet | tee "$OUT/bench_u1.txt"
       echo "== CPU tests under this torch (CI covers them on its own torch; last, the least needed)"

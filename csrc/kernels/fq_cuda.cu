@@ -332,11 +332,29 @@ __device__ __forceinline__ float f16_round_hw(float x) {
 #endif
 }
 
+// bf16 the same way, built with -DAOQ_BF16_HW_ROUND=1 (an experiment for a
+// GPU to time, tools/gpu_check.sh extra: one conversion and one shift or
+// mask in place of Veltkamp's three float ops, but on the integer and
+// conversion pipes, whose rates on this work no one has measured here)
+#ifndef AOQ_BF16_HW_ROUND
+#define AOQ_BF16_HW_ROUND 0
+#endif
+__device__ __forceinline__ float bf16_round_hw(float x) {
+#ifdef __CUDA_ARCH__
+  uint16_t h;
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(x));
+  return aoq_u2f((uint32_t)h << 16);
+#else
+  return aoq_bf16_round(x);
+#endif
+}
+
 // aoq_round_to for the fast paths (bf16: aoq_bf16_round_fast, within its
 // domain; fp16: f16_round_hw; the sign of a zero kept either way)
 template <int DT>
 __device__ __forceinline__ float round_fast(float x) {
-  return DT == AOQ_BF16 ? aoq_bf16_round_fast(x) : DT == AOQ_F16 ? f16_round_hw(x) : x;
+  return DT == AOQ_BF16 ? (AOQ_BF16_HW_ROUND ? bf16_round_hw(x) : aoq_bf16_round_fast(x))
+                        : DT == AOQ_F16 ? f16_round_hw(x) : x;
 }
 
 // clamp(x, lo, hi) for x that is not NaN

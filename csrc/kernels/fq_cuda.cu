@@ -198,8 +198,8 @@ __device__ __forceinline__ void load_groups(const void *p, int64_t base, int64_t
 
 // row amax |x| (NaN-propagating) over a weight row, chunk layout, vector
 // loads; STAGE: the row is also copied to stage (shared memory), complete
-// when block_max's barrier returns (the backward reads back exactly the
-// chunks each thread wrote; the forward reads in its own layout).  Each
+// when block_max's barrier returns (after which any thread may read any
+// chunk: the backward's and the forward's layouts differ from this one).  Each
 // thread takes fmaxf (blind to NaN) beside a fmaf(x, 0, .) sum, which an Inf
 // or a NaN makes NaN; a thread whose sum is NaN reads its chunks again with
 // the NaN-propagating max (rows holding Inf or NaN only).
@@ -308,11 +308,14 @@ __device__ __forceinline__ float fast_amax() {
   return DT == AOQ_F16 ? 16384.f : 0x1p100f;
 }
 
-// x rounded to fp16 and back for an x that is not NaN: the hardware's
-// round-to-nearest-even conversions (PTX cvt.rn), which aoq_f16_round and
-// aoq_f32_to_f16_bits equal on every float but NaN (tests/fast_paths.c checks
-// them against the C compiler's IEEE _Float16 conversion); the emulator runs
-// the general functions
+// x rounded to fp16 and back: the hardware's round-to-nearest-even
+// conversions (PTX cvt.rn), which aoq_f16_round and aoq_f32_to_f16_bits equal
+// on every float but NaN (tests/fast_paths.c checks them against the C
+// compiler's IEEE _Float16 conversion); the emulator runs the general
+// functions.  A NaN comes out a NaN of other bits (0x7fff): the forward's fast
+// paths see none; the fp16 backward's fast groups may (a D(G * sg) that
+// overflows, times a zero weight), but only in gradients that the row's last
+// pass adds to and stores with the general code, which only reads NaN-ness
 __device__ __forceinline__ uint16_t f16_bits_hw(float x) {
 #ifdef __CUDA_ARCH__
   uint16_t h;
@@ -388,8 +391,9 @@ __device__ __forceinline__ float warp_min_fast(float v) {
   return v;
 }
 
-// store_chunk of values that are not NaN; EXACT: values the dtype holds (the
-// fp8 path's dequantized values), stored without rounding
+// store_chunk of values that are not NaN (fp16: see f16_round_hw); EXACT:
+// values the dtype holds (the fp8 forward's dequantized values, the fp8
+// backward's rounded gradients), stored without rounding
 template <int DT, int E, bool VEC, bool EXACT>
 __device__ __forceinline__ void store_chunk_fast(void *p, int64_t idx, const float *v) {
   typedef typename Elt<DT>::T T;
@@ -739,7 +743,9 @@ __device__ __forceinline__ float masked_times_sgn(float each, bool ext, float x)
 // 1 / sg and dequantizing scale are finite: every rounding by rnd (sg and
 // the fp16 sdq in [2^-20, 2^30], rcp in [2^-30, 2^20], gradients 0 or in
 // [2^-60, 2^40]: G * qc, D(G * sdq) * rcp and D(G * sdq) * wd are 0 or in
-// [2^-113, 2^103]), divisions by s_row by aoq_div_by (gt is an e4m3 value);
+// [2^-113, 2^103]; fp16's D(G * sdq) may overflow, and a product be Inf or
+// NaN, which its hardware rounding passes on), divisions by s_row by
+// aoq_div_by (gt is an e4m3 value);
 // FIN, where the group's `each` is 0 or in [2^-100, 2^100], the last
 // roundings too (gwd + each * sgn(wd): 0 or in [2^-117, 2^101]) and, but
 // for fp16 (whose gwd may overflow), the e4m3 rounding of gh * s_row
@@ -859,7 +865,8 @@ __device__ __forceinline__ float row_fix_fast(float ga, float xv, float each, fl
 // STAGE: dynamic shared memory holds the row (K elements, copied by the row
 // max's read) and its gradient before the last step (K more), so that the
 // weight is read once, the upstream gradient once and gw written once
-// (at most 128 registers: two blocks per SM, which the staging is sized for)
+// (at most 128 registers: two blocks per SM, which the staging is sized for;
+// bf16 fits, fp16 and fp32 spill a few bytes at g = 128)
 template <int DT, int E, bool VEC, bool STAGE>
 __global__ void __launch_bounds__(TPB, 2) fp8_int4_bwd_kernel(const void *__restrict__ grad,
                                                            const void *__restrict__ w, void *__restrict__ gw,

@@ -848,6 +848,34 @@ __device__ __forceinline__ float row_fix_fast(float ga, float xv, float each, fl
   return rnd<DT, true>(ga + masked_times_sgn(each, fabsf(xv) == a0, xv));  // (exact, as in fp8_bwd_tail)
 }
 
+// The row's last step in a fast row of a 16-bit dtype, on the raw bits, two
+// elements per 32-bit word.  row_fix_fast adds a signed zero z (each * 0 *
+// sgn(x): each's sign, flipped by a negative nonzero x) to every element but
+// the row's extremes: that returns ga itself unless ga = -0 and z = +0, which
+// give +0.  So a word's halves keep their bits but for that sign, cleared
+// with integer ops (a half's magnitude plus 0x7fff carries into its bit 15
+// exactly when it is nonzero; no carry crosses into the other half).  Halves
+// where |x| = a0 (the extremes, `each` added) or ga is NaN are flagged for
+// row_fix_fast and the general store instead (a NaN: its bits become the
+// general store's; bf16's are already, fp16's may be a fast group's 0x7fff).
+struct PackedFix {
+  uint32_t aa, se, nanoff;  // a0's bits, z's sign from each, |h| + nanoff carries for a NaN h
+  template <int DT>
+  __device__ __forceinline__ static PackedFix make(float a0, float each) {
+    const uint32_t a = DT == AOQ_BF16 ? aoq_f2u(a0) >> 16 : aoq_f32_to_f16_bits(a0);
+    const uint32_t no = DT == AOQ_BF16 ? 0x8000u - 0x7f81u : 0x8000u - 0x7c01u;
+    return PackedFix{a | a << 16, (aoq_f2u(each) >> 31) * 0x80008000u, no | no << 16};
+  }
+  // ga's word fixed; flag's bit 15 or 31 set where a half needs row_fix_fast
+  __device__ __forceinline__ uint32_t word(uint32_t x, uint32_t ga, uint32_t &flag) const {
+    const uint32_t xm = x & 0x7fff7fffu, gm = ga & 0x7fff7fffu;
+    const uint32_t ext = (xm ^ aa) + 0x7fff7fffu;  // bit 15/31 clear: |x| = a0
+    flag |= ~ext | (gm + nanoff);
+    const uint32_t zs = (x & (xm + 0x7fff7fffu)) ^ se;  // bit 15/31: z's sign
+    return ga & ~(0x80008000u & ~(gm + 0x7fff7fffu) & ~zs);
+  }
+};
+
 // ---------------------------------------------------------------------------
 // backward, fp8-int4 (one row per block)
 // ---------------------------------------------------------------------------
@@ -967,6 +995,35 @@ __global__ void __launch_bounds__(TPB, 2) fp8_int4_bwd_kernel(const void *__rest
   const float each = cnt_row ? aoq_round_to(g_a / (float)cnt_row, DT) : 0.f;
   const float ae = fabsf(each);
   const bool fix_fast = fast_row && (ae == 0.f || (ae >= 0x1p-100f && ae <= 0x1p100f));
+  if (DT != AOQ_F32 && fix_fast) {  // (VEC: fast_row) 8 elements per thread and step, as words
+    const PackedFix pf = PackedFix::make<DT>(a0, each);
+    if (!STAGE) __syncthreads();  // gw of this row, written above by other threads, is visible
+    const uint4 *const xsrc = reinterpret_cast<const uint4 *>(STAGE ? (const void *)xs : w) + (STAGE ? 0 : base / 8);
+    const uint4 *const gsrc = reinterpret_cast<const uint4 *>(STAGE ? (const void *)gs : gw) + (STAGE ? 0 : base / 8);
+    uint4 *const dst = reinterpret_cast<uint4 *>(gw) + base / 8;
+    for (int64_t i = threadIdx.x; i < K / 8; i += TPB) {
+      const uint4 xw = xsrc[i], gv = gsrc[i];
+      uint32_t flag = 0;
+      uint4 o;
+      o.x = pf.word(xw.x, gv.x, flag);
+      o.y = pf.word(xw.y, gv.y, flag);
+      o.z = pf.word(xw.z, gv.z, flag);
+      o.w = pf.word(xw.w, gv.w, flag);
+      if (flag & 0x80008000u) {  // an extreme or a NaN: element by element
+        alignas(16) uint16_t xr[8], gr[8];
+        *reinterpret_cast<uint4 *>(xr) = xw;
+        *reinterpret_cast<uint4 *>(gr) = gv;
+#pragma unroll
+        for (int e = 0; e < 8; e++) {
+          const float v = row_fix_fast<DT>(aoq_load(gr, e, DT), aoq_load(xr, e, DT), each, a0);
+          aoq_store(gr, e, v, DT);
+        }
+        o = *reinterpret_cast<const uint4 *>(gr);
+      }
+      dst[i] = o;
+    }
+    return;
+  }
   if (STAGE) {
     // chunks of xs and gs (complete: block_sum_chunks's barriers): one write of gw
     for (int64_t j = warp; j < G; j += AOQ_NW) {

@@ -1,8 +1,8 @@
 /* Every float of each fast path's domain against the general function
  * (csrc/kernels/aoq_math.h), and aoq_div_by against the division.  Run by
  * tests/test_cuda_emu.py; argv[1] is a stride over the bit patterns (1: all
- * of them, about half a minute), argv[2] the fp16 check's.  Prints one line per mismatch (at most 10)
- * and exits 1 if there was any. */
+ * of them, about half a minute), argv[2] the fp16 check's.  Prints one line
+ * per mismatch (at most 10) and exits 1 if there was any. */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>

@@ -730,7 +730,6 @@ __device__ __forceinline__ float fp8_bwd_first(const float (*x)[E], float s_row,
   return m;
 }
 
-
 // (ext ? each : each * 0) * sgn(x) for a finite x and each: the bits of the
 // first with x's sign bit xor-ed in, or for x = +-0 each * 0 (sgn(+-0) = +0)
 __device__ __forceinline__ float masked_times_sgn(float each, bool ext, float x) {
@@ -881,12 +880,11 @@ struct PackedFix {
 // ---------------------------------------------------------------------------
 // Layout: C = AOQ_FP8_BWD_C(E) chunks per lane (4, 2 for g = 256: 16
 // elements per lane for g >= 128), W = 32 / C lanes per group, C groups per
-// warp step.  Each
-// lane holds the chunks of the canonical lanes L, L + W, ... of its group,
-// and the row sums run in the canonical order of NW * C virtual warps of 32
-// lanes (fq_cpu.c): the lanes of virtual warp warp * C + lane / W take its
-// groups v, v + NW * C, ... in order, each summing its canonical lanes'
-// chunks in its own accumulators.  So the group sums (chunks_sum) and the row
+// warp step.  Each lane holds the chunks of the canonical lanes L, L + W,
+// ... of its group, and the row sums run in the canonical order of NW * C
+// virtual warps of 32 lanes (fq_cpu.c): the lanes of virtual warp warp * C +
+// lane / W take its groups v, v + NW * C, ... in order, each summing its
+// canonical lanes' chunks in its own accumulators.  So the group sums (chunks_sum) and the row
 // sums (block_sum_chunks) are those of the canonical order, with the
 // per-group work (the group's max, scales, sums and `each`) spread over C
 // times as many elements per lane.

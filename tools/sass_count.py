@@ -274,7 +274,7 @@ def backward(src, args, nvcc, env):
                                            text=True, env=env).stdout)
             for scheme, kern in (("int4_asym", "aoq_measure_asym_bwd"), ("fp8_int4", "aoq_measure_fp8_bwd")):
                 for e in es:
-                    chunks = 4 if scheme == "int4_asym" else (2 if e == 8 else 4)  # (AOQ_FP8_BWD_C)
+                    chunks = 4 if scheme == "int4_asym" else (2 if e == 8 else 8 if e == 1 else 4)  # (AOQ_FP8_BWD_C)
                     for fast in ("true", "false"):
                         name = next(k for k in fns if f"{kern}<{args.dtype}, {e}, {fast}>" in k)
                         ops = loop_counts(fns[name], whole=True)

@@ -54,7 +54,7 @@ static void tree32(float *lane) {
 
 /* halving tree in each of nv (virtual) warps, then over the warps */
 static float tree_block(float (*acc)[32], int nv) {
-  float ws[NW * 4];
+  float ws[NW * AOQ_FP8_BWD_CMAX];
   for (int w = 0; w < nv; w++) {
     tree32(acc[w]);
     ws[w] = acc[w][0];
@@ -85,7 +85,7 @@ static float group_sum(const float *v, int64_t g) {
 }
 
 AOQ_INLINE float row_sum_grouped_e(const float *v, int64_t K, const int E) {
-  float acc[NW * 4][32];
+  float acc[NW * AOQ_FP8_BWD_CMAX][32];
   const int nv = NW * AOQ_FP8_BWD_C(E);
   const int64_t g = 32 * E, G = K / g;
   memset(acc, 0, (size_t)nv * sizeof acc[0]);

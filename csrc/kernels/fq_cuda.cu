@@ -878,9 +878,9 @@ struct PackedFix {
 // ---------------------------------------------------------------------------
 // backward, fp8-int4 (one row per block)
 // ---------------------------------------------------------------------------
-// Layout: C = AOQ_FP8_BWD_C(E) chunks per lane (4, 2 for g = 256: 16
-// elements per lane for g >= 128), W = 32 / C lanes per group, C groups per
-// warp step.  Each lane holds the chunks of the canonical lanes L, L + W,
+// Layout: C = AOQ_FP8_BWD_C(E) chunks per lane (4; 2 for g = 256, 8 for
+// g = 32: 16 elements per lane for g >= 128, 8 below), W = 32 / C lanes per
+// group, C groups per warp step.  Each lane holds the chunks of the canonical lanes L, L + W,
 // ... of its group, and the row sums run in the canonical order of NW * C
 // virtual warps of 32 lanes (fq_cpu.c): the lanes of virtual warp warp * C +
 // lane / W take its groups v, v + NW * C, ... in order, each summing its

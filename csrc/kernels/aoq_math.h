@@ -33,8 +33,8 @@ enum { AOQ_SCHEME_FP8_INT4 = 0, AOQ_SCHEME_INT4_ASYM = 1 };
 #define AOQ_NW 8
 /* chunks of E = g / 32 elements per thread in the fp8-int4 backward (32 / C
  * lanes per group, C groups per warp; 16 elements per lane for g >= 128, as
- * many as 128 registers hold for bf16; 8 for g = 64 and 32, where more
- * chunks' accumulators would spill); its row sums run over AOQ_NW * C
+ * many as 128 registers hold for bf16; 8 for g = 64 and 32: 8 chunks of 2
+ * spilled, and each chunk has its own row-sum accumulators); its row sums run over AOQ_NW * C
  * "virtual warps" of 32 canonical lanes (fq_cpu.c) */
 #define AOQ_FP8_BWD_C(E) ((E) == 8 ? 2 : (E) == 1 ? 8 : 4)
 #define AOQ_FP8_BWD_CMAX 8

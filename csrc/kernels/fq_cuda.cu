@@ -850,8 +850,9 @@ __device__ __forceinline__ float row_fix_fast(float ga, float xv, float each, fl
 // The row's last step in a fast row of a 16-bit dtype, on the raw bits, two
 // elements per 32-bit word.  row_fix_fast adds a signed zero z (each * 0 *
 // sgn(x): each's sign, flipped by a negative nonzero x) to every element but
-// the row's extremes: that returns ga itself unless ga = -0 and z = +0, which
-// give +0.  So a word's halves keep their bits but for that sign, cleared
+// the row's extremes: for a ga of the row (0, NaN, or gt / s_row within
+// 2^-33 .. 2^33, inside rnd's domain) that returns ga itself unless ga = -0
+// and z = +0, which give +0.  So a word's halves keep their bits but for that sign, cleared
 // with integer ops (a half's magnitude plus 0x7fff carries into its bit 15
 // exactly when it is nonzero; no carry crosses into the other half).  Halves
 // where |x| = a0 (the extremes, `each` added) or ga is NaN are flagged for

@@ -56,9 +56,10 @@ static uint64_t check_div(uint32_t mb, int ea, int eb, uint64_t stride) {
   return n;
 }
 
-/* the fp16 fast paths' hardware conversions (fq_cuda.cu: f16_round_hw,
- * f16_bits_hw; PTX cvt.rn, IEEE round-to-nearest-even) against
- * aoq_f16_round and aoq_f32_to_f16_bits on every float but NaN (both
+/* the GPU's fp16 conversions (aoq_math.h's __CUDA_ARCH__ branches of
+ * aoq_f32_to_f16_bits and aoq_f16_round: PTX cvt.rn, IEEE
+ * round-to-nearest-even) against the code the CPU kernels and the
+ * emulator run, on every float but NaN (both
  * signs; overflow to inf, subnormals, the sign of a zero), the C compiler's
  * _Float16 conversion standing in for the hardware's */
 static uint64_t check_f16(uint64_t stride) {

@@ -15,8 +15,8 @@ import torch
 
 import ao_awq_export as aq
 from ao_awq_export import _C
-from tests.test_cuda_emu import (asym_bwd_edge_case, fp8_bwd_edge_case, midpoint_weight, row_tail_case,
-                                 special_weight, staged_bytes)
+from tests.test_cuda_emu import (asym_bwd_edge_case, f16_cases, fp8_bwd_edge_case, midpoint_weight,
+                                 row_tail_case, special_weight, staged_bytes)
 from tests.test_fake_quant import (OPS, assert_bits_equal, check_grads, make_weight, torchao_fq,
                                    zero_torchao_nans)
 
@@ -127,6 +127,34 @@ def test_gpu_fp8_row_tail(dtype):
                       "fp8_int4 row tail")
     ours = torch.ops.ao_awq.fp8_rows_backward(gout.cuda(), w.cuda(), st, 1)
     assert_bits_equal(ours.cpu(), torch.ops.ao_awq.fp8_rows_backward(gout, w, st, 1), "rows row tail")
+
+
+def gpu_f16_run(kind, *a):
+    """test_cuda_emu.f16_cases's runs on the GPU, against the CPU ops."""
+    ops = torch.ops.ao_awq
+    if kind == "fwd":
+        x, g, scheme, awq, cs = a
+        got = [ops.fq_weight(x.cuda(), g, SCH[scheme], bool(awq), False, cs)]
+        got += ops.quantize(x.cuda(), g, SCH[scheme], bool(awq), cs)
+        ref = [ops.fq_weight(x, g, SCH[scheme], bool(awq), False, cs)] + list(ops.quantize(x, g, SCH[scheme],
+                                                                                            bool(awq), cs))
+        got[1], ref[1] = got[1].float(), ref[1].float()
+        return [(o.cpu(), r, what) for o, r, what in zip(got, ref, ("out", "codes", "scales", "zeros"))]
+    if kind == "bwd":
+        G, x, g, scheme, awq, cs, st = a
+        return (ops.fq_weight_backward(G.cuda(), x.cuda(), g, SCH[scheme], bool(awq), bool(st), cs).cpu(),
+                ops.fq_weight_backward(G, x, g, SCH[scheme], bool(awq), bool(st), cs))
+    x, G = a
+    return [(ops.fp8_rows(x.cuda(), False, 1).cpu(), ops.fp8_rows(x, False, 1), "rows"),
+            (ops.fp8_rows_backward(G.cuda(), x.cuda(), True, 1).cpu(), ops.fp8_rows_backward(G, x, True, 1),
+             "rows grad")]
+
+
+def test_gpu_every_f16_value():
+    """Every fp16 bit pattern through every fp16 kernel (test_cuda_emu's
+    every_f16_case): on a GPU each conversion to and from fp16 is the
+    hardware's (aoq_math.h), which the emulator does not run."""
+    assert f16_cases(gpu_f16_run) == 52
 
 
 @pytest.mark.parametrize("mode", ["torchao", "awq"])

@@ -6,8 +6,8 @@ This runs the CUDA kernels' own code: their row/warp/lane indexing, the
 canonical reduction trees, the vectorized and scalar load paths, the masks
 and the launchers' argument checks and device handling.  It does not run
 nvcc's code generation or the device intrinsics (aoq_math.h's __CUDA_ARCH__
-branches: rintf and the float/uint casts); tests/test_cuda.py covers those
-on a GPU.  Division semantics: torchao mode is compared with the CPU kernel
+branches: rintf, the float/uint casts and the fp16 conversions);
+tests/test_cuda.py covers those on a GPU.  Division semantics: torchao mode is compared with the CPU kernel
 under CUDA's rule (div_mode 1), AWQ modes with the default one (see
 test_cuda.py).
 """
@@ -521,6 +521,72 @@ def row_tail_case(dtype):
     gout[4, ::7] = -0.0
     gout[5, 9] = float("nan")                                           # NaN reaches `each`: whole row NaN
     return g, w, gout
+
+
+def every_f16_case():
+    """Every fp16 bit pattern (zeros, subnormals, normals, +-Inf, NaNs), as
+    256 rows of 256: w in order (row r holds the patterns 256r .. 256r+255,
+    so most rows span one binade or two and rows 124-127, 252-255 hold Inf
+    and NaN), w2 and the gradient G shuffled, NaN and Inf replaced by 0.5 in
+    w2 (rows of every magnitude that the fast paths may take) and kept in G.
+    On a GPU every conversion to and from fp16 is the hardware's (aoq_math.h);
+    the emulator and the CPU run the integer code."""
+    bits = torch.arange(65536, dtype=torch.int32).to(torch.int16)
+    w = bits.view(torch.float16).reshape(256, 256).clone()
+    perm = torch.randperm(65536, generator=torch.Generator().manual_seed(3))
+    w2 = bits[perm].view(torch.float16).reshape(256, 256).clone()
+    w2[~torch.isfinite(w2)] = 0.5
+    G = bits[perm.flip(0)].view(torch.float16).reshape(256, 256).clone()
+    return w, w2, G
+
+
+def f16_cases(run):
+    """run(kind, *args) -> (ours, reference) pairs for every_f16_case's
+    tensors, through each fp16 kernel (forward and its codes, scales and
+    zeros; backward; the fp8 rows), compared bit for bit (NaN where NaN)."""
+    w, w2, G = every_f16_case()
+    n = 0
+    for x in (w, w2):
+        for scheme in SCH:
+            for awq in (0, 1):
+                cs = 1 - awq
+                for got, ref, what in run("fwd", x, 64, scheme, awq, cs):
+                    assert_bits_equal(got, ref, f"{what} {scheme} awq={awq}")
+                    n += 1
+                for st in (0, 1):
+                    got, ref = run("bwd", G, x, 64, scheme, awq, cs, st)
+                    assert_bits_equal(got, ref, f"grad {scheme} awq={awq} st={st}")
+                    n += 1
+        for got, ref, what in run("rows", x, G):
+            assert_bits_equal(got, ref, what)
+            n += 1
+    return n
+
+
+def emu_f16_run(lib):
+    def run(kind, *a):
+        if kind == "fwd":
+            x, g, scheme, awq, cs = a
+            out, codes, scales, zeros = emu_fwd(lib, x, g, scheme, awq, cs)
+            ref = torch.ops.ao_awq.fq_weight(x, g, SCH[scheme], bool(awq), False, cs)
+            c2, s2, z2 = torch.ops.ao_awq.quantize(x, g, SCH[scheme], bool(awq), cs)
+            return [(out, ref, "out"), (codes.float(), c2.float(), "codes"),
+                    (scales, s2, "scales"), (zeros, z2, "zeros")]
+        if kind == "bwd":
+            G, x, g, scheme, awq, cs, st = a
+            return (emu_bwd(lib, G, x, g, scheme, awq, cs, st),
+                    torch.ops.ao_awq.fq_weight_backward(G, x, g, SCH[scheme], bool(awq), bool(st), cs))
+        x, G = a
+        out, gx = torch.empty_like(x), torch.empty_like(x)
+        check(lib, lib.aoq_cuda_fp8_rows_fwd(ptr(x), ptr(out), 256, 256, 1, 1, 0, None))
+        check(lib, lib.aoq_cuda_fp8_rows_bwd(ptr(G), ptr(x), ptr(gx), 256, 256, 1, 1, 1, 0, None))
+        return [(out, torch.ops.ao_awq.fp8_rows(x, False, 1), "rows"),
+                (gx, torch.ops.ao_awq.fp8_rows_backward(G, x, True, 1), "rows grad")]
+    return run
+
+
+def test_emulated_every_f16_value(lib):
+    assert f16_cases(emu_f16_run(lib)) == 2 * (4 * (4 + 2) + 2)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -70,7 +70,7 @@ for phase in $PHASES; do
       echo "== memcheck"  # the two timeouts stay under the device tool's 600 s
       TAIL=4 run_pytest memcheck timeout 290 compute-sanitizer --tool memcheck --error-exitcode 9 \
         python3 -m pytest tests/test_cuda.py -q -x -p no:cacheprovider \
-        -k "(equal_cpu and bfloat16 and (32 or 256)) or fp8_rows or row_tail or unstaged or pack or capture or special_rows or (domain_edges and bfloat16)"
+        -k "(equal_cpu and bfloat16 and (32 or 256)) or fp8_rows or row_tail or unstaged or pack or capture or special_rows or (domain_edges and bfloat16) or every_f16"
       echo "== racecheck"
       TAIL=4 run_pytest racecheck timeout 230 compute-sanitizer --tool racecheck --error-exitcode 9 \
         python3 -m pytest tests/test_cuda.py -q -x -p no:cacheprovider \

@@ -86,8 +86,22 @@ AOQ_HD uint16_t aoq_f32_to_bf16_bits(float f) {
 }
 AOQ_HD float aoq_bf16_bits_to_f32(uint16_t h) { return aoq_u2f(((uint32_t)h) << 16); }
 
-/* ---- fp16 (IEEE binary16), round-to-nearest-even, overflow to inf -------- */
+/* ---- fp16 (IEEE binary16), round-to-nearest-even, overflow to inf --------
+ * On a GPU, the three functions below are the hardware's conversions (PTX
+ * cvt.rn.f16.f32 and cvt.f32.f16, one instruction each where the code
+ * here takes ten to twenty): the same values for every float and fp16 but
+ * NaN (tests/fast_paths.c checks the float-to-fp16 code here against the C
+ * compiler's IEEE conversion on all 2^32 floats; fp16 to float is exact),
+ * and for a NaN a NaN of other bits (0x7fff, positive).  Nothing depends on
+ * a NaN's bits: the GPU's float arithmetic makes NaNs of its own, and the
+ * tests, like torch's CPU and GPU results, agree on where the NaNs are, not
+ * on their bits.  The emulator and the CPU kernels run the code here. */
 AOQ_HD uint16_t aoq_f32_to_f16_bits(float f) {
+#ifdef __CUDA_ARCH__
+  uint16_t h;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+  return h;
+#else
   uint32_t u = aoq_f2u(f);
   uint32_t sign = (u >> 16) & 0x8000u;
   uint32_t a = u & 0x7fffffffu;
@@ -101,8 +115,14 @@ AOQ_HD uint16_t aoq_f32_to_f16_bits(float f) {
   uint32_t mant_odd = (a >> 13) & 1u;
   a += ((uint32_t)(15 - 127) << 23) + 0xfffu + mant_odd;
   return (uint16_t)(sign | (a >> 13));
+#endif
 }
 AOQ_HD float aoq_f16_bits_to_f32(uint16_t h) {
+#ifdef __CUDA_ARCH__
+  float r;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(r) : "h"(h));
+  return r;
+#else
   uint32_t sign = ((uint32_t)h & 0x8000u) << 16;
   uint32_t e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
   if (e == 0) {
@@ -112,6 +132,7 @@ AOQ_HD float aoq_f16_bits_to_f32(uint16_t h) {
   }
   if (e == 31) return aoq_u2f(sign | 0x7f800000u | (m << 13));
   return aoq_u2f(sign | ((e + 112u) << 23) | (m << 13));
+#endif
 }
 
 /* Value of bf16(x) / fp16(x) as float, branch-free (vectorizable). */
@@ -121,6 +142,9 @@ AOQ_HD float aoq_bf16_round(float x) {
   return x != x ? x : r;
 }
 AOQ_HD float aoq_f16_round(float x) {
+#ifdef __CUDA_ARCH__
+  return aoq_f16_bits_to_f32(aoq_f32_to_f16_bits(x)); /* (see the fp16 section) */
+#else
   uint32_t u = aoq_f2u(x);
   uint32_t sign = u & 0x80000000u, a = u ^ sign;
   float ax = aoq_u2f(a);
@@ -132,6 +156,7 @@ AOQ_HD float aoq_f16_round(float x) {
   r = a >= 0x477ff000u ? aoq_u2f(0x7f800000u) : r; /* rounds to >= 65520: inf */
   r = aoq_u2f(aoq_f2u(r) | sign);
   return x != x ? x : r;
+#endif
 }
 
 /* Round a float to the value the dtype holds, returned as float. */

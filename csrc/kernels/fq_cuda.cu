@@ -308,34 +308,8 @@ __device__ __forceinline__ float fast_amax() {
   return DT == AOQ_F16 ? 16384.f : 0x1p100f;
 }
 
-// x rounded to fp16 and back: the hardware's round-to-nearest-even
-// conversions (PTX cvt.rn), which aoq_f16_round and aoq_f32_to_f16_bits equal
-// on every float but NaN (tests/fast_paths.c checks them against the C
-// compiler's IEEE _Float16 conversion); the emulator runs the general
-// functions.  A NaN comes out a NaN of other bits (0x7fff): the forward's fast
-// paths see none; the fp16 backward's fast groups may (a D(G * sg) that
-// overflows, times a zero weight), but only in gradients that the row's last
-// pass adds to and stores with the general code, which only reads NaN-ness
-__device__ __forceinline__ uint16_t f16_bits_hw(float x) {
-#ifdef __CUDA_ARCH__
-  uint16_t h;
-  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x));
-  return h;
-#else
-  return aoq_f32_to_f16_bits(x);
-#endif
-}
-__device__ __forceinline__ float f16_round_hw(float x) {
-#ifdef __CUDA_ARCH__
-  float r;
-  asm("cvt.f32.f16 %0, %1;" : "=f"(r) : "h"(f16_bits_hw(x)));
-  return r;
-#else
-  return aoq_f16_round(x);
-#endif
-}
-
-// bf16 the same way, built with -DAOQ_BF16_HW_ROUND=1 (an experiment for a
+// bf16 by the hardware's conversion too (as aoq_math.h's fp16 functions on
+// a GPU), built with -DAOQ_BF16_HW_ROUND=1 (an experiment for a
 // GPU to time, tools/gpu_check.sh extra: one conversion and one shift or
 // mask in place of Veltkamp's three float ops, but on the integer and
 // conversion pipes, whose rates on this work no one has measured here)
@@ -353,11 +327,12 @@ __device__ __forceinline__ float bf16_round_hw(float x) {
 }
 
 // aoq_round_to for the fast paths (bf16: aoq_bf16_round_fast, within its
-// domain; fp16: f16_round_hw; the sign of a zero kept either way)
+// domain; fp16: aoq_f16_round, the hardware's conversions; the sign of a
+// zero kept either way)
 template <int DT>
 __device__ __forceinline__ float round_fast(float x) {
   return DT == AOQ_BF16 ? (AOQ_BF16_HW_ROUND ? bf16_round_hw(x) : aoq_bf16_round_fast(x))
-                        : DT == AOQ_F16 ? f16_round_hw(x) : x;
+                        : DT == AOQ_F16 ? aoq_f16_round(x) : x;
 }
 
 // clamp(x, lo, hi) for x that is not NaN
@@ -391,7 +366,7 @@ __device__ __forceinline__ float warp_min_fast(float v) {
   return v;
 }
 
-// store_chunk of values that are not NaN (fp16: see f16_round_hw); EXACT:
+// store_chunk of values that are not NaN; EXACT:
 // values the dtype holds (the fp8 forward's dequantized values, the fp8
 // backward's rounded gradients), stored without rounding
 template <int DT, int E, bool VEC, bool EXACT>
@@ -404,7 +379,7 @@ __device__ __forceinline__ void store_chunk_fast(void *p, int64_t idx, const flo
       const uint32_t u = aoq_f2u(v[e]);
       raw[e] = (uint16_t)((EXACT ? u : u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
     } else if (DT == AOQ_F16) {
-      raw[e] = f16_bits_hw(v[e]);
+      raw[e] = aoq_f32_to_f16_bits(v[e]);
     } else {
       aoq_store(raw, e, v[e], DT);
     }
@@ -856,8 +831,7 @@ __device__ __forceinline__ float row_fix_fast(float ga, float xv, float each, fl
 // with integer ops (a half's magnitude plus 0x7fff carries into its bit 15
 // exactly when it is nonzero; no carry crosses into the other half).  Halves
 // where |x| = a0 (the extremes, `each` added) or ga is NaN are flagged for
-// row_fix_fast and the general store instead (a NaN: its bits become the
-// general store's; bf16's are already, fp16's may be a fast group's 0x7fff).
+// row_fix_fast and the general store instead (a NaN stays a NaN there).
 struct PackedFix {
   uint32_t aa, se, nanoff;  // a0's bits, z's sign from each, |h| + nanoff carries for a NaN h
   template <int DT>

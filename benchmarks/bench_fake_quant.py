@@ -5,6 +5,9 @@ measured in the same process, medians, printed as ratios.
     python benchmarks/bench_fake_quant.py --device cuda   # + 8192x28672, bandwidth vs copy
     python benchmarks/bench_fake_quant.py --quick         # 4096^2 only, fewer reps
 
+fp8_rows is the fp8 activation fake quant (per row) on a tensor of the same
+shape, against torchao's Float8FakeQuantizer (PerRow).
+
 Targets (issue 2 / 3): CPU >= 5x torchao eager; CUDA forward >= 85 % of
 device-to-device copy bandwidth, >= 10x torchao eager, >= 1.5x compiled
 torchao, backward <= 1.2x forward time.
@@ -27,9 +30,13 @@ warnings.filterwarnings("ignore")
 import ao_awq_export as aq  # noqa: E402
 from torchao.quantization.qat.fake_quantize_config import Int4WeightFakeQuantizeConfig  # noqa: E402
 from torchao.quantization.qat.fake_quantizer import Int4WeightFakeQuantizer  # noqa: E402
+from torchao.quantization.qat.fake_quantize_config import Float8FakeQuantizeConfig  # noqa: E402
+from torchao.quantization.qat.fake_quantizer import Float8FakeQuantizer  # noqa: E402
+from torchao.quantization.granularity import PerRow  # noqa: E402
 
 ACT = {"fp8_int4": torch.float8_e4m3fn, "int4_asym": torch.bfloat16}
-OURS = {"fp8_int4": aq.fake_quant_fp8_int4, "int4_asym": aq.fake_quant_int4_asym}
+OURS = {"fp8_int4": lambda x: aq.fake_quant_fp8_int4(x, 128), "int4_asym": lambda x: aq.fake_quant_int4_asym(x, 128),
+        "fp8_rows": aq.fake_quant_fp8_rows}
 SCH = {"fp8_int4": 0, "int4_asym": 1}
 
 
@@ -102,12 +109,20 @@ def main():
         gout = torch.randn_like(w)
         nbytes = w.numel() * w.element_size()
         copy_t = timeit(lambda: torch.empty_like(w).copy_(w), dev, reps) if dev == "cuda" else None
-        for scheme in ("fp8_int4", "int4_asym"):
-            tao = Int4WeightFakeQuantizer(Int4WeightFakeQuantizeConfig(group_size=128, activation_dtype=ACT[scheme]))
-            ours = lambda x, s=scheme: OURS[s](x, 128)  # noqa: E731
+        # fp8_rows: the fp8 activation fake quant (per row), on a tensor of
+        # the same shape (n tokens of k features), against torchao's
+        # Float8FakeQuantizer (PerRow)
+        for scheme in ("fp8_int4", "int4_asym", "fp8_rows"):
+            if scheme == "fp8_rows":
+                tao = Float8FakeQuantizer(Float8FakeQuantizeConfig(torch.float8_e4m3fn, PerRow()))
+                bwd = lambda: torch.ops.ao_awq.fp8_rows_backward(gout, w, aq.ops.CLAMP_STRICT)  # noqa: E731
+            else:
+                tao = Int4WeightFakeQuantizer(Int4WeightFakeQuantizeConfig(group_size=128,
+                                                                           activation_dtype=ACT[scheme]))
+                bwd = lambda s=scheme: torch.ops.ao_awq.fq_weight_backward(  # noqa: E731
+                    gout, w, 128, SCH[s], False, aq.ops.CLAMP_STRICT)
+            ours = OURS[scheme]
             comp = None if args.no_compile else torch.compile(tao)
-            bwd = lambda s=scheme: torch.ops.ao_awq.fq_weight_backward(  # noqa: E731
-                gout, w, 128, SCH[s], False, aq.ops.CLAMP_STRICT)
             rows = [
                 ("fwd", lambda: ours(w), lambda: tao(w), (lambda: comp(w)) if comp is not None else None, 2 * nbytes),
                 ("fwd+bwd", fwd_bwd(ours, w, gout), fwd_bwd(tao, w, gout),
@@ -115,9 +130,10 @@ def main():
                 ("bwd kernel", bwd, None, None, 3 * nbytes),
             ]
             if dev == "cuda":
-                rows += [("fwd general code", with_env(lambda: ours(w), "AOQ_CUDA_FAST"), None, None, 2 * nbytes),
-                         ("bwd kernel general code", with_env(bwd, "AOQ_CUDA_FAST"), None, None, 3 * nbytes)]
-            if dev == "cuda" and scheme == "fp8_int4":
+                rows += [("fwd general code", with_env(lambda: ours(w), "AOQ_CUDA_FAST"), None, None, 2 * nbytes)]
+            if dev == "cuda" and scheme != "fp8_rows":  # (the rows' backward has no fast path)
+                rows += [("bwd kernel general code", with_env(bwd, "AOQ_CUDA_FAST"), None, None, 3 * nbytes)]
+            if dev == "cuda" and scheme != "int4_asym":
                 rows += [("fwd unstaged", with_env(lambda: ours(w), "AOQ_CUDA_STAGE"), None, None, 2 * nbytes),
                          ("bwd kernel unstaged", with_env(bwd, "AOQ_CUDA_STAGE"), None, None, 3 * nbytes)]
             t_fwd = None

@@ -15,8 +15,8 @@ import torch
 
 import ao_awq_export as aq
 from ao_awq_export import _C
-from tests.test_cuda_emu import (asym_bwd_edge_case, f16_cases, fp8_bwd_edge_case, midpoint_weight,
-                                 row_tail_case, special_weight, staged_bytes)
+from tests.test_cuda_emu import (asym_bwd_edge_case, f16_cases, fp8_bwd_edge_case, fp8_rows_case,
+                                 midpoint_weight, row_tail_case, special_weight, staged_bytes)
 from tests.test_fake_quant import (OPS, assert_bits_equal, check_grads, make_weight, torchao_fq,
                                    zero_torchao_nans)
 
@@ -104,8 +104,28 @@ def test_gpu_large_8192x28672(scheme):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("cs", [0, 1])
+def test_gpu_fp8_rows_cases(dtype, cs):
+    """test_cuda_emu's fp8_rows_case (zero, NaN, Inf rows, rows past the
+    fast bound; k = 304 the vectorized forward, 300 the scalar one) and the
+    e4m3 midpoints, forward and backward, against the CPU ops."""
+    for k in (300, 304):
+        x = fp8_rows_case(dtype, k, cs)
+        out = torch.ops.ao_awq.fp8_rows(x.cuda(), False, cs)
+        assert_bits_equal(out.cpu(), torch.ops.ao_awq.fp8_rows(x, False, cs), f"rows k={k}")
+        g = (torch.randn(x.shape) * 100).to(dtype)
+        for st in (False, True) if cs else ():
+            gx = torch.ops.ao_awq.fp8_rows_backward(g.cuda(), x.cuda(), st, cs)
+            assert_bits_equal(gx.cpu(), torch.ops.ao_awq.fp8_rows_backward(g, x, st, cs), f"rows grad k={k}")
+    if dtype == torch.float32:
+        w = midpoint_weight()
+        out = torch.ops.ao_awq.fp8_rows(w.cuda(), False, cs)
+        assert_bits_equal(out.cpu(), torch.ops.ao_awq.fp8_rows(w, False, cs), "rows midpoints")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_gpu_fp8_rows(dtype):
-    x = (torch.randn(5, 7, 300) * 3).to(dtype).cuda()
+    x = (torch.randn(5, 7, 304) * 3).to(dtype).cuda()
     x[0, 0] = 0
     out = aq.fake_quant_fp8_rows(x)
     cpu = torch.ops.ao_awq.fp8_rows(x.cpu(), False, 1)

@@ -262,6 +262,19 @@ def test_emulated_fp8_values_near_e4m3_midpoints(lib, mode):
     assert torch.equal(codes, c2) and torch.equal(scales, s2) and torch.equal(zeros, z2)
 
 
+@pytest.mark.parametrize("cs", [0, 1])
+def test_emulated_fp8_rows_near_e4m3_midpoints(lib, cs):
+    """The same values through the fp8 activation rows' forward (its fast
+    rows take the same reciprocal rounding and dividing lanes)."""
+    w = midpoint_weight()
+    n, k = w.shape
+    out = torch.empty_like(w)
+    ctypes.c_int64.in_dll(lib, "aoq_emu_divided_lanes").value = 0
+    check(lib, lib.aoq_cuda_fp8_rows_fwd(ptr(w), ptr(out), n, k, 0, cs, 0, None))
+    assert ctypes.c_int64.in_dll(lib, "aoq_emu_divided_lanes").value > 0
+    assert_bits_equal(out, torch.ops.ao_awq.fp8_rows(w, False, cs), f"rows cs={cs}")
+
+
 def special_weight(dtype, g):
     """8 rows of 8 groups, each row with values that the forward's fast paths
     must leave to the general code, beside groups they take: 0 plain; 1 a
@@ -490,23 +503,48 @@ def test_emulated_fp8_rows(lib, dtype):
     check_fp8_rows(lib, dtype)
 
 
+def fp8_rows_case(dtype, k, seed):
+    """9 rows of k: random, a zero row, a row with one large value (the
+    others flushed), a NaN row, a +Inf row, a row past the fast bound (fp16:
+    amax 20000 > 16384; else 2^101), a tiny row (fp16: its scale underflows),
+    two random rows of other scales.  k a multiple of 8: the vectorized
+    forward (fast rows and the general code's); else the scalar kernel."""
+    x = torch.randn(9, k, generator=torch.Generator().manual_seed(seed)) * 3
+    f16 = dtype == torch.float16
+    x[1] = 0
+    x[2, 7] = 1e4 if not f16 else 6e4
+    x[3, 5] = float("nan")
+    x[4, k - 1] = float("inf")
+    x[5] *= (2e4 if f16 else 2.0 ** 101) / x[5].abs().max()
+    x[6] *= 1e-30
+    x[7] *= 1e-3
+    x[8] *= 300
+    return x.to(dtype)
+
+
 def check_fp8_rows(lib, dtype):
-    """Forward under both division rules; the backward under CUDA's, the one
-    the GPU runs (the CPU's rule sums in torch's CPU order, see fq_cpu.c)."""
+    """Forward under both division rules, for a length that takes the
+    vectorized kernel and one that does not; the backward under CUDA's, the
+    one the GPU runs (the CPU's rule sums in torch's CPU order, see fq_cpu.c)."""
     for cs in (0, 1):
-        x = (torch.randn(6, 300, generator=torch.Generator().manual_seed(cs)) * 3).to(dtype)
-        x[0] = 0
-        x[1, 7] = 1e4 if dtype != torch.float16 else 6e4
-        out = torch.empty_like(x)
-        check(lib, lib.aoq_cuda_fp8_rows_fwd(ptr(x), ptr(out), 6, 300, DT[dtype], cs, 0, None))
-        assert lib.aoq_emu_last_smem() == staged_bytes(300 * x.element_size())
-        assert_bits_equal(out, torch.ops.ao_awq.fp8_rows(x, False, cs), f"rows {dtype} cs={cs}")
-        g = (torch.randn(6, 300, generator=torch.Generator().manual_seed(5)) * 100).to(dtype)
-        for st in (0, 1) if cs else ():
-            gx = torch.empty_like(x)
-            check(lib, lib.aoq_cuda_fp8_rows_bwd(ptr(g), ptr(x), ptr(gx), 6, 300, DT[dtype], cs, st, 0, None))
-            assert_bits_equal(gx, torch.ops.ao_awq.fp8_rows_backward(g, x, bool(st), cs),
-                              f"rows grad {dtype} cs={cs} st={st}")
+        for k in (300, 304):
+            x = fp8_rows_case(dtype, k, cs)
+            n = x.shape[0]
+            out = torch.empty_like(x)
+            check(lib, lib.aoq_cuda_fp8_rows_fwd(ptr(x), ptr(out), n, k, DT[dtype], cs, 0, None))
+            assert lib.aoq_emu_last_smem() == staged_bytes(k * x.element_size())
+            assert_bits_equal(out, torch.ops.ao_awq.fp8_rows(x, False, cs), f"rows {dtype} k={k} cs={cs}")
+            xu = torch.empty(n * k + 1, dtype=dtype)[1:].view(n, k)  # not 16-byte aligned: the scalar kernel
+            xu.copy_(x)
+            out = torch.empty_like(x)
+            check(lib, lib.aoq_cuda_fp8_rows_fwd(ptr(xu), ptr(out), n, k, DT[dtype], cs, 0, None))
+            assert_bits_equal(out, torch.ops.ao_awq.fp8_rows(x, False, cs), f"rows {dtype} k={k} unaligned")
+            g = (torch.randn(n, k, generator=torch.Generator().manual_seed(5)) * 100).to(dtype)
+            for st in (0, 1) if cs else ():
+                gx = torch.empty_like(x)
+                check(lib, lib.aoq_cuda_fp8_rows_bwd(ptr(g), ptr(x), ptr(gx), n, k, DT[dtype], cs, st, 0, None))
+                assert_bits_equal(gx, torch.ops.ao_awq.fp8_rows_backward(g, x, bool(st), cs),
+                                  f"rows grad {dtype} k={k} cs={cs} st={st}")
 
 
 def row_tail_case(dtype):

@@ -62,7 +62,10 @@ def variant_source(src, path):
                  # the division branch (fp8 rows that divide, or rare lanes near e4m3
                  # midpoints) left out, the check that decides it kept (a select in
                  # place of the branch uses it: ptxas drops a value only an empty asm reads)
-                 ("    if (near) {", "    if (near) t8[0] = 0.f;\n    if (false) {")]
+                 ("  if (near) {  // rare in a reciprocal row",
+                  "  if (near) t8[0] = 0.f;\n  if (false) {  // rare in a reciprocal row")]
+        if subs[-1][0] not in src:  # before fp8_rt_fast (2026-12-03): inside fp8_group
+            subs[-1] = ("    if (near) {", "    if (near) t8[0] = 0.f;\n    if (false) {")
     elif fast:
         return None
     else:  # before them: scheme and awq were kernel arguments

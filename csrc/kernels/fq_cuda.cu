@@ -432,6 +432,23 @@ __device__ __forceinline__ void fp8_round_by_reciprocal(const float *v, float r_
   }
 }
 
+// the fp8 round trip D(e4m3(x / s_row) * s_row) of N values v of a fast row
+// (fp8_group's, fp8_rows_fwd_kernel's), in place: by r_row = 1 / s_row where
+// that rounds alike (fp8_round_by_reciprocal), else by division
+template <int DT, int N>
+__device__ __forceinline__ void fp8_rt_fast(float *v, float s_row, float r_row) {
+  float t8[N];
+  bool near = r_row == 0.f;
+  if (!near) fp8_round_by_reciprocal<DT, N>(v, r_row, t8, &near);
+  if (near) {  // rare in a reciprocal row (a lane's own branch: no shuffles)
+    if (r_row != 0.f) AOQ_COUNT_DIVIDED();
+#pragma unroll
+    for (int e = 0; e < N; e++) t8[e] = aoq_fp8_e4m3_round_fast(fp8_clamp_fast<DT>(v[e] / s_row));
+  }
+#pragma unroll
+  for (int e = 0; e < N; e++) v[e] = round_fast<DT>(t8[e] * s_row);
+}
+
 // one fp8-int4 group: this lane's N values v of the weight -> dequantized y,
 // codes qf (as float, 8 added), the group's scale; W lanes share the group;
 // fast: the row is a fast row, r_row = 1 / s_row where reciprocal_row, else
@@ -441,20 +458,9 @@ __device__ __forceinline__ bool fp8_group(float *v, float s_row, float r_row, bo
                                           float *sc) {
   float m = 0.f;
   if (fast) {
-    float t8[N];
-    bool near = r_row == 0.f;
-    if (!near) fp8_round_by_reciprocal<DT, N>(v, r_row, t8, &near);
-    if (near) {  // rare in a reciprocal row (a lane's own branch: no shuffles)
-      if (r_row != 0.f) AOQ_COUNT_DIVIDED();
+    fp8_rt_fast<DT, N>(v, s_row, r_row);
 #pragma unroll
-      for (int e = 0; e < N; e++)
-        t8[e] = aoq_fp8_e4m3_round_fast(fp8_clamp_fast<DT>(v[e] / s_row));
-    }
-#pragma unroll
-    for (int e = 0; e < N; e++) {
-      v[e] = round_fast<DT>(t8[e] * s_row);
-      m = fmaxf(m, fabsf(v[e]));
-    }
+    for (int e = 0; e < N; e++) m = fmaxf(m, fabsf(v[e]));
     m = warp_max_fast<W>(m);
   } else {
 #pragma unroll
@@ -1223,17 +1229,72 @@ __global__ void __launch_bounds__(TPB) asym_bwd_kernel(const void *__restrict__ 
 // fp8 activation rows
 // ---------------------------------------------------------------------------
 // STAGE: the row, copied to dynamic shared memory by the row max's read, is
-// read from there (each element by the thread that copied it)
-template <int DT, bool STAGE>
+// read from there (each element or chunk by the thread that copied it).
+// VEC: x and out 16-byte aligned and K a multiple of V = 16 bytes of
+// elements: the row in chunks of V (chunk c by thread c mod TPB, one 16-byte
+// load each), its max as row_amax_chunks takes it (fmaxf beside a fmaf(x, 0)
+// sum, the NaN-propagating max again for a thread that saw an Inf or NaN),
+// and a fast row (as the fp8-int4 forward's: amax at most fast_amax, a
+// positive scale) through fp8_rt_fast.  Otherwise element by element, the
+// general code.
+template <int DT, bool VEC, bool STAGE>
 __global__ void __launch_bounds__(TPB) fp8_rows_fwd_kernel(const void *__restrict__ x, void *__restrict__ out,
-                                                           int64_t K, int cs) {
+                                                           int64_t K, int cs, int fast_ok) {
   __shared__ float sh[AOQ_NW];
   extern __shared__ uint4 stage_mem[];
   const int64_t base = (int64_t)blockIdx.x * K;
-  const float s = aoq_fp8_scale_from_amax(row_amax<DT, STAGE>(x, base, K, sh, stage_mem), DT, cs);
-  for (int64_t k = threadIdx.x; k < K; k += TPB)
-    aoq_store(out, base + k, aoq_fp8_rt(STAGE ? aoq_load(stage_mem, k, DT) : aoq_load(x, base + k, DT), s, DT),
-              DT);
+  if (!VEC) {
+    const float s = aoq_fp8_scale_from_amax(row_amax<DT, STAGE>(x, base, K, sh, stage_mem), DT, cs);
+    for (int64_t k = threadIdx.x; k < K; k += TPB)
+      aoq_store(out, base + k, aoq_fp8_rt(STAGE ? aoq_load(stage_mem, k, DT) : aoq_load(x, base + k, DT), s, DT),
+                DT);
+    return;
+  }
+  constexpr int V = 16 / (int)sizeof(typename Elt<DT>::T);
+  const int64_t C = K / V;
+  float a = 0.f, chk = 0.f;
+#pragma unroll 2
+  for (int64_t c = threadIdx.x; c < C; c += TPB) {
+    float v[V];
+    load_chunk<DT, V, true, STAGE>(x, base + c * V, v, stage_mem, c * V);
+#pragma unroll
+    for (int e = 0; e < V; e++) {
+      a = fmaxf(a, fabsf(v[e]));
+      chk = fmaf(v[e], 0.f, chk);
+    }
+  }
+  if (chk != 0.f) {
+    a = 0.f;
+    for (int64_t c = threadIdx.x; c < C; c += TPB) {
+      float v[V];
+      load_chunk<DT, V, true>(x, base + c * V, v);
+#pragma unroll
+      for (int e = 0; e < V; e++) a = nanmax(a, v[e] < 0.f ? -v[e] : v[e]);
+    }
+  }
+  const float a0 = block_max(a, sh);
+  const float s_row = aoq_fp8_scale_from_amax(a0, DT, cs);
+  const bool fast = fast_ok && a0 <= fast_amax<DT>() && s_row > 0.f;  // (false for a NaN)
+  const float r_row = fast && reciprocal_row<DT>(s_row) ? 1.0f / s_row : 0.f;
+#pragma unroll 2
+  for (int64_t c = threadIdx.x; c < C; c += TPB) {
+    float v[V];
+    load_chunk<DT, V, true>(STAGE ? (const void *)stage_mem : x, (STAGE ? 0 : base) + c * V, v);
+    if (fast) {
+      float x0[V];
+#pragma unroll
+      for (int e = 0; e < V; e++) x0[e] = v[e];
+      fp8_rt_fast<DT, V>(v, s_row, r_row);
+      // (its zeros come out +0; torch's have the sign of x, as s_row > 0)
+#pragma unroll
+      for (int e = 0; e < V; e++) v[e] = with_sign_of(v[e], x0[e]);
+      store_chunk_fast<DT, V, true, true>(out, base + c * V, v);
+    } else {
+#pragma unroll
+      for (int e = 0; e < V; e++) v[e] = aoq_fp8_rt(v[e], s_row, DT);
+      store_chunk<DT, V, true>(out, base + c * V, v);
+    }
+  }
 }
 
 // STAGE: shared memory holds the row (K elements) and its gradient before the
@@ -1484,9 +1545,13 @@ extern "C" int aoq_cuda_fp8_rows_fwd(const void *x, void *out, int64_t R, int64_
   if (!guard.ok) return AOQ_ERR_CUDA;
   AOQ_DISPATCH_DT(dt, {
     size_t smem;
-    auto kern = choose<fp8_rows_fwd_kernel<DT, false>, fp8_rows_fwd_kernel<DT, true>>(
-        true, device, (size_t)K * sizeof(typename Elt<DT>::T), &smem);
-    kern<<<(unsigned)R, TPB, smem, (cudaStream_t)stream>>>(x, out, K, cs);
+    const bool vec = aligned16(x) && aligned16(out) && K % (16 / sizeof(typename Elt<DT>::T)) == 0;
+    const size_t bytes = (size_t)K * sizeof(typename Elt<DT>::T);
+    auto kern = vec ? choose<fp8_rows_fwd_kernel<DT, true, false>, fp8_rows_fwd_kernel<DT, true, true>>(
+                          true, device, bytes, &smem)
+                    : choose<fp8_rows_fwd_kernel<DT, false, false>, fp8_rows_fwd_kernel<DT, false, true>>(
+                          true, device, bytes, &smem);
+    kern<<<(unsigned)R, TPB, smem, (cudaStream_t)stream>>>(x, out, K, cs, fast_enabled());
     last_stage_bytes = (int64_t)smem;
   });
   return finish();

@@ -566,7 +566,9 @@ def every_f16_case():
     256 rows of 256: w in order (row r holds the patterns 256r .. 256r+255,
     so most rows span one binade or two and rows 124-127, 252-255 hold Inf
     and NaN), w2 and the gradient G shuffled, NaN and Inf replaced by 0.5 in
-    w2 (rows of every magnitude that the fast paths may take) and kept in G.
+    w2 (rows of every magnitude that the fast paths may take) and kept in G;
+    G2 is G with them replaced by 0.25 (G's rows nearly all hold one, which
+    sends a row's backward to the general code; G2's may take the fast one).
     On a GPU every conversion to and from fp16 is the hardware's (aoq_math.h);
     the emulator and the CPU run the integer code."""
     bits = torch.arange(65536, dtype=torch.int32).to(torch.int16)
@@ -575,14 +577,15 @@ def every_f16_case():
     w2 = bits[perm].view(torch.float16).reshape(256, 256).clone()
     w2[~torch.isfinite(w2)] = 0.5
     G = bits[perm.flip(0)].view(torch.float16).reshape(256, 256).clone()
-    return w, w2, G
+    G2 = torch.where(torch.isfinite(G), G, torch.tensor(0.25, dtype=torch.float16))
+    return w, w2, G, G2
 
 
 def f16_cases(run):
     """run(kind, *args) -> (ours, reference) pairs for every_f16_case's
     tensors, through each fp16 kernel (forward and its codes, scales and
     zeros; backward; the fp8 rows), compared bit for bit (NaN where NaN)."""
-    w, w2, G = every_f16_case()
+    w, w2, G, G2 = every_f16_case()
     n = 0
     for x in (w, w2):
         for scheme in SCH:
@@ -591,13 +594,15 @@ def f16_cases(run):
                 for got, ref, what in run("fwd", x, 64, scheme, awq, cs):
                     assert_bits_equal(got, ref, f"{what} {scheme} awq={awq}")
                     n += 1
-                for st in (0, 1):
-                    got, ref = run("bwd", G, x, 64, scheme, awq, cs, st)
-                    assert_bits_equal(got, ref, f"grad {scheme} awq={awq} st={st}")
-                    n += 1
-        for got, ref, what in run("rows", x, G):
-            assert_bits_equal(got, ref, what)
-            n += 1
+                for gi, gr in enumerate((G, G2)):
+                    for st in (0, 1):
+                        got, ref = run("bwd", gr, x, 64, scheme, awq, cs, st)
+                        assert_bits_equal(got, ref, f"grad {scheme} awq={awq} st={st} G{gi + 1}")
+                        n += 1
+        for gr in (G, G2):
+            for got, ref, what in run("rows", x, gr):
+                assert_bits_equal(got, ref, what)
+                n += 1
     return n
 
 
@@ -624,7 +629,10 @@ def emu_f16_run(lib):
 
 
 def test_emulated_every_f16_value(lib):
-    assert f16_cases(emu_f16_run(lib)) == 2 * (4 * (4 + 2) + 2)
+    bwd_path_counts(lib)
+    assert f16_cases(emu_f16_run(lib)) == 2 * (4 * (4 + 4) + 4)
+    fast, general = bwd_path_counts(lib)
+    assert fast > 1000 and general > 1000, (fast, general)  # both backward paths ran
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -92,10 +92,12 @@ AOQ_HD float aoq_bf16_bits_to_f32(uint16_t h) { return aoq_u2f(((uint32_t)h) << 
  * here takes ten to twenty): the same values for every float and fp16 but
  * NaN (tests/fast_paths.c checks the float-to-fp16 code here against the C
  * compiler's IEEE conversion on all 2^32 floats; fp16 to float is exact),
- * and for a NaN a NaN of other bits (0x7fff, positive).  Nothing depends on
- * a NaN's bits: the GPU's float arithmetic makes NaNs of its own, and the
- * tests, like torch's CPU and GPU results, agree on where the NaNs are, not
- * on their bits.  The emulator and the CPU kernels run the code here. */
+ * and for a NaN a NaN of other bits (fp16 0x7fff, float 0x7fffffff).
+ * Nothing depends on a NaN's bits: the GPU's float arithmetic makes NaNs of
+ * its own, and the tests, like torch's CPU and GPU results, agree on where
+ * the NaNs are, not on their bits.  The bf16 and fp32 kernels use them too,
+ * for AWQ's fp16 scales (aoq_rows.h).  The emulator and the CPU kernels run
+ * the code here. */
 AOQ_HD uint16_t aoq_f32_to_f16_bits(float f) {
 #ifdef __CUDA_ARCH__
   uint16_t h;

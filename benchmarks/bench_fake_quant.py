@@ -130,9 +130,8 @@ def main():
                 ("bwd kernel", bwd, None, None, 3 * nbytes),
             ]
             if dev == "cuda":
-                rows += [("fwd general code", with_env(lambda: ours(w), "AOQ_CUDA_FAST"), None, None, 2 * nbytes)]
-            if dev == "cuda" and scheme != "fp8_rows":  # (the rows' backward has no fast path)
-                rows += [("bwd kernel general code", with_env(bwd, "AOQ_CUDA_FAST"), None, None, 3 * nbytes)]
+                rows += [("fwd general code", with_env(lambda: ours(w), "AOQ_CUDA_FAST"), None, None, 2 * nbytes),
+                         ("bwd kernel general code", with_env(bwd, "AOQ_CUDA_FAST"), None, None, 3 * nbytes)]
             if dev == "cuda" and scheme != "int4_asym":
                 rows += [("fwd unstaged", with_env(lambda: ours(w), "AOQ_CUDA_STAGE"), None, None, 2 * nbytes),
                          ("bwd kernel unstaged", with_env(bwd, "AOQ_CUDA_STAGE"), None, None, 3 * nbytes)]

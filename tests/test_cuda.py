@@ -16,7 +16,7 @@ import torch
 import ao_awq_export as aq
 from ao_awq_export import _C
 from tests.test_cuda_emu import (asym_bwd_edge_case, f16_cases, fp8_bwd_edge_case, fp8_rows_case,
-                                 midpoint_weight, row_tail_case, special_weight, staged_bytes)
+                                 midpoint_weight, row_tail_case, rows_bwd_cases, special_weight, staged_bytes)
 from tests.test_fake_quant import (OPS, assert_bits_equal, check_grads, make_weight, torchao_fq,
                                    zero_torchao_nans)
 
@@ -121,6 +121,17 @@ def test_gpu_fp8_rows_cases(dtype, cs):
         w = midpoint_weight()
         out = torch.ops.ao_awq.fp8_rows(w.cuda(), False, cs)
         assert_bits_equal(out.cpu(), torch.ops.ao_awq.fp8_rows(w, False, cs), "rows midpoints")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gpu_fp8_rows_backward_paths(dtype):
+    """test_cuda_emu's rows_bwd_cases (plain rows, elements at and past each
+    edge of the rows backward's fast domain, zero/NaN/Inf rows) on the GPU,
+    against the CPU kernel under CUDA's division rule."""
+    for name, x, G in rows_bwd_cases(dtype):
+        for st in (False, True):
+            gx = torch.ops.ao_awq.fp8_rows_backward(G.cuda(), x.cuda(), st, 1)
+            assert_bits_equal(gx.cpu(), torch.ops.ao_awq.fp8_rows_backward(G, x, st, 1), f"{name} st={st}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -547,6 +547,42 @@ def check_fp8_rows(lib, dtype):
                                   f"rows grad {dtype} k={k} cs={cs} st={st}")
 
 
+def rows_bwd_cases(dtype):
+    """(name, x, gradient) for the fp8 rows' backward: plain rows (every
+    element on the fast path), fp8_bwd_edge_case's rows (elements at and just
+    past each edge of the fast domain, rows past it; fp16 holds none of the
+    edges but the NaN) and fp8_rows_case's (zero, NaN, Inf rows)."""
+    x = (torch.randn(4, 512, generator=torch.Generator().manual_seed(8)) * 0.05).to(dtype)
+    gx = (torch.randn(4, 512, generator=torch.Generator().manual_seed(9)) * 1e3).to(dtype)
+    gx[0, :9] = torch.tensor([0.0, -0.0] * 4 + [-0.0])
+    cases = [("plain", x, gx)]
+    if dtype != torch.float16:
+        w, G, _ = fp8_bwd_edge_case(dtype, 64, 0)
+        cases.append(("edges", w, G))
+    xr = fp8_rows_case(dtype, 304, 1)
+    cases.append(("special", xr, (torch.randn(xr.shape, generator=torch.Generator().manual_seed(5)) * 100
+                                  ).to(dtype)))
+    return cases
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_emulated_fp8_rows_backward_paths(lib, dtype):
+    """The rows' backward takes its fast path element by element (aoq_div_by
+    for the divisions by the row scale, the fast e4m3 roundings) and its last
+    step's fast form in fast rows: against the CPU kernel (CUDA's division
+    rule, both clamp rules); plain rows all fast, the edge cases both paths."""
+    for name, x, G in rows_bwd_cases(dtype):
+        n, k = x.shape
+        bwd_path_counts(lib)
+        for st in (0, 1):
+            gx = torch.empty_like(x)
+            check(lib, lib.aoq_cuda_fp8_rows_bwd(ptr(G), ptr(x), ptr(gx), n, k, DT[dtype], 1, st, 0, None))
+            assert_bits_equal(gx, torch.ops.ao_awq.fp8_rows_backward(G, x, bool(st), 1),
+                              f"rows grad {name} {dtype} st={st}")
+        fast, general = bwd_path_counts(lib)
+        assert fast > 0 and (general == 0) == (name == "plain"), (name, fast, general)
+
+
 def row_tail_case(dtype):
     """(g, w, gout) for the fp8 row backwards' last step (also test_cuda.py)."""
     g, n, k = 64, 6, 640

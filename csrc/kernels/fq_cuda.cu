@@ -240,6 +240,7 @@ template <int DT, bool STAGE>
 __device__ float row_amax(const void *w, int64_t base, int64_t K, float *sh, void *stage) {
   typedef typename Elt<DT>::T T;
   float a = 0.f;
+#pragma unroll 4
   for (int64_t k = threadIdx.x; k < K; k += TPB) {
     const T raw = reinterpret_cast<const T *>(w)[base + k];  // one load, kept and converted
     if (STAGE) reinterpret_cast<T *>(stage)[k] = raw;
@@ -1297,38 +1298,90 @@ __global__ void __launch_bounds__(TPB) fp8_rows_fwd_kernel(const void *__restric
   }
 }
 
+// one element of an activation row's backward (torchao's autograd through
+// fp8_rows): t = x / s_row; acc_a += gh * e4m3(clamp(t)); gt = e4m3(gh *
+// s_row), 0 outside t's clamp; acc_b += -gt * (t / s_row); returns gt / s_row
+// (to be rounded to D).  FAST: a fast row (s_row in [2^-24, 2^24], amax at most
+// fast_amax) and an element whose x is 0 or at least 2^-40 and whose gh is 0
+// or within [2^-60, 2^40] in magnitude (BwdLaneCheck<-40, -60, 40>, as the
+// fp8-int4 backward's lanes): every quotient by aoq_div_by (x, t and gt / e4m3
+// values 0 or within [2^-64, 2^33]), the e4m3 roundings the fast ones (t
+// saturates by itself, as in the forward; gh * s_row finite, its magnitude
+// clamped and rounded, its sign restored); zeros of e4m3(clamp(t)) may come
+// out +0, which only enters a sum that starts at +0
+template <int DT, bool FAST>
+__device__ __forceinline__ float rows_bwd_elem(float xv, float gh, float s_row, float y_row,
+                                               const InRange<false> &in_t, float &acc_a, float &acc_b) {
+  const float t = FAST ? aoq_div_by(xv, s_row, y_row) : xv / s_row;
+  acc_a += gh * (FAST ? aoq_fp8_e4m3_round_fast(fp8_clamp_fast<DT>(t))
+                      : aoq_fp8_e4m3_round(aoq_clamp(t, -AOQ_FP8_MAX, AOQ_FP8_MAX)));
+  const float v = gh * s_row;
+  float gt = FAST ? with_sign_of(aoq_fp8_e4m3_round_fast(fminf(fabsf(v), AOQ_FP8_MAX)), v) : aoq_fp8_e4m3_round(v);
+  if (!in_t(t)) gt = 0.f;
+  acc_b += -gt * (FAST ? aoq_div_by(t, s_row, y_row) : t / s_row);
+  return FAST ? aoq_div_by(gt, s_row, y_row) : gt / s_row;
+}
+
 // STAGE: shared memory holds the row (K elements) and its gradient before the
-// last step (K more), each element read back by the thread that wrote it
+// last step (K more), each element read back by the thread that wrote it.
+// The sums (acc_a, acc_b) run in the canonical strided order (thread t adds
+// elements t, t + TPB, ... in order: fq_cpu.c's row_sum_strided), whichever
+// path each element takes; fast rows (rows_bwd_elem) take the fast path
+// element by element, and their last step row_fix_fast where `each` is in
+// its range.
 template <int DT, bool STAGE>
 __global__ void __launch_bounds__(TPB) fp8_rows_bwd_kernel(const void *__restrict__ grad,
                                                            const void *__restrict__ x, void *__restrict__ gx,
-                                                           int64_t K, int cs, int st) {
+                                                           int64_t K, int cs, int st, int fast_ok) {
   typedef typename Elt<DT>::T T;
   __shared__ float sh[AOQ_NW];
   __shared__ int shi[AOQ_NW];
   extern __shared__ uint4 stage_mem[];
   T *const xs = reinterpret_cast<T *>(stage_mem), *const gs = xs + K;
-  const int64_t base = (int64_t)blockIdx.x * K;
+  void *const dst = STAGE ? (void *)gs : gx;  // where the first pass writes gt / s_row, rounded
+  const int64_t base = (int64_t)blockIdx.x * K, dbase = STAGE ? 0 : base;
   const float a0 = row_amax<DT, STAGE>(x, base, K, sh, xs);
   const float s_row = aoq_fp8_scale_from_amax(a0, DT, cs);
   if (s_row == 0.f) {
     for (int64_t k = threadIdx.x; k < K; k += TPB) aoq_store(gx, base + k, 0.f, DT);
     return;
   }
+  const bool fast_row = fast_ok && a0 <= fast_amax<DT>() && s_row >= 0x1p-24f && s_row <= 0x1p24f;
+  const float y_row = fast_row ? 1.0f / s_row : 0.f;
+  const InRange<false> in_t(-AOQ_FP8_MAX, AOQ_FP8_MAX, st);  // torch's clamp mask of t
   float acc_a = 0.f, acc_b = 0.f;
   int cnt_row = 0;
-  for (int64_t k = threadIdx.x; k < K; k += TPB) {
-    const float xv = STAGE ? aoq_load(xs, k, DT) : aoq_load(x, base + k, DT), gh = aoq_load(grad, base + k, DT);
-    const float t = xv / s_row;
-    acc_a += gh * aoq_fp8_e4m3_round(aoq_clamp(t, -AOQ_FP8_MAX, AOQ_FP8_MAX));
-    float gt = aoq_fp8_e4m3_round(gh * s_row);
-    if (!aoq_in(t, -AOQ_FP8_MAX, AOQ_FP8_MAX, st)) gt = 0.f;
-    acc_b += -gt * (t / s_row);
-    cnt_row = add_eq(cnt_row, fabsf(xv), a0);
-    if (STAGE)
-      aoq_store(gs, k, gt / s_row, DT);
-    else
-      aoq_store(gx, base + k, gt / s_row, DT);
+  constexpr int U = 4;  // elements per thread whose loads are in flight together (in the sums' order)
+  for (int64_t k0 = threadIdx.x; k0 < K; k0 += U * TPB) {
+    float xv[U], gh[U];
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+      const int64_t k = k0 + u * TPB;
+      xv[u] = gh[u] = 0.f;
+      if (k < K) {
+        xv[u] = STAGE ? aoq_load(xs, k, DT) : aoq_load(x, base + k, DT);
+        gh[u] = aoq_load(grad, base + k, DT);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+      const int64_t k = k0 + u * TPB;
+      if (k >= K) break;
+      BwdLaneCheck<-40, -60, 40> chk;
+      chk.add(xv[u], gh[u]);
+      const bool fast = fast_row && chk.ok();
+      AOQ_COUNT_BWD_PATH(fast);
+      if (fast) {
+        const float q = round_fast<DT>(rows_bwd_elem<DT, true>(xv[u], gh[u], s_row, y_row, in_t, acc_a, acc_b));
+        if (DT == AOQ_BF16)  // (a value of bf16, no NaN: its bits' top half)
+          reinterpret_cast<uint16_t *>(dst)[dbase + k] = (uint16_t)(aoq_f2u(q) >> 16);
+        else
+          aoq_store(dst, dbase + k, q, DT);
+      } else {
+        aoq_store(dst, dbase + k, rows_bwd_elem<DT, false>(xv[u], gh[u], s_row, y_row, in_t, acc_a, acc_b), DT);
+      }
+      cnt_row = add_eq(cnt_row, fabsf(xv[u]), a0);
+    }
   }
   const float sum_a = block_sum(acc_a, sh);
   const float sum_b = block_sum(acc_b, sh);
@@ -1336,14 +1389,15 @@ __global__ void __launch_bounds__(TPB) fp8_rows_bwd_kernel(const void *__restric
   float g_a = aoq_round_to(aoq_div_scalar(aoq_round_to(sum_a + sum_b, DT), AOQ_FP8_MAX, cs), DT);
   if (!aoq_ge(a0, aoq_eps_in(1e-12f, DT), st)) g_a = 0.f;
   const float each = cnt_row ? aoq_round_to(g_a / (float)cnt_row, DT) : 0.f;
-  if (STAGE) {
-    for (int64_t k = threadIdx.x; k < K; k += TPB)
-      aoq_store(gx, base + k, row_fix(aoq_load(gs, k, DT), aoq_load(xs, k, DT), each, a0, DT), DT);
-    return;
+  const float ae = fabsf(each);
+  const bool fix_fast = fast_row && (ae == 0.f || (ae >= 0x1p-100f && ae <= 0x1p100f));
+  if (!STAGE) __syncthreads();  // gx of this row, written above by other threads, is visible
+  const void *const xsrc = STAGE ? (const void *)xs : x;
+  const int64_t xbase = STAGE ? 0 : base;
+  for (int64_t k = threadIdx.x; k < K; k += TPB) {
+    const float ga = aoq_load(dst, dbase + k, DT), xv = aoq_load(xsrc, xbase + k, DT);
+    aoq_store(gx, base + k, fix_fast ? row_fix_fast<DT>(ga, xv, each, a0) : row_fix(ga, xv, each, a0, DT), DT);
   }
-  __syncthreads();  // gx of this row, written above by other threads, is visible
-  for (int64_t k = threadIdx.x; k < K; k += TPB)
-    aoq_store(gx, base + k, row_fix(aoq_load(gx, base + k, DT), aoq_load(x, base + k, DT), each, a0, DT), DT);
 }
 
 // ---------------------------------------------------------------------------
@@ -1566,7 +1620,7 @@ extern "C" int aoq_cuda_fp8_rows_bwd(const void *grad, const void *x, void *gx, 
     size_t smem;
     auto kern = choose<fp8_rows_bwd_kernel<DT, false>, fp8_rows_bwd_kernel<DT, true>>(
         true, device, 2 * (size_t)K * sizeof(typename Elt<DT>::T), &smem);
-    kern<<<(unsigned)R, TPB, smem, (cudaStream_t)stream>>>(grad, x, gx, K, cs, st);
+    kern<<<(unsigned)R, TPB, smem, (cudaStream_t)stream>>>(grad, x, gx, K, cs, st, fast_enabled());
     last_stage_bytes = (int64_t)smem;
   });
   return finish();

@@ -109,7 +109,7 @@ def test_gpu_fp8_rows_cases(dtype, cs):
     """test_cuda_emu's fp8_rows_case (zero, NaN, Inf rows, rows past the
     fast bound; k = 304 the vectorized forward, 300 the scalar one) and the
     e4m3 midpoints, forward and backward, against the CPU ops."""
-    for k in (300, 304):
+    for k in (302, 304):
         x = fp8_rows_case(dtype, k, cs)
         out = torch.ops.ao_awq.fp8_rows(x.cuda(), False, cs)
         assert_bits_equal(out.cpu(), torch.ops.ao_awq.fp8_rows(x, False, cs), f"rows k={k}")

@@ -507,8 +507,9 @@ def fp8_rows_case(dtype, k, seed):
     """9 rows of k: random, a zero row, a row with one large value (the
     others flushed), a NaN row, a +Inf row, a row past the fast bound (fp16:
     amax 20000 > 16384; else 2^101), a tiny row (fp16: its scale underflows),
-    two random rows of other scales.  k a multiple of 8: the vectorized
-    forward (fast rows and the general code's); else the scalar kernel."""
+    two random rows of other scales.  k a multiple of 16 bytes of elements
+    (8 for bf16/fp16, 4 for fp32): the vectorized forward (fast rows and the
+    general code's); else (302) the scalar kernel."""
     x = torch.randn(9, k, generator=torch.Generator().manual_seed(seed)) * 3
     f16 = dtype == torch.float16
     x[1] = 0
@@ -527,7 +528,7 @@ def check_fp8_rows(lib, dtype):
     vectorized kernel and one that does not; the backward under CUDA's, the
     one the GPU runs (the CPU's rule sums in torch's CPU order, see fq_cpu.c)."""
     for cs in (0, 1):
-        for k in (300, 304):
+        for k in (302, 304):
             x = fp8_rows_case(dtype, k, cs)
             n = x.shape[0]
             out = torch.empty_like(x)
@@ -559,6 +560,17 @@ def rows_bwd_cases(dtype):
     if dtype != torch.float16:
         w, G, _ = fp8_bwd_edge_case(dtype, 64, 0)
         cases.append(("edges", w, G))
+    if dtype != torch.float16:
+        # x below the element domain (2^-40) in a fast row, where aoq_div_by
+        # (x / s_row) would be wrong: found by an independent review, these
+        # rows fail if every element of a fast row takes the fast path
+        xt, gt = torch.zeros(2, 256), torch.zeros(2, 256)
+        xt[0, :2] = torch.tensor([float.fromhex("0x1.d09eecp-16"), float.fromhex("0x1.b021p-133")])
+        gt[0, 1] = float.fromhex("0x1.edaf2cp+21")
+        xt[1, :3] = torch.tensor([float.fromhex("0x1.88p-12"), float.fromhex("0x1.3p-126"),
+                                  float.fromhex("0x1.4ap-125")])
+        gt[1, 1:3] = torch.tensor([float.fromhex("0x1.6ep+23"), float.fromhex("0x1.6ep+18")])
+        cases.append(("tiny x", xt.to(dtype), gt.to(dtype)))
     xr = fp8_rows_case(dtype, 304, 1)
     cases.append(("special", xr, (torch.randn(xr.shape, generator=torch.Generator().manual_seed(5)) * 100
                                   ).to(dtype)))

@@ -24,6 +24,7 @@ site-packages/nvidia/cu13/bin).
 
     python tools/sass_count.py [--rev GITREV] [--dtype 2] [--e 4]
     python tools/sass_count.py --backward [--dtype 2] [--e 4]   (seconds)
+    python tools/sass_count.py --rows [--dtype 2]               (the fp8 activation rows)
 """
 import argparse
 import collections
@@ -289,6 +290,101 @@ def backward(src, args, nvcc, env):
                         print(f"| {scheme} {mode} | {e} | {path} | {counts_row(ops, chunks * e)}", flush=True)
 
 
+# The fp8 activation rows (fake_quant_fp8_rows): the forward's step (one
+# 16-byte chunk, fast or general), the backward's first pass on one element
+# (fast: with its element check) and its last step, each in a kernel of its
+# own; per element, kernel overhead (indexing, the parameters, the accumulator
+# stores) included: about 15-20 per kernel, the same on both paths.
+ROWS_KERNELS = """
+template <int DT, bool FAST>
+__global__ void aoq_measure_rows_fwd(const void *__restrict__ x, void *__restrict__ out, float s_row,
+                                     float r_row) {
+  constexpr int V = 16 / (int)sizeof(typename Elt<DT>::T);
+  const int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  float v[V];
+  load_chunk<DT, V, true>(x, c * V, v);
+  if (FAST) {
+    float x0[V];
+    for (int e = 0; e < V; e++) x0[e] = v[e];
+    fp8_rt_fast<DT, V>(v, s_row, r_row);
+    for (int e = 0; e < V; e++) v[e] = with_sign_of(v[e], x0[e]);
+    store_chunk_fast<DT, V, true, true>(out, c * V, v);
+  } else {
+    for (int e = 0; e < V; e++) v[e] = aoq_fp8_rt(v[e], s_row, DT);
+    store_chunk<DT, V, true>(out, c * V, v);
+  }
+}
+template <int DT, bool FAST>
+__global__ void aoq_measure_rows_bwd(const void *__restrict__ x, const void *__restrict__ grad,
+                                     void *__restrict__ out, float s_row, float y_row, int st, float *accs) {
+  const int64_t k = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  const InRange<false> in_t(-AOQ_FP8_MAX, AOQ_FP8_MAX, st);
+  float acc_a = 0.f, acc_b = 0.f;
+  const float xv = aoq_load(x, k, DT), gh = aoq_load(grad, k, DT);
+  if (FAST) {
+    BwdLaneCheck<-40, -60, 40> chk;
+    chk.add(xv, gh);
+    if (chk.ok()) {
+      const float q = round_fast<DT>(rows_bwd_elem<DT, true>(xv, gh, s_row, y_row, in_t, acc_a, acc_b));
+      if (DT == AOQ_BF16)
+        reinterpret_cast<uint16_t *>(out)[k] = (uint16_t)(aoq_f2u(q) >> 16);
+      else
+        aoq_store(out, k, q, DT);
+    }
+  } else {
+    aoq_store(out, k, rows_bwd_elem<DT, false>(xv, gh, s_row, y_row, in_t, acc_a, acc_b), DT);
+  }
+  accs[2 * k] = acc_a;
+  accs[2 * k + 1] = acc_b;
+}
+template <int DT, bool FAST>
+__global__ void aoq_measure_rows_fix(const void *__restrict__ x, void *__restrict__ out, float each, float a0) {
+  const int64_t k = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  const float ga = aoq_load(out, k, DT), xv = aoq_load(x, k, DT);
+  aoq_store(out, k, FAST ? row_fix_fast<DT>(ga, xv, each, a0) : row_fix(ga, xv, each, a0, DT), DT);
+}
+"""
+
+
+def rows(src, args, nvcc, env):
+    """Instructions per element of the fp8 activation rows' kernels (working tree)."""
+    if "rows_bwd_elem" not in src:
+        raise SystemExit("sass_count --rows: no rows_bwd_elem in this fq_cuda.cu")
+    body = src[:src.index("}  // namespace\n")].replace(
+        "  if (near) {  // rare in a reciprocal row", "  if (near) t8[0] = 0.f;\n  if (false) {  // rare in a reciprocal row")
+    d = args.dtype
+    inst = []
+    for fast in ("true", "false"):
+        inst += [f"template __global__ void aoq_measure_rows_fwd<{d}, {fast}>(const void *, void *, float, float);",
+                 f"template __global__ void aoq_measure_rows_bwd<{d}, {fast}>(const void *, const void *, void *, "
+                 "float, float, int, float *);",
+                 f"template __global__ void aoq_measure_rows_fix<{d}, {fast}>(const void *, void *, float, float);"]
+    print(f"# fq_cuda.cu working tree: fp8 activation rows, sm_90, dtype {d}; instructions per element, each part "
+          "in a kernel of its own (its overhead, about 15-20 per kernel, included; the forward's per 16-byte chunk)")
+    print("| part | path | total | alu | fma | xu | other |")
+    print("|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        cu = os.path.join(tmp, "rows.cu")
+        with open(cu, "w") as f:
+            f.write(body + ROWS_KERNELS + "\n".join(inst) + "\n}  // namespace\n")
+        cubin = cu + ".cubin"
+        r = subprocess.run([nvcc, "-cubin", "-o", cubin, cu, "-O3", "--fmad=false", "-std=c++17", "-DAOQ_WITH_CUDA=1",
+                            "-I" + os.path.join(ROOT, "csrc"), "-I" + os.path.join(ROOT, "csrc", "kernels"),
+                            "-arch=sm_90", "-diag-suppress", "128,177"], env=env, capture_output=True, text=True)
+        if r.returncode:
+            raise SystemExit(f"nvcc failed on the rows kernels:\n{r.stderr[-3000:]}")
+        fns = functions(subprocess.run(["cuobjdump", "-sass", cubin], check=True, capture_output=True, text=True,
+                                       env=env).stdout)
+        v = 16 // (4 if d == 0 else 2)
+        for part, kern, per in (("forward (a chunk)", "aoq_measure_rows_fwd", v),
+                                ("backward, first pass", "aoq_measure_rows_bwd", 1),
+                                ("backward, last step", "aoq_measure_rows_fix", 1)):
+            for fast in ("true", "false"):
+                name = next(k for k in fns if f"{kern}<{d}, {fast}>" in k)
+                ops = loop_counts(fns[name], whole=True)
+                print(f"| {part} | {'fast' if fast == 'true' else 'general'} | {counts_row(ops, per)}", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rev", help="git revision of fq_cuda.cu to measure (default: the working tree)")
@@ -299,9 +395,16 @@ def main():
     ap.add_argument("--backward", action="store_true", help="the backward kernels' group bodies instead (working "
                     "tree only)")
     ap.add_argument("--dump", help="with --backward: write each kernel's SASS to this folder")
+    ap.add_argument("--rows", action="store_true", help="the fp8 activation rows' kernels instead (working tree "
+                    "only)")
     args = ap.parse_args()
     nvcc = os.environ.get("NVCC", "/usr/local/cuda/bin/nvcc")
     env = dict(os.environ, PATH=find_tool("cuobjdump") + os.pathsep + os.environ.get("PATH", ""))
+    if args.rows:
+        if args.rev:
+            raise SystemExit("--rows measures the working tree only")
+        rows(open(os.path.join(ROOT, "csrc", "kernels", "fq_cuda.cu")).read(), args, nvcc, env)
+        return
     if args.backward:
         if args.rev:
             raise SystemExit("--backward measures the working tree only")

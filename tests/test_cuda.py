@@ -17,8 +17,8 @@ import ao_awq_export as aq
 from ao_awq_export import _C
 from tests.test_cuda_emu import (asym_bwd_edge_case, f16_cases, fp8_bwd_edge_case, fp8_rows_case,
                                  midpoint_weight, row_tail_case, rows_bwd_cases, special_weight, staged_bytes)
-from tests.test_fake_quant import (OPS, assert_bits_equal, check_grads, make_weight, torchao_fq,
-                                   zero_torchao_nans)
+from tests.test_fake_quant import (OPS, Float8FakeQuantizeConfig, Float8FakeQuantizer, PerRow, assert_bits_equal,
+                                   bits, check_grads, make_weight, torchao_fq, zero_torchao_nans)
 
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and _C.built_with_cuda()),
                                 reason="needs a CUDA GPU and a CUDA build of ao_awq_export")
@@ -132,6 +132,34 @@ def test_gpu_fp8_rows_backward_paths(dtype):
         for st in (False, True):
             gx = torch.ops.ao_awq.fp8_rows_backward(G.cuda(), x.cuda(), st, 1)
             assert_bits_equal(gx.cpu(), torch.ops.ao_awq.fp8_rows_backward(G, x, st, 1), f"{name} st={st}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gpu_fp8_rows_match_torchao_on_gpu(dtype):
+    """fake_quant_fp8_rows against torchao's Float8FakeQuantizer (PerRow) run
+    on the same GPU: the forward bit for bit (but torchao's all-zero row,
+    0/0 = NaN, ours zeros), rows of 1024 (the vectorized kernel) and 1000
+    (the scalar one); the gradient through torchao's autograd on the GPU bit
+    for bit but at each row's extremes (whose share of the row max's
+    gradient is a sum, in torch's GPU order there)."""
+    fq = Float8FakeQuantizer(Float8FakeQuantizeConfig(torch.float8_e4m3fn, PerRow()))
+    for k in (1024, 1000):
+        gen = torch.Generator().manual_seed(k)
+        x = (torch.randn(64, k, generator=gen) * 4).to(dtype).cuda()
+        x[0] = 0.0
+        g = ((torch.randn(64, k, generator=gen) * 100).to(dtype)).cuda()
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ours, theirs = aq.fake_quant_fp8_rows(x1), fq(x2)
+        assert theirs[0].isnan().all() and bool((ours[0] == 0).all())
+        keep = ~theirs.isnan()
+        assert torch.equal(bits(ours)[keep], bits(theirs)[keep]), f"forward {dtype} k={k}"
+        ours.backward(g)
+        theirs.backward(g)
+        fin = torch.isfinite(x2.grad).all(-1)
+        assert int(fin.sum()) >= 32
+        ext = x.abs() == x.abs().amax(-1, keepdim=True)
+        m = fin.unsqueeze(-1) & ~ext
+        assert torch.equal(bits(x1.grad)[m], bits(x2.grad)[m]), f"grad {dtype} k={k}"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

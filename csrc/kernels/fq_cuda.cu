@@ -655,6 +655,13 @@ __device__ __forceinline__ float with_sign_of(float r, float x) {
 #endif
 }
 
+// aoq_fp8_e4m3_round(v) for a finite v: its magnitude clamped to 448 and
+// rounded (the rounding is odd-symmetric: one clamp, not two), v's sign
+// restored (a zero's too)
+__device__ __forceinline__ float e4m3_round_finite(float v) {
+  return with_sign_of(aoq_fp8_e4m3_round_fast(fminf(fabsf(v), AOQ_FP8_MAX)), v);
+}
+
 // aoq_in(x, lo, hi, st) as one compare of a magnitude, |x - c| <= h, with the
 // bounds made inclusive once (st: x > lo && x < hi).  INT: x is an integer,
 // +-Inf or NaN (the codes): c the bounds' midpoint, h half their distance,
@@ -745,9 +752,7 @@ __device__ __forceinline__ void fp8_bwd_tail(const float *x, const float *t, con
     acc_a += gh * f8[e];
     float gt;
     if (FIN && DT != AOQ_F16) {
-      const float v = gh * s_row;  // finite: e4m3 saturates as the clamp does, a zero keeps its sign
-      // (the rounding is odd-symmetric: |v| clamped, rounded, given v's sign)
-      gt = with_sign_of(aoq_fp8_e4m3_round_fast(fminf(fabsf(v), AOQ_FP8_MAX)), v);
+      gt = e4m3_round_finite(gh * s_row);  // (finite here: e4m3 saturates as the clamp does)
     } else {
       gt = aoq_fp8_e4m3_round(gh * s_row);
     }
@@ -1316,7 +1321,7 @@ __device__ __forceinline__ float rows_bwd_elem(float xv, float gh, float s_row, 
   acc_a += gh * (FAST ? aoq_fp8_e4m3_round_fast(fp8_clamp_fast<DT>(t))
                       : aoq_fp8_e4m3_round(aoq_clamp(t, -AOQ_FP8_MAX, AOQ_FP8_MAX)));
   const float v = gh * s_row;
-  float gt = FAST ? with_sign_of(aoq_fp8_e4m3_round_fast(fminf(fabsf(v), AOQ_FP8_MAX)), v) : aoq_fp8_e4m3_round(v);
+  float gt = FAST ? e4m3_round_finite(v) : aoq_fp8_e4m3_round(v);
   if (!in_t(t)) gt = 0.f;
   acc_b += -gt * (FAST ? aoq_div_by(t, s_row, y_row) : t / s_row);
   return FAST ? aoq_div_by(gt, s_row, y_row) : gt / s_row;

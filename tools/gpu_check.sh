@@ -99,19 +99,22 @@ python3 -c "import torch, torchao; print('torch', torch.__version__, 'cuda', tor
 MEMCHECK_K="(equal_cpu and bfloat16 and (32 or 256)) or fp8_rows or row_tail or unstaged or pack or capture or special_rows or (domain_edges and bfloat16) or every_f16"
 RACECHECK_K="(equal_cpu and float32 and 128) or row_tail or (equal_cpu and fp8_int4 and bfloat16 and 64)"
 PYTEST=(python3 -m pytest tests/test_cuda.py -q -x -p no:cacheprovider)
+# the GPU tests without -x: a scarce GPU session should report every failure
 do_test() {
   fits tests 60 || return 0
-  run_pytest tests timeout "$(left 590)" "${PYTEST[@]}" "${JOBS[@]}"
+  run_pytest tests timeout "$(left 590)" python3 -m pytest tests/test_cuda.py -q -p no:cacheprovider -rfE "${JOBS[@]}"
 }
 # memcheck runs in one process unless AOQ_GPU_SAN_JOBS asks for more
 # (compute-sanitizer then follows pytest-xdist's worker processes too)
 do_memcheck() {
   fits memcheck 60 || return 0
   echo "== memcheck"
-  local jobs=()
-  [ -n "${AOQ_GPU_SAN_JOBS:-}" ] && [ ${#JOBS[@]} -gt 0 ] && jobs=(-n "$AOQ_GPU_SAN_JOBS")
+  local jobs=() follow=()
+  if [ -n "${AOQ_GPU_SAN_JOBS:-}" ] && [ ${#JOBS[@]} -gt 0 ]; then
+    jobs=(-n "$AOQ_GPU_SAN_JOBS") follow=(--target-processes all)
+  fi
   TAIL=4 run_pytest memcheck timeout "$(left "${1:-290}")" compute-sanitizer --tool memcheck --error-exitcode 9 \
-    --target-processes all "${PYTEST[@]}" "${jobs[@]}" -k "$MEMCHECK_K"
+    "${follow[@]}" "${PYTEST[@]}" "${jobs[@]}" -k "$MEMCHECK_K"
 }
 do_racecheck() {
   fits racecheck 45 || return 0

@@ -52,8 +52,15 @@ def main(argv=None) -> int:
         try:
             model = load_for_export(args.checkpoint, args.hf_config,
                                     allow_pickle=args.allow_pickle)
-        except (ValueError, OSError, TypeError, ImportError):
-            raise  # already worded (missing file, missing tensors, ...)
+        except OSError as e:
+            if e.filename is not None:
+                raise  # already worded, with its path (a missing file, ...)
+            why = f"{type(e).__name__}: {e}"  # a bare errno from torch.load: a truncated file
+            print(f"error: {args.checkpoint}: cannot read the checkpoint (not a complete "
+                  f"torch.save file?): {why[:200]}", file=sys.stderr)
+            return 1
+        except (ValueError, TypeError, ImportError):
+            raise  # already worded (missing tensors, ...)
         except Exception as e:  # noqa: BLE001  (whatever a corrupt file makes torch.load raise)
             import pickle
 

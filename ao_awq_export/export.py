@@ -34,6 +34,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import uuid
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
@@ -420,6 +421,51 @@ def _check_linear_tensors(name: str, mod: nn.Linear):
             raise TypeError(f"{pfx}bias: dtype {b.dtype} is not a real floating-point type")
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model a wrapper holds: torch.compile's OptimizedModule
+    (`_orig_mod`), nn.DataParallel and DistributedDataParallel (`module`),
+    however nested.  Their state_dict keys carry the wrapper's prefix
+    (`_orig_mod.`, `module.`), which no consumer expects: a checkpoint
+    written under them loads into a fresh model as random weights."""
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+    try:
+        from torch._dynamo.eval_frame import OptimizedModule
+    except ImportError:  # pragma: no cover
+        OptimizedModule = ()
+    while True:
+        if isinstance(model, OptimizedModule) and isinstance(getattr(model, "_orig_mod", None),
+                                                             nn.Module):
+            model = model._orig_mod
+        elif isinstance(model, (DataParallel, DistributedDataParallel)):
+            model = model.module
+        else:
+            return model
+
+
+def _is_hf_model(model: nn.Module) -> bool:
+    """Whether `model` is a transformers PreTrainedModel (without importing
+    transformers where nothing has)."""
+    tf = sys.modules.get("transformers")
+    cls = getattr(tf, "PreTrainedModel", None) if tf is not None else None
+    return isinstance(cls, type) and isinstance(model, cls)
+
+
+def _check_parametrizations(model: nn.Module):
+    """Reparametrized weights (torch.nn.utils.parametrize: weight_norm,
+    spectral_norm, pruning masks) are stored as `parametrizations.<name>.
+    original*` and computed at each forward: neither a quantized layer nor a
+    consumer can use them as they are."""
+    from torch.nn.utils import parametrize
+    for name, mod in model.named_modules():
+        if parametrize.is_parametrized(mod):
+            which = ", ".join(sorted(mod.parametrizations.keys()))
+            raise ValueError(f"{name or '<model>'}: {which} is reparametrized "
+                             "(torch.nn.utils.parametrize: weight_norm, spectral_norm, pruning, "
+                             "...); make it a plain tensor first with "
+                             f"torch.nn.utils.parametrize.remove_parametrizations(module, "
+                             f"{sorted(mod.parametrizations.keys())[0]!r})")
+
+
 def _classify(model: nn.Module, modules_to_not_convert, scheme, mode, group_size):
     """Returns (quant: {module name: spec dict}, fp16_linears: [names])."""
     patterns = _patterns(modules_to_not_convert)
@@ -665,13 +711,25 @@ def _scaled_act_items(model, model_type, have):
 
 def _plan(model, quant, report, strict, threshold, verify, tie_ok, model_type=None, tied=None):
     """The items to write, in state-dict order.  tied: receives the keys left
-    out because they share storage with an earlier one."""
+    out because they share storage with another one (an earlier one, or an
+    embedding's weight, which is the one kept)."""
     sd = model.state_dict(keep_vars=True)
     owner = {}
     for qn in quant:
         owner[f"{qn}.weight" if qn else "weight"] = qn
         owner[f"{qn}.bias" if qn else "bias"] = qn
-    items, done, seen = [], set(), {}
+    missing = [qn or "<model>" for qn in quant if (f"{qn}.weight" if qn else "weight") not in sd]
+    if missing:
+        # a Linear whose weight is not in state_dict under its own name
+        # (weight_norm's weight_g / weight_v, a hook-computed weight)
+        raise ValueError(f"{', '.join(missing[:5])}: the Linear's weight is not in the model's "
+                         "state_dict as <name>.weight (reparametrized, e.g. by "
+                         "torch.nn.utils.weight_norm?); make it a plain parameter first")
+    # of tied tensors the embedding's key is the one written (SPEC 5: write
+    # embed_tokens.weight once), whichever comes first in state_dict
+    emb_keys = {f"{n}.weight" if n else "weight" for n, m in model.named_modules(remove_duplicate=False)
+                if isinstance(m, nn.Embedding)}
+    items, done, seen, pos = [], set(), {}, {}
     for key, t in sd.items():
         if key in owner:
             qn = owner[key]
@@ -689,11 +747,20 @@ def _plan(model, quant, report, strict, threshold, verify, tie_ok, model_type=No
             raise ValueError(f"{key}: tensor is on the meta device (not materialized)")
         sk = _storage_key(t)
         if sk in seen and tie_ok:
-            log.info("%s is tied to %s: written once", key, seen[sk])
+            kept = seen[sk]
+            if key in emb_keys and kept not in emb_keys:
+                # the embedding replaces the twin written so far (lm_head first)
+                log.info("%s is tied to %s: written once", kept, key)
+                items[pos[sk]] = _plain_item(key, t)
+                seen[sk] = key
+                if tied is not None:
+                    tied.append(kept)
+                continue
+            log.info("%s is tied to %s: written once", key, kept)
             if tied is not None:
                 tied.append(key)
             continue
-        seen.setdefault(sk, key)
+        seen[sk], pos[sk] = key, len(items)
         items.append(_plain_item(key, t))
     return items + _scaled_act_items(model, model_type, sd)
 
@@ -921,10 +988,18 @@ def check_out_dir(out_dir) -> str:
 
 
 def _prepare_out_dir(out_dir: str):
-    """(out_dir, temporary directory beside it, parent directories created
-    here, deepest first: removed again if the export fails)."""
+    """(out_dir, temporary directory, parent directories created here,
+    deepest first: removed again if the export fails, inside).  The
+    temporary directory is made beside out_dir and renamed into place at the
+    end; where that rename cannot work, because out_dir is an existing
+    (empty) mount point or on another file system than its parent, or the
+    parent is not writable, it is made inside out_dir (`inside`) and its
+    files are moved up one by one (_move_into)."""
     out_dir = check_out_dir(out_dir)
     parent = os.path.dirname(out_dir)
+    exists = os.path.isdir(out_dir)
+    if exists and (os.path.ismount(out_dir) or os.stat(out_dir).st_dev != os.stat(parent).st_dev):
+        return out_dir, _make_tmp(out_dir, ".tmp-", "out_dir", out_dir, []), [], True
     created = []
     p = parent
     while not os.path.lexists(p) and os.path.dirname(p) != p:
@@ -937,19 +1012,54 @@ def _prepare_out_dir(out_dir: str):
         raise type(e)(e.errno, f"cannot create the parent directory of out_dir: {e.strerror}",
                       parent) from None
     base = os.path.basename(out_dir)
+    try:
+        return (out_dir, _make_tmp(parent, f".{base[:100]}.tmp-", "the parent directory of out_dir",
+                                   parent, created), created, False)
+    except PermissionError:
+        if not exists:
+            raise
+    # an empty out_dir in a parent we may not write in
+    return out_dir, _make_tmp(out_dir, ".tmp-", "out_dir", out_dir, []), [], True
+
+
+def _make_tmp(where, prefix, what, label, created):
     for _ in range(100):
-        tmp = os.path.join(parent, f".{base[:100]}.tmp-{uuid.uuid4().hex[:12]}")
+        tmp = os.path.join(where, f"{prefix}{uuid.uuid4().hex[:12]}")
         try:
             os.mkdir(tmp, 0o777)
-            return out_dir, tmp, created
+            return tmp
         except FileExistsError:
             continue
-        except OSError as e:
+        except OSError as e:  # (a PermissionError stays one)
             _remove_empty_dirs(created)
-            raise type(e)(e.errno, f"cannot write in the parent directory of out_dir: "
-                          f"{e.strerror}", parent) from None
+            raise type(e)(e.errno, f"cannot write in {what}: {e.strerror}", label) from None
     _remove_empty_dirs(created)
-    raise FileExistsError(_errno.EEXIST, "cannot create a temporary directory", parent)
+    raise FileExistsError(_errno.EEXIST, "cannot create a temporary directory", label)
+
+
+def _move_into(tmp, out_dir, files):
+    """The finished files from tmp (inside out_dir) moved up into out_dir,
+    config.json last (a loader looks for it first); if a move fails, those
+    already moved are removed again, so out_dir is left empty."""
+    order = [f for f in files if f != "config.json"] + [f for f in files if f == "config.json"]
+    moved = []
+    try:
+        for f in order:
+            dst = os.path.join(out_dir, f)
+            if os.path.lexists(dst):  # something else wrote there meanwhile
+                raise FileExistsError(_errno.EEXIST, "out_dir is no longer empty", dst)
+            os.rename(os.path.join(tmp, f), dst)
+            moved.append(dst)
+        os.rmdir(tmp)
+    except OSError as e:
+        for dst in moved:
+            try:
+                os.unlink(dst)
+            except OSError:
+                pass
+        raise type(e)(e.errno, f"cannot move the finished export into place: {e.strerror}",
+                      e.filename or out_dir) from None
+    _fsync_dir(out_dir)
 
 
 def _remove_empty_dirs(dirs):
@@ -988,6 +1098,10 @@ def export_awq(model: nn.Module, out_dir, *, scheme: str = "int4_asym", mode: st
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if sys.byteorder != "little":
+        raise RuntimeError("export_awq writes tensors' bytes as they are in memory, and "
+                           "safetensors files are little-endian: this host is big-endian")
+    model = unwrap_model(model)
     _check_scheme_mode(scheme, mode)
     _check_group_size(group_size, AWQ_GROUP_SIZES, " for an AWQ checkpoint")
     limit = parse_size(max_shard_size)
@@ -995,6 +1109,7 @@ def export_awq(model: nn.Module, out_dir, *, scheme: str = "int4_asym", mode: st
         raise ValueError(f"sqnr_threshold must be a number of dB, got {sqnr_threshold!r}")
     check_out_dir(out_dir)
     modules_to_not_convert = _patterns(modules_to_not_convert)
+    _check_parametrizations(model)
     quant, fp16_linears = _classify(model, modules_to_not_convert, scheme, mode, group_size)
     if not quant and not any(k.rpartition(".")[2] == "qweight" for k in model.state_dict()):
         raise ValueError("the model has no Linear layer to quantize (none outside lm_head and "
@@ -1006,7 +1121,7 @@ def export_awq(model: nn.Module, out_dir, *, scheme: str = "int4_asym", mode: st
     G = next(iter(quant.values()))["group_size"] if quant else group_size
     _check_converted_group_size(model, G, bool(quant))
 
-    out_dir, tmp, created = _prepare_out_dir(out_dir)
+    out_dir, tmp, created, inside = _prepare_out_dir(out_dir)
     report = ExportReport(out_dir=out_dir, group_size=G,
                           modules_to_not_convert=fp16_linears or None)
     handle = None
@@ -1071,6 +1186,10 @@ def export_awq(model: nn.Module, out_dir, *, scheme: str = "int4_asym", mode: st
         conf = dict(cfg or {})
         conf.pop("quantization_config", None)
         conf["torch_dtype"] = "float16"
+        if cfg is not None and not conf.get("architectures") and _is_hf_model(model):
+            # a model built from its config (from_config, Cls(cfg)) has none;
+            # save_pretrained names its class, and vLLM picks the model by it
+            conf["architectures"] = [type(model).__name__]
         if "tie_word_embeddings" not in conf and any(
                 k.rpartition(".")[0].rpartition(".")[2] == "lm_head" for k in tied):
             # lm_head.weight was left out as the embedding's twin: say so, or a
@@ -1088,11 +1207,14 @@ def export_awq(model: nn.Module, out_dir, *, scheme: str = "int4_asym", mode: st
             _write_bytes(os.path.join(tmp, "generation_config.json"), gen)
             report.files.append("generation_config.json")
         _fsync_dir(tmp)
-        try:
-            os.rename(tmp, out_dir)
-        except OSError as e:
-            raise type(e)(e.errno, f"cannot move the finished export into place: {e.strerror}",
-                          out_dir) from None
+        if inside:
+            _move_into(tmp, out_dir, report.files)
+        else:
+            try:
+                os.rename(tmp, out_dir)
+            except OSError as e:
+                raise type(e)(e.errno, f"cannot move the finished export into place: "
+                              f"{e.strerror}", out_dir) from None
         tmp = None
         _fsync_dir(os.path.dirname(out_dir))
     except BaseException:

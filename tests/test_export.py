@@ -22,12 +22,14 @@ import struct
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 import ao_awq_export
 from ao_awq_export import _C, export as ex
@@ -423,6 +425,21 @@ def test_non_writable_parent(tmp_path):
             """, prefix=prefix)
         assert "PermissionError" in r.stdout and "parent directory" in r.stdout, r.stdout + r.stderr
         assert os.listdir(ro) == []
+        # an empty, writable out_dir in that parent: written from inside it
+        os.chmod(ro, 0o755)
+        (ro / "vol").mkdir(mode=0o777)
+        os.chmod(ro / "vol", 0o777)
+        os.chmod(ro, 0o555)
+        r = _run(f"""
+            import torch.nn as nn
+            from ao_awq_export.export import export_awq
+            export_awq(nn.Sequential(nn.Linear(64, 16)), {str(ro / 'vol')!r}, group_size=32,
+                       progress=False)
+            print("ok")
+            """, prefix=prefix)
+        assert r.stdout.strip() == "ok", r.stdout + r.stderr
+        assert sorted(os.listdir(ro / "vol")) == ["config.json", "model.safetensors"]
+        assert os.listdir(ro) == ["vol"]
     finally:
         os.chmod(ro, 0o755)
 
@@ -1152,8 +1169,12 @@ def test_argument_types_and_configs(tmp_path):
 def test_cli_unreadable_checkpoints(tmp_path):
     torch.save(nn.Linear(2, 2).state_dict(), tmp_path / "sd.pt")
     data = (tmp_path / "sd.pt").read_bytes()
+    torch.save(nn.Linear(256, 256).state_dict(), tmp_path / "big.pt")
+    big = (tmp_path / "big.pt").read_bytes()
     files = {"empty.pt": b"", "trunc.pt": data[: len(data) // 2],
-             "garbage.pt": b"\x80\x04not a checkpoint" * 8}
+             "garbage.pt": b"\x80\x04not a checkpoint" * 8,
+             # torch.load raises a bare OSError (EINVAL, no file name) on these
+             "trunc5k.pt": big[:5000], "trunc20k.pt": big[:20000]}
     env = dict(os.environ, PYTHONPATH=REPO)
     for name, content in files.items():
         (tmp_path / name).write_bytes(content)
@@ -1180,3 +1201,131 @@ def test_finiteness_check_in_slices():
         w = torch.zeros(n, 2, dtype=torch.float16)
         w[i, 1] = float("inf")
         assert not ex._all_finite(w[:, 1]) and ex._all_finite(w[:, 0])  # strided views
+
+
+def test_wrapped_models_export_under_their_own_names(tmp_path):
+    """torch.compile's OptimizedModule and nn.DataParallel prefix every
+    state_dict key (`_orig_mod.`, `module.`): the export writes the wrapped
+    model's names and config, so a loader finds its weights."""
+    _need("transformers")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128,
+                                     num_hidden_layers=1, num_attention_heads=2,
+                                     num_key_value_heads=2))
+    export_awq(m, str(tmp_path / "plain"), group_size=32, progress=False)
+    want = load_file(str(tmp_path / "plain" / "model.safetensors"))
+    conf = json.load(open(tmp_path / "plain" / "config.json"))
+    for i, w in enumerate([torch.compile(m), nn.DataParallel(m), torch.compile(nn.DataParallel(m))]):
+        out = tmp_path / f"w{i}"
+        export_awq(w, str(out), group_size=32, progress=False)
+        got = load_file(str(out / "model.safetensors"))
+        assert sorted(got) == sorted(want), type(w).__name__
+        assert all(torch.equal(got[k], want[k]) for k in want)
+        assert json.load(open(out / "config.json")) == conf
+
+
+def test_architectures_named_for_models_built_from_a_config(tmp_path):
+    """A model built from its config has config.architectures None; vLLM picks
+    the model class by that field, so the export names the class, as
+    save_pretrained does."""
+    _need("transformers")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2)
+    m = LlamaForCausalLM(cfg)
+    assert not m.config.architectures
+    export_awq(m, str(tmp_path / "o"), group_size=32, progress=False)
+    assert json.load(open(tmp_path / "o" / "config.json"))["architectures"] == ["LlamaForCausalLM"]
+    m.config.architectures = ["SomethingElse"]  # one that is set is kept
+    export_awq(m, str(tmp_path / "o2"), group_size=32, progress=False)
+    assert json.load(open(tmp_path / "o2" / "config.json"))["architectures"] == ["SomethingElse"]
+
+
+def test_tied_embedding_is_the_key_written(tmp_path):
+    """lm_head registered before the embedding it is tied to: the embedding's
+    key is written (SPEC 5) and the tie recorded, whatever the order."""
+    class HeadFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm_head = nn.Linear(64, 96, bias=False)
+            self.embed_tokens = nn.Embedding(96, 64)
+            self.lm_head.weight = self.embed_tokens.weight
+            self.proj = nn.Linear(64, 64)
+
+    m = HeadFirst()
+    out = tmp_path / "o"
+    export_awq(m, str(out), group_size=32, progress=False)
+    t = load_file(str(out / "model.safetensors"))
+    assert "embed_tokens.weight" in t and "lm_head.weight" not in t
+    assert torch.equal(t["embed_tokens.weight"], m.embed_tokens.weight.detach().half())
+    assert json.load(open(out / "config.json"))["tie_word_embeddings"] is True
+
+
+def test_reparametrized_weights_are_refused(tmp_path):
+    """parametrize (weight_norm, pruning) stores a weight as
+    parametrizations.weight.original*, the old weight_norm as weight_g /
+    weight_v: refused with what to do, instead of a layer left out."""
+    from torch.nn.utils import parametrizations, parametrize
+
+    for bias in (False, True):
+        m = nn.Sequential(nn.Linear(64, 64, bias=bias), nn.Linear(64, 64))
+        parametrizations.weight_norm(m[0])
+        with pytest.raises(ValueError, match=r"^0: weight is reparametrized.*remove_parametrizations"):
+            export_awq(m, str(tmp_path / "o"), group_size=32, progress=False)
+        parametrize.remove_parametrizations(m[0], "weight")
+        export_awq(m, str(tmp_path / f"ok{bias}"), group_size=32, progress=False)
+        assert {"0.qweight", "1.qweight"} <= set(load_file(str(tmp_path / f"ok{bias}" / "model.safetensors")))
+    m = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.nn.utils.weight_norm is deprecated
+        torch.nn.utils.weight_norm(m[1])
+    with pytest.raises(ValueError, match=r"^1: the Linear's weight is not in the model's state_dict"):
+        export_awq(m, str(tmp_path / "o"), group_size=32, progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_out_dir_that_cannot_be_renamed_onto(tmp_path, monkeypatch):
+    """An empty out_dir that is a mount point (a container's volume) cannot be
+    replaced by a rename: the export is made in a temporary directory inside
+    it and its files moved up, config.json last; a failed move leaves out_dir
+    empty again."""
+    import ao_awq_export.export as ex
+
+    m = nn.Sequential(nn.Linear(256, 256), nn.Linear(256, 256))  # 2 shards of 40 KB
+    vol = tmp_path / "vol"
+    vol.mkdir()
+    real = os.path.ismount
+    monkeypatch.setattr(ex.os.path, "ismount", lambda p: os.fspath(p) == str(vol) or real(p))
+    moves = []
+    real_rename = os.rename
+
+    def rename(a, b):
+        moves.append(os.path.basename(b))
+        return real_rename(a, b)
+
+    monkeypatch.setattr(ex.os, "rename", rename)
+    export_awq(m, str(vol), max_shard_size="40KB", group_size=32, progress=False)
+    names = sorted(os.listdir(vol))
+    assert names == ["config.json", "model-00001-of-00002.safetensors",
+                     "model-00002-of-00002.safetensors", "model.safetensors.index.json"]
+    assert moves[-1] == "config.json" and len(moves) == 4
+    assert leftovers(tmp_path) == ["vol"]
+    assert read_export(str(vol))  # a complete export
+    # a move that fails: nothing is left, in out_dir or beside it
+    vol2 = tmp_path / "vol2"
+    vol2.mkdir()
+    monkeypatch.setattr(ex.os.path, "ismount", lambda p: os.fspath(p) == str(vol2) or real(p))
+
+    def failing(a, b):
+        if os.path.basename(b) == "config.json":
+            raise OSError(errno.EXDEV, "Invalid cross-device link", b)
+        return real_rename(a, b)
+
+    monkeypatch.setattr(ex.os, "rename", failing)
+    with pytest.raises(OSError, match="cannot move the finished export into place"):
+        export_awq(m, str(vol2), max_shard_size="40KB", group_size=32, progress=False)
+    assert os.listdir(vol2) == []
+    assert leftovers(tmp_path) == ["vol", "vol2"]

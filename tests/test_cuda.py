@@ -16,7 +16,8 @@ import torch
 import ao_awq_export as aq
 from ao_awq_export import _C
 from tests.test_cuda_emu import (asym_bwd_edge_case, f16_cases, fp8_bwd_edge_case, fp8_rows_case,
-                                 midpoint_weight, row_tail_case, rows_bwd_cases, special_weight, staged_bytes)
+                                 midpoint_weight, row_tail_case, rows_bwd_cases, rows_layout_cases, special_weight,
+                                 staged_bytes)
 from tests.test_fake_quant import (OPS, Float8FakeQuantizeConfig, Float8FakeQuantizer, PerRow, assert_bits_equal,
                                    bits, check_grads, make_weight, torchao_fq, zero_torchao_nans)
 
@@ -132,6 +133,25 @@ def test_gpu_fp8_rows_backward_paths(dtype):
         for st in (False, True):
             gx = torch.ops.ao_awq.fp8_rows_backward(G.cuda(), x.cuda(), st, 1)
             assert_bits_equal(gx.cpu(), torch.ops.ao_awq.fp8_rows_backward(G, x, st, 1), f"{name} st={st}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("stage", ["1", "0"])
+def test_gpu_fp8_rows_backward_layouts(dtype, stage, monkeypatch):
+    """test_cuda_emu's rows_layout_cases on the GPU, in aligned buffers (the
+    vectorized kernel) and unaligned ones, staged and not, against the CPU
+    kernel under CUDA's division rule."""
+    monkeypatch.setenv("AOQ_CUDA_STAGE", stage)
+    for k, x, G in rows_layout_cases(dtype):
+        for st in (False, True):
+            ref = torch.ops.ao_awq.fp8_rows_backward(G, x, st, 1)
+            for off in (0, 1):
+                xa, Ga = (torch.empty(3 * k + off, dtype=dtype, device="cuda")[off:].view(3, k) for _ in range(2))
+                xa.copy_(x.cuda())
+                Ga.copy_(G.cuda())
+                gx = torch.ops.ao_awq.fp8_rows_backward(Ga, xa, st, 1)
+                assert _C.cuda_last_stage_bytes() == (staged(2 * k * x.element_size()) if stage == "1" else 0)
+                assert_bits_equal(gx.cpu(), ref, f"rows grad {dtype} k={k} st={st} off={off} stage={stage}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -595,6 +595,43 @@ def test_emulated_fp8_rows_backward_paths(lib, dtype):
         assert fast > 0 and (general == 0) == (name == "plain"), (name, fast, general)
 
 
+def rows_layout_cases(dtype):
+    """(k, x, gradient) for the rows backward's chunks of 16 bytes (thread t:
+    chunks t, t + 256, ..., two in flight): rows shorter than a chunk, rows of
+    more chunks than threads (the second chunk in flight, a short last
+    chunk), one extreme among flushed values, zero gradients, NaN and Inf
+    gradients in a fast row (the last step's words flagged)."""
+    v = 16 // torch.empty(0, dtype=dtype).element_size()
+    for k in (3, v, 2 * 256 * v + 3 * v, 2 * 256 * v + 3 * v + 2, 3 * 256 * v):
+        gen = torch.Generator().manual_seed(k)
+        x = (torch.randn(3, k, generator=gen) * 2).to(dtype)
+        G = (torch.randn(3, k, generator=gen) * 100).to(dtype)
+        x[1, k // 2] = 1e4 if dtype != torch.float16 else 6e4  # one extreme, the rest flushed
+        G[2, :: 7] = 0.0
+        G[0, k // 3], G[0, k - 1] = float("nan"), float("-inf")  # in a fast row
+        yield k, x, G
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("stage", ["1", "0"])
+def test_emulated_fp8_rows_backward_layouts(lib, dtype, stage, monkeypatch):
+    """rows_layout_cases in aligned buffers (vector loads where 16 bytes
+    divide the row) and unaligned ones (element by element, the same chunks
+    and sum order), staged and not, against the CPU kernel (CUDA's division
+    rule, both clamp rules)."""
+    monkeypatch.setenv("AOQ_CUDA_STAGE", stage)
+    for k, x, G in rows_layout_cases(dtype):
+        for st in (0, 1):
+            ref = torch.ops.ao_awq.fp8_rows_backward(G, x, bool(st), 1)
+            for off in (0, 1):  # off 1: none of the three buffers 16-byte aligned
+                xa, Ga, gx = (torch.empty(3 * k + off, dtype=dtype)[off:].view(3, k) for _ in range(3))
+                xa.copy_(x)
+                Ga.copy_(G)
+                check(lib, lib.aoq_cuda_fp8_rows_bwd(ptr(Ga), ptr(xa), ptr(gx), 3, k, DT[dtype], 1, st, 0, None))
+                assert lib.aoq_emu_last_smem() == (staged_bytes(2 * k * x.element_size()) if stage == "1" else 0)
+                assert_bits_equal(gx, ref, f"rows grad {dtype} k={k} st={st} off={off} stage={stage}")
+
+
 def row_tail_case(dtype):
     """(g, w, gout) for the fp8 row backwards' last step (also test_cuda.py)."""
     g, n, k = 64, 6, 640

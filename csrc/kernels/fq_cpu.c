@@ -16,8 +16,11 @@
  *     virtual warps of 32 lanes, warp v taking groups v, v+NV, ... in order,
  *     its lane l adding its chunk of each; halving tree in each virtual warp,
  *     then over them;
- *   row sum of an activation row (any K): thread t of NW*32 adds elements
- *     t, t+NW*32, ... in order; halving tree in each warp, then over warps.
+ *   row sum of an activation row (any K): the row cut into chunks of 16
+ *     bytes of its dtype (V = 8 bf16/fp16 or 4 fp32 elements, the last chunk
+ *     short where V does not divide K); thread t of NW*32 adds the elements
+ *     of chunks t, t+NW*32, ... in order; halving tree in each warp, then
+ *     over warps.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -107,10 +110,20 @@ static float row_sum_grouped(const float *v, int64_t K, int64_t g) {
   }
 }
 
-static float row_sum_strided(const float *v, int64_t K) {
+/* an activation row (fp8_rows backward): cut into chunks of V elements (16
+ * bytes of the row's dtype: 8 of bf16/fp16, 4 of fp32; the last one short
+ * where V does not divide K); thread t of the block (TPB = 32 * NW threads)
+ * adds the elements of chunks t, t + TPB, ... in order, and its warp's lane
+ * t % 32 holds the sum */
+static float row_sum_chunked(const float *v, int64_t K, int V) {
   float acc[NW][32];
   memset(acc, 0, sizeof acc);
-  for (int64_t k = 0; k < K; k++) acc[(k / 32) % NW][k % 32] += v[k];
+  const int64_t C = (K + V - 1) / V;
+  for (int64_t c = 0; c < C; c++) {
+    float *a = &acc[(c / 32) % NW][c % 32];
+    const int64_t k0 = c * V, k1 = k0 + V < K ? k0 + V : K;
+    for (int64_t k = k0; k < k1; k++) *a += v[k];
+  }
   return tree_block(acc, NW);
 }
 
@@ -385,12 +398,12 @@ static float torch_sum_two_pass(const float *v, int64_t K, int tv, int tp) {
 }
 
 /* tp: the torch thread count when this row is the op's only row, else 0 */
-AOQ_INLINE float row_sum(const float *v, int64_t K, int64_t g, int tv, int tp) {
+AOQ_INLINE float row_sum(const float *v, int64_t K, int64_t g, int dt, int tv, int tp) {
   if (tv) { /* torchao sums this row in fp32 */
     if (tp > 1 && tp <= 256 && K >= 32768) return torch_sum_two_pass(v, K, tv, tp);
     return aoq_cpu_torch_sum(v, K, tv, 0);
   }
-  return g > 0 ? row_sum_grouped(v, K, g) : row_sum_strided(v, K);
+  return g > 0 ? row_sum_grouped(v, K, g) : row_sum_chunked(v, K, dt == AOQ_F32 ? 4 : 8);
 }
 
 /* g: group size of the weight row (sum order), 0 for an activation row */
@@ -408,7 +421,7 @@ AOQ_INLINE void fp8_row_bwd(const float *x, const float *gh, float *gw, float *t
     float t = aoq_clamp(x[k] / s_row, -AOQ_FP8_MAX, AOQ_FP8_MAX);
     tmp[k] = gh[k] * aoq_fp8_e4m3_round(t);
   }
-  float sum_a = row_sum(tmp, K, g, tv, tp);
+  float sum_a = row_sum(tmp, K, g, dt, tv, tp);
   #pragma omp simd
   for (int64_t k = 0; k < K; k++) {
     float t = x[k] / s_row;
@@ -418,7 +431,7 @@ AOQ_INLINE void fp8_row_bwd(const float *x, const float *gh, float *gw, float *t
     gw[k] = gt / s_row;
     tmp[k] = -gt * (t / s_row);
   }
-  float sum_b = row_sum(tmp, K, g, tv, tp);
+  float sum_b = row_sum(tmp, K, g, dt, tv, tp);
   float g_sD = aoq_round_to(sum_a + sum_b, dt);
   float g_a = aoq_round_to(aoq_div_scalar(g_sD, AOQ_FP8_MAX, cs), dt);
   if (!aoq_ge(a0, aoq_eps_in(1e-12f, dt), st)) g_a = 0.f;

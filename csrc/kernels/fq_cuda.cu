@@ -860,6 +860,26 @@ struct PackedFix {
     const uint32_t zs = (x & (xm + 0x7fff7fffu)) ^ se;  // bit 15/31: z's sign
     return ga & ~(0x80008000u & ~(gm + 0x7fff7fffu) & ~zs);
   }
+  // 8 elements (x's and ga's 16-byte words): their row_fix_fast, element by
+  // element where a half is flagged
+  template <int DT>
+  __device__ __forceinline__ uint4 fix8(uint4 xw, uint4 gv, float each, float a0) const {
+    uint32_t flag = 0;
+    uint4 o;
+    o.x = word(xw.x, gv.x, flag);
+    o.y = word(xw.y, gv.y, flag);
+    o.z = word(xw.z, gv.z, flag);
+    o.w = word(xw.w, gv.w, flag);
+    if (flag & 0x80008000u) {  // an extreme or a NaN: element by element
+      alignas(16) uint16_t xr[8], gr[8];
+      *reinterpret_cast<uint4 *>(xr) = xw;
+      *reinterpret_cast<uint4 *>(gr) = gv;
+#pragma unroll
+      for (int e = 0; e < 8; e++) aoq_store(gr, e, row_fix_fast<DT>(aoq_load(gr, e, DT), aoq_load(xr, e, DT), each, a0), DT);
+      o = *reinterpret_cast<const uint4 *>(gr);
+    }
+    return o;
+  }
 };
 
 // ---------------------------------------------------------------------------
@@ -986,27 +1006,7 @@ __global__ void __launch_bounds__(TPB, 2) fp8_int4_bwd_kernel(const void *__rest
     const uint4 *const xsrc = reinterpret_cast<const uint4 *>(STAGE ? (const void *)xs : w) + (STAGE ? 0 : base / 8);
     const uint4 *const gsrc = reinterpret_cast<const uint4 *>(STAGE ? (const void *)gs : gw) + (STAGE ? 0 : base / 8);
     uint4 *const dst = reinterpret_cast<uint4 *>(gw) + base / 8;
-    for (int64_t i = threadIdx.x; i < K / 8; i += TPB) {
-      const uint4 xw = xsrc[i], gv = gsrc[i];
-      uint32_t flag = 0;
-      uint4 o;
-      o.x = pf.word(xw.x, gv.x, flag);
-      o.y = pf.word(xw.y, gv.y, flag);
-      o.z = pf.word(xw.z, gv.z, flag);
-      o.w = pf.word(xw.w, gv.w, flag);
-      if (flag & 0x80008000u) {  // an extreme or a NaN: element by element
-        alignas(16) uint16_t xr[8], gr[8];
-        *reinterpret_cast<uint4 *>(xr) = xw;
-        *reinterpret_cast<uint4 *>(gr) = gv;
-#pragma unroll
-        for (int e = 0; e < 8; e++) {
-          const float v = row_fix_fast<DT>(aoq_load(gr, e, DT), aoq_load(xr, e, DT), each, a0);
-          aoq_store(gr, e, v, DT);
-        }
-        o = *reinterpret_cast<const uint4 *>(gr);
-      }
-      dst[i] = o;
-    }
+    for (int64_t i = threadIdx.x; i < K / 8; i += TPB) dst[i] = pf.fix8<DT>(xsrc[i], gsrc[i], each, a0);
     return;
   }
   if (STAGE) {
@@ -1243,26 +1243,23 @@ __global__ void __launch_bounds__(TPB) asym_bwd_kernel(const void *__restrict__ 
 // and a fast row (as the fp8-int4 forward's: amax at most fast_amax, a
 // positive scale) through fp8_rt_fast.  Otherwise element by element, the
 // general code.
-template <int DT, bool VEC, bool STAGE>
-__global__ void __launch_bounds__(TPB) fp8_rows_fwd_kernel(const void *__restrict__ x, void *__restrict__ out,
-                                                           int64_t K, int cs, int fast_ok) {
-  __shared__ float sh[AOQ_NW];
-  extern __shared__ uint4 stage_mem[];
-  const int64_t base = (int64_t)blockIdx.x * K;
-  if (!VEC) {
-    const float s = aoq_fp8_scale_from_amax(row_amax<DT, STAGE>(x, base, K, sh, stage_mem), DT, cs);
-    for (int64_t k = threadIdx.x; k < K; k += TPB)
-      aoq_store(out, base + k, aoq_fp8_rt(STAGE ? aoq_load(stage_mem, k, DT) : aoq_load(x, base + k, DT), s, DT),
-                DT);
-    return;
-  }
-  constexpr int V = 16 / (int)sizeof(typename Elt<DT>::T);
-  const int64_t C = K / V;
+template <int DT>
+struct RowsV {  // the elements of a 16-byte chunk of an activation row
+  static constexpr int V = 16 / (int)sizeof(typename Elt<DT>::T);
+};
+
+// row amax |x| (NaN-propagating) of an activation row of C chunks of V, each
+// thread taking chunks t, t + TPB, ... with vector loads (16-byte aligned, K
+// a multiple of V); fmaxf beside a fmaf(x, 0, .) check as row_amax_chunks;
+// STAGE: the row also copied to stage, complete when block_max returns
+template <int DT, bool STAGE>
+__device__ float rows_amax_vec(const void *x, int64_t base, int64_t C, float *sh, void *stage) {
+  constexpr int V = RowsV<DT>::V;
   float a = 0.f, chk = 0.f;
 #pragma unroll 2
   for (int64_t c = threadIdx.x; c < C; c += TPB) {
     float v[V];
-    load_chunk<DT, V, true, STAGE>(x, base + c * V, v, stage_mem, c * V);
+    load_chunk<DT, V, true, STAGE>(x, base + c * V, v, stage, c * V);
 #pragma unroll
     for (int e = 0; e < V; e++) {
       a = fmaxf(a, fabsf(v[e]));
@@ -1278,7 +1275,25 @@ __global__ void __launch_bounds__(TPB) fp8_rows_fwd_kernel(const void *__restric
       for (int e = 0; e < V; e++) a = nanmax(a, v[e] < 0.f ? -v[e] : v[e]);
     }
   }
-  const float a0 = block_max(a, sh);
+  return block_max(a, sh);
+}
+
+template <int DT, bool VEC, bool STAGE>
+__global__ void __launch_bounds__(TPB) fp8_rows_fwd_kernel(const void *__restrict__ x, void *__restrict__ out,
+                                                           int64_t K, int cs, int fast_ok) {
+  __shared__ float sh[AOQ_NW];
+  extern __shared__ uint4 stage_mem[];
+  const int64_t base = (int64_t)blockIdx.x * K;
+  if (!VEC) {
+    const float s = aoq_fp8_scale_from_amax(row_amax<DT, STAGE>(x, base, K, sh, stage_mem), DT, cs);
+    for (int64_t k = threadIdx.x; k < K; k += TPB)
+      aoq_store(out, base + k, aoq_fp8_rt(STAGE ? aoq_load(stage_mem, k, DT) : aoq_load(x, base + k, DT), s, DT),
+                DT);
+    return;
+  }
+  constexpr int V = RowsV<DT>::V;
+  const int64_t C = K / V;
+  const float a0 = rows_amax_vec<DT, STAGE>(x, base, C, sh, stage_mem);
   const float s_row = aoq_fp8_scale_from_amax(a0, DT, cs);
   const bool fast = fast_ok && a0 <= fast_amax<DT>() && s_row > 0.f;  // (false for a NaN)
   const float r_row = fast && reciprocal_row<DT>(s_row) ? 1.0f / s_row : 0.f;
@@ -1327,25 +1342,33 @@ __device__ __forceinline__ float rows_bwd_elem(float xv, float gh, float s_row, 
   return FAST ? aoq_div_by(gt, s_row, y_row) : gt / s_row;
 }
 
-// STAGE: shared memory holds the row (K elements) and its gradient before the
-// last step (K more), each element read back by the thread that wrote it.
-// The sums (acc_a, acc_b) run in the canonical strided order (thread t adds
-// elements t, t + TPB, ... in order: fq_cpu.c's row_sum_strided), whichever
-// path each element takes; fast rows (rows_bwd_elem) take the fast path
-// element by element, and their last step row_fix_fast where `each` is in
-// its range.
-template <int DT, bool STAGE>
+// The row is cut into chunks of V elements (16 bytes, RowsV), thread t taking
+// chunks t, t + TPB, ... (the last one short where V does not divide K); the
+// sums (acc_a, acc_b) run in that order, element by element within a chunk
+// (the canonical order: fq_cpu.c's row_sum_chunked), whichever path each
+// element takes.  VEC (buffers 16-byte aligned, K a multiple of V): the
+// chunks move as 16-byte vectors, two per thread in flight; else element by
+// element, in the same order.  Fast rows (rows_bwd_elem) take the
+// fast path element by element, and their last step row_fix_fast where `each`
+// is in its range.  STAGE: shared memory holds the row (K elements) and its
+// gradient before the last step (K more).
+template <int DT, bool VEC, bool STAGE>
 __global__ void __launch_bounds__(TPB) fp8_rows_bwd_kernel(const void *__restrict__ grad,
                                                            const void *__restrict__ x, void *__restrict__ gx,
                                                            int64_t K, int cs, int st, int fast_ok) {
   typedef typename Elt<DT>::T T;
+  constexpr int V = RowsV<DT>::V;
+  // chunks per thread whose loads are in flight together (in the sums' order;
+  // one in the rare kernels that load element by element, which spill with two)
+  constexpr int UR = VEC ? 2 : 1;
   __shared__ float sh[AOQ_NW];
   __shared__ int shi[AOQ_NW];
   extern __shared__ uint4 stage_mem[];
   T *const xs = reinterpret_cast<T *>(stage_mem), *const gs = xs + K;
   void *const dst = STAGE ? (void *)gs : gx;  // where the first pass writes gt / s_row, rounded
   const int64_t base = (int64_t)blockIdx.x * K, dbase = STAGE ? 0 : base;
-  const float a0 = row_amax<DT, STAGE>(x, base, K, sh, xs);
+  const int64_t C = (K + V - 1) / V;
+  const float a0 = VEC ? rows_amax_vec<DT, STAGE>(x, base, C, sh, xs) : row_amax<DT, STAGE>(x, base, K, sh, xs);
   const float s_row = aoq_fp8_scale_from_amax(a0, DT, cs);
   if (s_row == 0.f) {
     for (int64_t k = threadIdx.x; k < K; k += TPB) aoq_store(gx, base + k, 0.f, DT);
@@ -1354,38 +1377,59 @@ __global__ void __launch_bounds__(TPB) fp8_rows_bwd_kernel(const void *__restric
   const bool fast_row = fast_ok && a0 <= fast_amax<DT>() && s_row >= 0x1p-24f && s_row <= 0x1p24f;
   const float y_row = fast_row ? 1.0f / s_row : 0.f;
   const InRange<false> in_t(-AOQ_FP8_MAX, AOQ_FP8_MAX, st);  // torch's clamp mask of t
+  const void *const xsrc = STAGE ? (const void *)xs : x;
+  const int64_t xbase = STAGE ? 0 : base;
   float acc_a = 0.f, acc_b = 0.f;
   int cnt_row = 0;
-  constexpr int U = 4;  // elements per thread whose loads are in flight together (in the sums' order)
-  for (int64_t k0 = threadIdx.x; k0 < K; k0 += U * TPB) {
-    float xv[U], gh[U];
+  for (int64_t c0 = threadIdx.x; c0 < C; c0 += UR * TPB) {
+    float xv[UR][V], gh[UR][V];
 #pragma unroll
-    for (int u = 0; u < U; u++) {
-      const int64_t k = k0 + u * TPB;
-      xv[u] = gh[u] = 0.f;
-      if (k < K) {
-        xv[u] = STAGE ? aoq_load(xs, k, DT) : aoq_load(x, base + k, DT);
-        gh[u] = aoq_load(grad, base + k, DT);
+    for (int u = 0; u < UR; u++) {
+      const int64_t k0 = (c0 + u * TPB) * V;
+      if (VEC) {
+        if (k0 < K) {
+          load_chunk<DT, V, true>(xsrc, xbase + k0, xv[u]);
+          load_chunk<DT, V, true>(grad, base + k0, gh[u]);
+        }
+      } else {
+#pragma unroll
+        for (int e = 0; e < V; e++) {
+          xv[u][e] = gh[u][e] = 0.f;
+          if (k0 + e < K) {
+            xv[u][e] = aoq_load(xsrc, xbase + k0 + e, DT);
+            gh[u][e] = aoq_load(grad, base + k0 + e, DT);
+          }
+        }
       }
     }
 #pragma unroll
-    for (int u = 0; u < U; u++) {
-      const int64_t k = k0 + u * TPB;
-      if (k >= K) break;
-      BwdLaneCheck<-40, -60, 40> chk;
-      chk.add(xv[u], gh[u]);
-      const bool fast = fast_row && chk.ok();
-      AOQ_COUNT_BWD_PATH(fast);
-      if (fast) {
-        const float q = round_fast<DT>(rows_bwd_elem<DT, true>(xv[u], gh[u], s_row, y_row, in_t, acc_a, acc_b));
-        if (DT == AOQ_BF16)  // (a value of bf16, no NaN: its bits' top half)
-          reinterpret_cast<uint16_t *>(dst)[dbase + k] = (uint16_t)(aoq_f2u(q) >> 16);
-        else
-          aoq_store(dst, dbase + k, q, DT);
-      } else {
-        aoq_store(dst, dbase + k, rows_bwd_elem<DT, false>(xv[u], gh[u], s_row, y_row, in_t, acc_a, acc_b), DT);
+    for (int u = 0; u < UR; u++) {
+      const int64_t k0 = (c0 + u * TPB) * V;
+      if (k0 >= K) break;
+      float q[V];
+      bool all_fast = true;
+#pragma unroll
+      for (int e = 0; e < V; e++) {
+        if (!VEC && k0 + e >= K) break;
+        BwdLaneCheck<-40, -60, 40> chk;
+        chk.add(xv[u][e], gh[u][e]);
+        const bool fast = fast_row && chk.ok();
+        AOQ_COUNT_BWD_PATH(fast);
+        q[e] = fast ? round_fast<DT>(rows_bwd_elem<DT, true>(xv[u][e], gh[u][e], s_row, y_row, in_t, acc_a, acc_b))
+                    : rows_bwd_elem<DT, false>(xv[u][e], gh[u][e], s_row, y_row, in_t, acc_a, acc_b);
+        all_fast = all_fast && fast;
+        cnt_row = add_eq(cnt_row, fabsf(xv[u][e]), a0);
       }
-      cnt_row = add_eq(cnt_row, fabsf(xv[u]), a0);
+      if (VEC) {
+        if (all_fast)  // (values of D, no NaN: stored as they are)
+          store_chunk_fast<DT, V, true, true>(dst, dbase + k0, q);
+        else
+          store_chunk<DT, V, true>(dst, dbase + k0, q);
+      } else {
+#pragma unroll
+        for (int e = 0; e < V; e++)
+          if (k0 + e < K) aoq_store(dst, dbase + k0 + e, q[e], DT);
+      }
     }
   }
   const float sum_a = block_sum(acc_a, sh);
@@ -1396,12 +1440,28 @@ __global__ void __launch_bounds__(TPB) fp8_rows_bwd_kernel(const void *__restric
   const float each = cnt_row ? aoq_round_to(g_a / (float)cnt_row, DT) : 0.f;
   const float ae = fabsf(each);
   const bool fix_fast = fast_row && (ae == 0.f || (ae >= 0x1p-100f && ae <= 0x1p100f));
-  if (!STAGE) __syncthreads();  // gx of this row, written above by other threads, is visible
-  const void *const xsrc = STAGE ? (const void *)xs : x;
-  const int64_t xbase = STAGE ? 0 : base;
-  for (int64_t k = threadIdx.x; k < K; k += TPB) {
-    const float ga = aoq_load(dst, dbase + k, DT), xv = aoq_load(xsrc, xbase + k, DT);
-    aoq_store(gx, base + k, fix_fast ? row_fix_fast<DT>(ga, xv, each, a0) : row_fix(ga, xv, each, a0, DT), DT);
+  if (VEC && DT != AOQ_F32 && fix_fast) {  // each thread its own chunks again, as words (PackedFix)
+    const PackedFix pf = PackedFix::make<DT>(a0, each);
+    const uint4 *const xw = reinterpret_cast<const uint4 *>(xsrc) + xbase / 8;
+    const uint4 *const gw = reinterpret_cast<const uint4 *>(dst) + dbase / 8;
+    uint4 *const out = reinterpret_cast<uint4 *>(gx) + base / 8;
+    for (int64_t c = threadIdx.x; c < C; c += TPB) out[c] = pf.fix8<DT>(xw[c], gw[c], each, a0);
+  } else if (VEC) {  // each thread its own chunks again (written above by itself)
+    for (int64_t c = threadIdx.x; c < C; c += TPB) {
+      float ga[V], xv[V];
+      load_chunk<DT, V, true>(dst, dbase + c * V, ga);
+      load_chunk<DT, V, true>(xsrc, xbase + c * V, xv);
+#pragma unroll
+      for (int e = 0; e < V; e++)
+        ga[e] = fix_fast ? row_fix_fast<DT>(ga[e], xv[e], each, a0) : row_fix(ga[e], xv[e], each, a0, DT);
+      store_chunk<DT, V, true>(gx, base + c * V, ga);
+    }
+  } else {
+    if (!STAGE) __syncthreads();  // gx of this row, written above by other threads, is visible
+    for (int64_t k = threadIdx.x; k < K; k += TPB) {
+      const float ga = aoq_load(dst, dbase + k, DT), xv = aoq_load(xsrc, xbase + k, DT);
+      aoq_store(gx, base + k, fix_fast ? row_fix_fast<DT>(ga, xv, each, a0) : row_fix(ga, xv, each, a0, DT), DT);
+    }
   }
 }
 
@@ -1623,8 +1683,12 @@ extern "C" int aoq_cuda_fp8_rows_bwd(const void *grad, const void *x, void *gx, 
   if (!guard.ok) return AOQ_ERR_CUDA;
   AOQ_DISPATCH_DT(dt, {
     size_t smem;
-    auto kern = choose<fp8_rows_bwd_kernel<DT, false>, fp8_rows_bwd_kernel<DT, true>>(
-        true, device, 2 * (size_t)K * sizeof(typename Elt<DT>::T), &smem);
+    const bool vec = aligned16(grad) && aligned16(x) && aligned16(gx) && K % RowsV<DT>::V == 0;
+    const size_t bytes = 2 * (size_t)K * sizeof(typename Elt<DT>::T);
+    auto kern = vec ? choose<fp8_rows_bwd_kernel<DT, true, false>, fp8_rows_bwd_kernel<DT, true, true>>(
+                          true, device, bytes, &smem)
+                    : choose<fp8_rows_bwd_kernel<DT, false, false>, fp8_rows_bwd_kernel<DT, false, true>>(
+                          true, device, bytes, &smem);
     kern<<<(unsigned)R, TPB, smem, (cudaStream_t)stream>>>(grad, x, gx, K, cs, st, fast_enabled());
     last_stage_bytes = (int64_t)smem;
   });

@@ -24,7 +24,9 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="scheme for plain nn.Linear layers (default int4_asym)")
     e.add_argument("--mode", default="awq", choices=("awq", "torchao"),
                    help="numerics for plain nn.Linear layers (default awq: exact)")
-    e.add_argument("--group-size", type=int, default=128, choices=(32, 64, 128))
+    e.add_argument("--group-size", type=int, default=None, choices=(32, 64, 128),
+                   help="group size of plain Linears (default: that of the model's QAT layers, "
+                        "else 128)")
     e.add_argument("--max-shard-size", default="5GB", help="e.g. 5GB (decimal), 2GiB")
     e.add_argument("--hf-config", metavar="DIR",
                    help="directory with the model's config.json (and generation_config.json)")
@@ -74,13 +76,20 @@ def main(argv=None) -> int:
                   f"torch.save file?): {type(e).__name__}: {why}", file=sys.stderr)
             return 1
         mods = [m.strip() for m in args.modules_to_not_convert.split(",") if m.strip()]
-        rep = export_awq(model, args.out_dir, scheme=args.scheme, mode=args.mode,
-                         group_size=args.group_size, max_shard_size=args.max_shard_size,
-                         modules_to_not_convert=mods or None, hf_config=args.hf_config,
-                         strict=args.strict,
-                         sqnr_threshold=(DEFAULT_SQNR_THRESHOLD if args.sqnr_threshold is None
-                                         else args.sqnr_threshold),
-                         progress=not args.no_progress)
+        qat = sys.modules.get(__package__ + ".qat")  # imported by unpickling QAT modules
+        if qat is not None and any(isinstance(m, (qat.QATLinear, qat.AWQInt4Linear))
+                                   for m in model.modules()):
+            # a prepared or converted model: its layers' group size, checked
+            export, gs = qat.export_qat_awq, ({} if args.group_size is None
+                                              else {"group_size": args.group_size})
+        else:
+            export, gs = export_awq, {"group_size": args.group_size or 128}
+        rep = export(model, args.out_dir, scheme=args.scheme, mode=args.mode, **gs,
+                     max_shard_size=args.max_shard_size, modules_to_not_convert=mods or None,
+                     hf_config=args.hf_config, strict=args.strict,
+                     sqnr_threshold=(DEFAULT_SQNR_THRESHOLD if args.sqnr_threshold is None
+                                     else args.sqnr_threshold),
+                     progress=not args.no_progress)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3 if args.strict and "SQNR" in str(e) else 1

@@ -502,7 +502,14 @@ def _classify(model: nn.Module, modules_to_not_convert, scheme, mode, group_size
             continue
         w = mod.weight
         _check_linear_tensors(name, mod)
-        if isinstance(mod, FakeQuantLinear):
+        if isinstance(mod, FakeQuantLinear) and not getattr(mod, "weight_fake_quant_enabled", True):
+            # its forward uses the float weight: round to nearest, compared with that weight
+            log.warning("%s: weight fake quant is disabled (weight_fake_quant_enabled=False), so "
+                        "the model computes with its float weight; it is exported by round to "
+                        "nearest (%s/%s), not exactly", name or "<model>", mod.scheme, mod.mode)
+            spec = dict(source="rtn", scheme=mod.scheme, mode=mod.mode,
+                        group_size=mod.group_size, float_forward=True)
+        elif isinstance(mod, FakeQuantLinear):
             spec = dict(source="fake_quant", scheme=mod.scheme, mode=mod.mode,
                         group_size=mod.group_size)
         elif _is_int4_tensor(w):
@@ -624,12 +631,14 @@ def _quant_item(name, spec, report: ExportReport, strict, threshold, verify):
                     codes, s16, z = _fit_integer_zero(target.to("cpu"), g, sf.to("cpu"),
                                                       mn.to("cpu"))
             codes, s16, z = codes.to("cpu"), s16.to("cpu"), z.to("cpu")
+            if spec.get("float_forward"):  # what the model computes with: its float weight
+                target = mod.weight.detach()
             if target is not None:
                 rep.exact, rep.sqnr_db = _compare(codes, s16, z, g, target.to("cpu"))
             else:
                 rep.exact, rep.sqnr_db = True, float("inf")
             if (scheme, mode) in _EXACT and src != "int4_tensor" and not rep.exact and \
-                    not (scheme == "fp8_int4" and mode == "torchao"):
+                    not (scheme == "fp8_int4" and mode == "torchao") and not spec.get("float_forward"):
                 raise RuntimeError(f"{name}: internal error: the {scheme}/{mode} export is not "
                                    "bit-exact")
             if strict and not rep.sqnr_db >= threshold:  # NaN fails too
@@ -1131,7 +1140,8 @@ def export_awq(model: nn.Module, out_dir, *, scheme: str = "int4_asym", mode: st
                       (cfg or {}).get("model_type"), tied)
         # an excluded FakeQuantLinear keeps the weight it trained with
         fq_excluded = {f"{n}.weight": m for n, m in model.named_modules()
-                       if isinstance(m, FakeQuantLinear) and n not in quant}
+                       if isinstance(m, FakeQuantLinear) and n not in quant
+                       and getattr(m, "weight_fake_quant_enabled", True)}
         for it in items:
             nm = it.entries[0][0]
             if len(it.entries) == 1 and nm in fq_excluded:

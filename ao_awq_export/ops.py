@@ -297,7 +297,12 @@ def fake_quant_fp8_rows(x: torch.Tensor, *, ste: str = "autograd") -> torch.Tens
     if x.numel() == 0:
         return x.clone()
     x2 = x.contiguous().reshape(-1, x.shape[-1])
-    return _ops.fp8_rows(x2, ste == "pure").view(x.shape)
+    y = _ops.fp8_rows(x2, ste == "pure").view(x.shape)
+    if not x.is_contiguous():
+        # laid out like x, as torchao's elementwise result is (a matmul after
+        # it sums in an order its strides decide)
+        y = torch.empty_like(x).copy_(y)
+    return y
 
 
 def _scale_dtype(scheme, mode, wdtype):

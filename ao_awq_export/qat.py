@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torchao.core.config import AOBaseConfig
 from torchao.quantization.transform_module import register_quantize_module_handler
 
-from .export import FakeQuantLinear, LayerReport, export_awq
+from .export import _ROUTER_NAMES, FakeQuantLinear, LayerReport, export_awq, unwrap_model
 from .ops import (
     GROUP_SIZES,
     MODES,
@@ -133,16 +133,27 @@ class AWQQATConfig(AOBaseConfig):
 _HEAD_NAMES = ("lm_head", "embed_out")  # embed_out: GPT-NeoX / Pythia's output projection
 
 
+def _own_forward(module: nn.Module) -> bool:
+    """A Linear subclass with a forward of its own (a MoE router returning
+    (logits, weights, indices), say): QATLinear's plain F.linear forward
+    would replace it."""
+    return (isinstance(module, nn.Linear) and type(module).forward is not nn.Linear.forward
+            and not isinstance(module, FakeQuantLinear) and not isinstance(module, _torchao_fql()))
+
+
 def awq_filter(module: nn.Module, fqn: str = "") -> bool:
     """A `quantize_` filter_fn: every nn.Linear except the output projection
-    (`lm_head`, or GPT-NeoX's `embed_out`): AWQ checkpoints keep it in fp16.
-    export_qat_awq also refuses a converted `model.get_output_embeddings()`
-    under any other name."""
+    (`lm_head`, or GPT-NeoX's `embed_out`) and MoE routers (`gate`, `router`,
+    `shared_expert_gate`): AWQ checkpoints keep them in fp16 (vLLM builds
+    routers unquantized).  Linear subclasses with a forward of their own are
+    left alone too.  export_qat_awq also refuses a converted
+    `model.get_output_embeddings()` under any other name."""
     from torchao.quantization.quant_api import _is_linear
 
-    if not _is_linear(module):
+    if not _is_linear(module) or _own_forward(module):
         return False
-    return fqn.rpartition(".")[2] not in _HEAD_NAMES
+    last = fqn.rpartition(".")[2]
+    return last not in _HEAD_NAMES and last not in _ROUTER_NAMES
 
 
 # --------------------------------------------------------------------------
@@ -257,6 +268,10 @@ class AWQInt4Linear(nn.Module):
     def from_qat_linear(cls, mod: QATLinear) -> "AWQInt4Linear":
         w = mod.weight.detach()
         scheme, mode, g = mod.scheme, mod.mode, mod.group_size
+        if w.device.type == "meta":
+            raise ValueError("convert: the weight is on the meta device (not materialized); "
+                             "load the weights (load_state_dict(..., assign=True) or to_empty) "
+                             "before converting")
         if not mod.weight_fake_quant_enabled:
             raise ValueError(
                 "convert: this QATLinear's weight fake quant is disabled "
@@ -364,6 +379,9 @@ def _awq_qat_transform(module: nn.Module, config: AWQQATConfig) -> nn.Module:
                              f"{type(module).__name__} (AWQ checkpoints keep embeddings and "
                              "other modules in fp16)")
         skip = _prepare_skip_reason(module, config)
+        if _own_forward(module):
+            skip = (f"{type(module).__name__} has a forward of its own, which QATLinear's "
+                    "would replace")
         if skip:
             warnings.warn(f"AWQQATConfig prepare: {type(module).__name__}(in_features="
                           f"{module.in_features}, out_features={module.out_features}) left as it "
@@ -387,6 +405,12 @@ def _awq_qat_transform(module: nn.Module, config: AWQQATConfig) -> nn.Module:
                                      group_size=config.group_size,
                                      act_fake_quant=config.activations, ste=config.ste)
     # convert: QATLinear -> AWQInt4Linear, anything else untouched (like torchao)
+    if isinstance(module, _torchao_fql()):
+        warnings.warn("AWQQATConfig convert: a torchao FakeQuantizedLinear (prepared by "
+                      "torchao's QATConfig) is left as it is; swap_torchao_qat_to_ours(model) "
+                      "first to convert it to AWQ (else the export quantizes its float weight "
+                      "by round to nearest)", stacklevel=2)
+        return module
     if isinstance(module, QATLinear):
         try:
             return AWQInt4Linear.from_qat_linear(module)
@@ -551,13 +575,23 @@ def export_qat_awq(model: nn.Module, out_dir, **kwargs):
     lm_head (AWQ consumers expect it in fp16), and adds the converted layers
     to the returned report (exact by construction).  Other kwargs go to
     export_awq."""
+    model = unwrap_model(model)  # torch.compile / DataParallel: the names without their prefix
+
     def is_head(n):
         return n.rpartition(".")[2] in _HEAD_NAMES
+
+    skip = kwargs.get("modules_to_not_convert") or []
+    if isinstance(skip, str):
+        skip = [skip]
+    skip = [p.strip() for p in skip if isinstance(p, str) and p.strip()]
+
+    def kept_fp16(n):  # what export_awq leaves in float16: its group size does not count
+        return is_head(n) or n.rpartition(".")[2] in _ROUTER_NAMES or any(p in n for p in skip)
 
     conv = {n: m for n, m in model.named_modules() if isinstance(m, AWQInt4Linear)}
     groups = {m.group_size for n, m in model.named_modules()
               if isinstance(m, AWQInt4Linear) or (isinstance(m, FakeQuantLinear) and
-                                                  not is_head(n))}
+                                                  not kept_fp16(n))}
     if len(groups) > 1:
         raise ValueError(f"an AWQ checkpoint has one group size; the model uses {sorted(groups)}")
     if groups:
@@ -577,9 +611,10 @@ def export_qat_awq(model: nn.Module, out_dir, **kwargs):
             raise ValueError(f"{n} is converted to int4, but AWQ checkpoints keep the output "
                              "projection in fp16 (consumers expect lm_head.weight); prepare "
                              "with filter_fn=awq_filter")
-        skip = kwargs.get("modules_to_not_convert") or []
-        if isinstance(skip, str):
-            skip = [skip]
+        if n.rpartition(".")[2] in _ROUTER_NAMES:
+            raise ValueError(f"{n} is converted to int4, but it is a MoE router, which AWQ "
+                             "consumers (vLLM) build unquantized; prepare with "
+                             "filter_fn=awq_filter")
         if any(p in n for p in skip):
             raise ValueError(f"{n} is converted to int4 but matches modules_to_not_convert")
     report = export_awq(model, out_dir, **kwargs)

@@ -18,6 +18,9 @@ from torchao.quantization import (
     quantize_,
 )
 from torchao.quantization.qat import QATConfig
+from torchao.quantization.granularity import PerRow
+from torchao.quantization.qat.fake_quantize_config import Float8FakeQuantizeConfig
+from torchao.quantization.qat.fake_quantizer import Float8FakeQuantizer
 from torchao.quantization.qat.linear import FakeQuantizedLinear
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -803,3 +806,156 @@ def test_config_and_dequantize_argument_checks():
                            ((c, s, z[:, :1]), ValueError, "scales and zeros")):
         with pytest.raises(err, match=msg):
             aq.dequantize_int4(*args, scheme="int4_asym", mode="awq")
+
+
+class _Router(nn.Linear):
+    """A MoE router subclassing nn.Linear with a forward of its own (as
+    transformers' PhimoeTopKRouter): (logits, top-k weights, indices)."""
+
+    def forward(self, x):
+        logits = F.linear(x, self.weight)
+        w, i = torch.topk(logits.softmax(-1), 2)
+        return logits, w, i
+
+
+class _Moe(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(64, 8, bias=False)  # a plain Linear router (Mixtral, Qwen-MoE)
+        self.router = _Router(64, 16, bias=False)
+        self.up = nn.Linear(64, 64)
+
+    def forward(self, x):
+        return self.up(x) + self.gate(x).sum(-1, keepdim=True) + self.router(x)[0].sum(-1, keepdim=True)
+
+
+def test_awq_filter_leaves_routers_and_linears_with_their_own_forward(tmp_path):
+    """Routers stay fp16 in AWQ checkpoints (vLLM builds them unquantized) and
+    a Linear subclass's own forward must not be replaced by QATLinear's."""
+    for fqn in ("model.layers.0.mlp.gate", "mlp.router", "mlp.shared_expert_gate"):
+        assert not awq_filter(nn.Linear(64, 8), fqn)
+    assert not awq_filter(_Router(64, 16), "mlp.experts_router")
+    torch.manual_seed(0)
+    m = _Moe()
+    x = torch.randn(3, 64)
+    ref = m(x)
+    quantize_(m, AWQQATConfig(group_size=32), filter_fn=awq_filter)
+    assert type(m.gate) is nn.Linear and type(m.router) is _Router and isinstance(m.up, QATLinear)
+    m(x)  # the router's forward still returns its tuple
+    with pytest.warns(UserWarning, match="forward of its own"):
+        quantize_(m, AWQQATConfig(group_size=32), filter_fn=lambda mod, f: f == "router")
+    assert type(m.router) is _Router
+    quantize_(m, AWQQATConfig(step="convert"), filter_fn=awq_filter)
+    assert isinstance(m.up, AWQInt4Linear) and type(m.gate) is nn.Linear
+    export_qat_awq(m, tmp_path / "o", progress=False)
+    keys = set(load_file(str(tmp_path / "o" / "model.safetensors")))
+    assert {"gate.weight", "router.weight", "up.qweight"} <= keys and "gate.qweight" not in keys
+    # a router converted anyway (a filter of one's own) is refused
+    m2 = _Moe()
+    quantize_(m2, AWQQATConfig(group_size=32), filter_fn=lambda mod, f: f in ("gate", "up"))
+    quantize_(m2, AWQQATConfig(step="convert"))
+    with pytest.raises(ValueError, match="gate is converted to int4, but it is a MoE router"):
+        export_qat_awq(m2, tmp_path / "o2", progress=False)
+    assert ref.shape == m(x).shape
+
+
+def test_export_qat_awq_unwraps_and_ignores_excluded_group_sizes(tmp_path):
+    """export_qat_awq through nn.DataParallel / torch.compile still refuses a
+    converted output projection and reports the model's own names; a layer
+    named in modules_to_not_convert does not count in the one-group-size
+    check."""
+    class OutProj(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(64, 64)
+            self.out = nn.Linear(64, 96, bias=False)
+
+        def get_output_embeddings(self):
+            return self.out
+
+    m = OutProj()
+    quantize_(m, AWQQATConfig(group_size=32))
+    quantize_(m, AWQQATConfig(step="convert"))
+    for w in (m, nn.DataParallel(m), torch.compile(m)):
+        with pytest.raises(ValueError, match="out is converted to int4"):
+            export_qat_awq(w, tmp_path / "x", progress=False)
+    m = MLP()
+    quantize_(m, AWQQATConfig(group_size=32), filter_fn=lambda x, f: f == "a")
+    quantize_(m, AWQQATConfig(group_size=64), filter_fn=lambda x, f: f == "b")
+    rep = export_qat_awq(torch.compile(m), tmp_path / "y", modules_to_not_convert=["b", "head"],
+                         progress=False)
+    assert [(l.name, l.group_size) for l in rep.layers] == [("a", 32)]
+    assert rep.modules_to_not_convert == ["b", "head"]
+    assert not os.path.exists(tmp_path / "x")
+
+
+def test_export_with_weight_fake_quant_disabled_writes_what_the_model_computes(tmp_path, caplog):
+    """weight_fake_quant_enabled=False: the forward uses the float weight, so
+    the export rounds that weight to nearest and says it is not exact (and an
+    excluded layer keeps the float weight, not a fake-quant one it never
+    used)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 64))
+    quantize_(m, AWQQATConfig(group_size=32))
+    m[1].weight_fake_quant_enabled = False
+    m[2].weight_fake_quant_enabled = False
+    with caplog.at_level("WARNING", logger="ao_awq_export.export"):
+        rep = export_awq(m, str(tmp_path / "o"), group_size=32, modules_to_not_convert=["2"], progress=False)
+    assert "weight fake quant is disabled" in caplog.text
+    layers = {l.name: l for l in rep.layers}
+    assert layers["0"].exact and layers["0"].source == "fake_quant"
+    assert layers["1"].source == "rtn" and not layers["1"].exact and 10 < layers["1"].sqnr_db < 60
+    t = load_file(str(tmp_path / "o" / "model.safetensors"))
+    assert torch.equal(t["2.weight"], m[2].weight.detach().half())
+    codes = unpack(t["1.qweight"]).float()
+    z = unpack(t["1.qzeros"]).float().repeat_interleave(32, 0)
+    w1 = (codes - z) * t["1.scales"].float().repeat_interleave(32, 0)
+    ref_codes, ref_s, ref_z = aq.quantize_int4(m[1].weight.detach(), 32, scheme="int4_asym", mode="awq")
+    assert torch.equal(codes.t().to(torch.uint8), ref_codes)
+    assert torch.allclose(w1.t(), m[1].weight.detach(), atol=float(ref_s.float().max()))
+
+
+def test_convert_warns_about_torchao_prepared_linears_and_meta_weights():
+    m = nn.Sequential(nn.Linear(64, 64))
+    quantize_(m, QATConfig(Int4WeightOnlyConfig(group_size=32), step="prepare"))
+    assert isinstance(m[0], FakeQuantizedLinear)
+    with pytest.warns(UserWarning, match="swap_torchao_qat_to_ours"):
+        quantize_(m, AWQQATConfig(step="convert"), filter_fn=awq_filter)
+    assert isinstance(m[0], FakeQuantizedLinear)
+    with torch.device("meta"):
+        m = nn.Sequential(nn.Linear(64, 64))
+    quantize_(m, AWQQATConfig(group_size=32))
+    with pytest.raises(ValueError, match="meta device"):
+        quantize_(m, AWQQATConfig(step="convert"))
+
+
+def test_fp8_rows_keep_the_layout_of_a_strided_input():
+    """torchao's elementwise fake quant keeps x's strides (a matmul after it
+    sums in the order they give): so does ours."""
+    x = torch.randn(4, 6, 64, dtype=torch.bfloat16).transpose(0, 1)
+    fq = Float8FakeQuantizer(Float8FakeQuantizeConfig(torch.float8_e4m3fn, PerRow()))
+    y, ref = aq.fake_quant_fp8_rows(x), fq(x)
+    assert y.stride() == ref.stride() == x.stride()
+    assert torch.equal(y.view(torch.int16), ref.view(torch.int16))
+    w = torch.randn(32, 64, dtype=torch.bfloat16)
+    assert torch.equal(F.linear(y, w), F.linear(ref, w))
+
+
+def test_cli_exports_a_converted_model_at_its_group_size(tmp_path):
+    """The CLI's --group-size defaults to the model's QAT layers' (a pickled
+    converted model at g=64 was refused under the old default 128)."""
+    import subprocess
+    import sys
+
+    m = MLP()
+    quantize_(m, AWQQATConfig(group_size=64), filter_fn=head_filter)
+    quantize_(m, AWQQATConfig(step="convert"), filter_fn=head_filter)
+    torch.save(m, tmp_path / "m.pt")
+    r = subprocess.run([sys.executable, "-m", "ao_awq_export", "export", str(tmp_path / "m.pt"), str(tmp_path / "o"),
+                        "--allow-pickle", "--modules-to-not-convert", "head", "--no-progress"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.load(open(tmp_path / "o" / "config.json"))["quantization_config"]["group_size"] == 64
+    t = load_file(str(tmp_path / "o" / "model.safetensors"))
+    assert torch.equal(t["a.qweight"], m.a.qweight) and "head.weight" in t

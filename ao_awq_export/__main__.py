@@ -10,12 +10,18 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ao_awq_export",
+    from . import __version__
+
+    script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    p = argparse.ArgumentParser(prog="ao-awq-export" if script.startswith("ao-awq-export")
+                                else "python -m ao_awq_export",
                                 description="Lossless AWQ int4 export of torchao QAT models.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("export", help="write an AWQ GEMM checkpoint (safetensors + config.json)")
     e.add_argument("checkpoint", help="torch.save'd model or state dict")

@@ -367,6 +367,15 @@ def main(argv=None):
                  "off after the warmup")
     args.log_every = max(1, args.steps // 6)
 
+    if args.hf_check:  # before the training, not after it
+        try:
+            import gptqmodel  # noqa: F401  (transformers' AWQ loading on the CPU)
+            import transformers  # noqa: F401
+        except ImportError as e:
+            ap.error(f"--hf-check needs transformers and GPTQModel ({e}): pip install -c "
+                     ".ci/constraints.txt -r requirements-test.txt && pip install --no-deps -r "
+                     "requirements-test-nodeps.txt")
+
     from torchao.quantization import quantize_
 
     from ao_awq_export.export import export_awq
@@ -403,71 +412,73 @@ def main(argv=None):
     train(model, opt, data, branch, args.steps, args, "float")
 
     out_root = args.out or tempfile.mkdtemp(prefix="qat_to_awq_")
-    ptq_dir, qat_dir = os.path.join(out_root, "ptq_awq"), os.path.join(out_root, "qat_awq")
-    for d in (ptq_dir, qat_dir):
-        if os.path.exists(d):
-            shutil.rmtree(d)
+    try:
+        ptq_dir, qat_dir = os.path.join(out_root, "ptq_awq"), os.path.join(out_root, "qat_awq")
+        for d in (ptq_dir, qat_dir):
+            if os.path.exists(d):
+                shutil.rmtree(d)
 
-    # (2) PTQ: round-to-nearest AWQ export of the float model (lm_head stays fp16)
-    rep = export_awq(model, ptq_dir, scheme="int4_asym", mode="awq",
-                     group_size=args.group_size, progress=False)
-    log(f"PTQ export: {len(rep.layers)} int4 layers -> {ptq_dir}")
+        # (2) PTQ: round-to-nearest AWQ export of the float model (lm_head stays fp16)
+        rep = export_awq(model, ptq_dir, scheme="int4_asym", mode="awq",
+                         group_size=args.group_size, progress=False)
+        log(f"PTQ export: {len(rep.layers)} int4 layers -> {ptq_dir}")
 
-    # (3) QAT from the float checkpoint at the branch point, with our fake quant
-    qcfg = dict(scheme="int4_asym", mode="awq", group_size=args.group_size)
-    keys = list(qat_model.state_dict())
-    quantize_(qat_model, AWQQATConfig(**qcfg, step="prepare"), filter_fn=awq_filter)
-    assert list(qat_model.state_dict()) == keys  # same Parameters, same keys
-    train(qat_model, qat_opt, data, branch, args.steps, args, "QAT  ")
+        # (3) QAT from the float checkpoint at the branch point, with our fake quant
+        qcfg = dict(scheme="int4_asym", mode="awq", group_size=args.group_size)
+        keys = list(qat_model.state_dict())
+        quantize_(qat_model, AWQQATConfig(**qcfg, step="prepare"), filter_fn=awq_filter)
+        assert list(qat_model.state_dict()) == keys  # same Parameters, same keys
+        train(qat_model, qat_opt, data, branch, args.steps, args, "QAT  ")
 
-    # (4) convert (integer codes, zeros, fp16 scales) and export
-    probe = held[: args.seq].unsqueeze(0)
-    with torch.no_grad():
-        ref_logits = qat_model(input_ids=probe).logits
-    quantize_(qat_model, AWQQATConfig(**qcfg, step="convert"), filter_fn=None)
-    with torch.no_grad():
-        same = torch.equal(ref_logits, qat_model(input_ids=probe).logits)
-    rep = export_qat_awq(qat_model, qat_dir, progress=False)
-    log(f"QAT convert: forward identical to the prepared model: {same}; export: "
-        f"{len(rep.layers)} int4 layers, all exact: {rep.all_exact} -> {qat_dir}")
+        # (4) convert (integer codes, zeros, fp16 scales) and export
+        probe = held[: args.seq].unsqueeze(0)
+        with torch.no_grad():
+            ref_logits = qat_model(input_ids=probe).logits
+        quantize_(qat_model, AWQQATConfig(**qcfg, step="convert"), filter_fn=None)
+        with torch.no_grad():
+            same = torch.equal(ref_logits, qat_model(input_ids=probe).logits)
+        rep = export_qat_awq(qat_model, qat_dir, progress=False)
+        log(f"QAT convert: forward identical to the prepared model: {same}; export: "
+            f"{len(rep.layers)} int4 layers, all exact: {rep.all_exact} -> {qat_dir}")
 
-    # (5) evaluate; the quantized models come back from the exported files
-    ppl_float = perplexity(model, held, args.seq)
-    ptq_model, n1 = load_awq_reference(ptq_dir, lambda: build_model(args))
-    qat_loaded, n2 = load_awq_reference(qat_dir, lambda: build_model(args))
-    ppl_ptq = perplexity(ptq_model, held, args.seq)
-    ppl_qat = perplexity(qat_loaded, held, args.seq)
-    with torch.no_grad():  # the file gives back the converted model's weights
-        file_eq = all(torch.equal(m.dequantize().float(),
-                                  qat_loaded.get_submodule(n).weight)
-                      for n, m in qat_model.named_modules() if isinstance(m, AWQInt4Linear))
-    log(f"loaded {n1} + {n2} int4 layers with the reference AWQ reader; QAT file weights "
-        f"== converted weights: {file_eq}")
+        # (5) evaluate; the quantized models come back from the exported files
+        ppl_float = perplexity(model, held, args.seq)
+        ptq_model, n1 = load_awq_reference(ptq_dir, lambda: build_model(args))
+        qat_loaded, n2 = load_awq_reference(qat_dir, lambda: build_model(args))
+        ppl_ptq = perplexity(ptq_model, held, args.seq)
+        ppl_qat = perplexity(qat_loaded, held, args.seq)
+        with torch.no_grad():  # the file gives back the converted model's weights
+            file_eq = all(torch.equal(m.dequantize().float(),
+                                      qat_loaded.get_submodule(n).weight)
+                          for n, m in qat_model.named_modules() if isinstance(m, AWQInt4Linear))
+        log(f"loaded {n1} + {n2} int4 layers with the reference AWQ reader; QAT file weights "
+            f"== converted weights: {file_eq}")
 
-    rows = [("float (fp32)", ppl_float), ("PTQ  int4 RTN (AWQ file)", ppl_ptq),
-            ("QAT  int4 (AWQ file)", ppl_qat)]
-    if args.hf_check:
-        log("transformers + GPTQModel: loading both checkpoints (fp16) ...")
-        p1 = perplexity(load_awq_transformers(ptq_dir), held, args.seq)
-        p2 = perplexity(load_awq_transformers(qat_dir), held, args.seq)
-        rows += [("PTQ  via transformers/GPTQModel", p1), ("QAT  via transformers/GPTQModel", p2)]
-    deg = ppl_ptq - ppl_float
-    rec = (ppl_ptq - ppl_qat) / deg if deg > 0 else float("nan")
-    print()
-    print(f"held-out {unit} perplexity (group size {args.group_size}, int4_asym, "
-          f"{held.numel():,} {unit}s; {nparam / 1e6:.2f} M parameters)")
-    print(f"| {'model':<34} | {'perplexity':>10} | {'vs float':>9} |")
-    print(f"|{'-' * 36}|{'-' * 12}|{'-' * 11}|")
-    for name, p in rows:
-        print(f"| {name:<34} | {p:10.4f} | {100 * (p / ppl_float - 1):+8.2f}% |")
-    print(f"QAT recovers {100 * rec:.1f} % of PTQ's perplexity degradation "
-          f"((ppl_ptq - ppl_qat) / (ppl_ptq - ppl_float))")
-    print(f"exports kept in {out_root}" if args.out else
-          "(the exports were written to a temporary directory, removed now; keep them "
-          "with --out DIR)")
+        rows = [("float (fp32)", ppl_float), ("PTQ  int4 RTN (AWQ file)", ppl_ptq),
+                ("QAT  int4 (AWQ file)", ppl_qat)]
+        if args.hf_check:
+            log("transformers + GPTQModel: loading both checkpoints (fp16) ...")
+            p1 = perplexity(load_awq_transformers(ptq_dir), held, args.seq)
+            p2 = perplexity(load_awq_transformers(qat_dir), held, args.seq)
+            rows += [("PTQ  via transformers/GPTQModel", p1), ("QAT  via transformers/GPTQModel", p2)]
+        deg = ppl_ptq - ppl_float
+        rec = (ppl_ptq - ppl_qat) / deg if deg > 0 else float("nan")
+        print()
+        print(f"held-out {unit} perplexity (group size {args.group_size}, int4_asym, "
+              f"{held.numel():,} {unit}s; {nparam / 1e6:.2f} M parameters)")
+        print(f"| {'model':<34} | {'perplexity':>10} | {'vs float':>9} |")
+        print(f"|{'-' * 36}|{'-' * 12}|{'-' * 11}|")
+        for name, p in rows:
+            print(f"| {name:<34} | {p:10.4f} | {100 * (p / ppl_float - 1):+8.2f}% |")
+        print(f"QAT recovers {100 * rec:.1f} % of PTQ's perplexity degradation "
+              f"((ppl_ptq - ppl_qat) / (ppl_ptq - ppl_float))")
+        print(f"exports kept in {out_root}" if args.out else
+              "(the exports were written to a temporary directory, removed now; keep them "
+              "with --out DIR)")
+    finally:  # the temporary exports go, also when a step fails
+        if not args.out:
+            shutil.rmtree(out_root, ignore_errors=True)
     log("done")
-    if not args.out:
-        shutil.rmtree(out_root, ignore_errors=True)
     return dict(float=ppl_float, ptq=ppl_ptq, qat=ppl_qat, recovery=rec, convert_equal=same,
                 file_equal=file_eq, exact=rep.all_exact, head_dtype=args.head_dtype)
 

@@ -600,7 +600,10 @@ def rows_layout_cases(dtype):
     chunks t, t + 256, ..., two in flight): rows shorter than a chunk, rows of
     more chunks than threads (the second chunk in flight, a short last
     chunk), one extreme among flushed values, zero gradients, NaN and Inf
-    gradients in a fast row (the last step's words flagged)."""
+    gradients in a fast row (whose `each` is then NaN: the last step's
+    general code), and an fp16 fast row whose gradients overflow to Inf
+    (s_row = 2^-24, gradient +-65504 at x = 0: Inf halves through the last
+    step's words, PackedFix)."""
     v = 16 // torch.empty(0, dtype=dtype).element_size()
     for k in (3, v, 2 * 256 * v + 3 * v, 2 * 256 * v + 3 * v + 2, 3 * 256 * v):
         gen = torch.Generator().manual_seed(k)
@@ -610,6 +613,17 @@ def rows_layout_cases(dtype):
         G[2, :: 7] = 0.0
         G[0, k // 3], G[0, k - 1] = float("nan"), float("-inf")  # in a fast row
         yield k, x, G
+    if dtype == torch.float16:
+        for k in (8, 2 * 256 * v):
+            # amax 448 * 2^-24: s_row = 2^-24 (a fast row); gt = e4m3(+-65504 * 2^-24)
+            # over s_row overflows fp16 where x = 0
+            x = torch.zeros(3, k)
+            x[:, 1] = 448 * 2.0 ** -24
+            x[:, 2::3] = 2.0 ** -20
+            G = torch.zeros(3, k)
+            G[:, 0::2] = 65504.0
+            G[1, 0::4] = -65504.0
+            yield k, x.to(dtype), G.to(dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -787,8 +801,9 @@ def test_emulated_no_race_thread_order(lib, scheme, dtype):
     g, n = 64, 9
     w = make_weight(n, 17 * g, dtype, g, seed=4)
     gout = (torch.randn(n, 17 * g, generator=torch.Generator().manual_seed(4)) * 1e3).to(dtype)
-    x = (torch.randn(4, 700, generator=torch.Generator().manual_seed(4)) * 3).to(dtype)
-    gx = (x * 7).to(dtype)
+    # activation rows: 700 (16-bit dtypes element by element, fp32 in vectors) and
+    # 2056 (vectors for every dtype, more 16-byte chunks than threads for 16-bit)
+    xs = [(torch.randn(4, k, generator=torch.Generator().manual_seed(4)) * 3).to(dtype) for k in (700, 2056)]
     codes = torch.randint(0, 16, (64, 24), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
 
     smem = []
@@ -798,13 +813,17 @@ def test_emulated_no_race_thread_order(lib, scheme, dtype):
         smem.append(lib.aoq_emu_last_smem())
         res.append(emu_bwd(lib, gout, w, g, scheme, 1, 0, 1))
         smem.append(lib.aoq_emu_last_smem())
-        rows, grows, packed = torch.empty_like(x), torch.empty_like(x), torch.empty(24, 8, dtype=torch.int32)
-        check(lib, lib.aoq_cuda_fp8_rows_fwd(ptr(x), ptr(rows), 4, 700, DT[dtype], 1, 0, None))
-        smem.append(lib.aoq_emu_last_smem())
-        check(lib, lib.aoq_cuda_fp8_rows_bwd(ptr(gx), ptr(x), ptr(grows), 4, 700, DT[dtype], 1, 1, 0, None))
-        smem.append(lib.aoq_emu_last_smem())
+        for x in xs:
+            k, gx = x.shape[1], (x * 7).to(dtype)
+            rows, grows = torch.empty_like(x), torch.empty_like(x)
+            check(lib, lib.aoq_cuda_fp8_rows_fwd(ptr(x), ptr(rows), 4, k, DT[dtype], 1, 0, None))
+            smem.append(lib.aoq_emu_last_smem())
+            check(lib, lib.aoq_cuda_fp8_rows_bwd(ptr(gx), ptr(x), ptr(grows), 4, k, DT[dtype], 1, 1, 0, None))
+            smem.append(lib.aoq_emu_last_smem())
+            res += [rows, grows]
+        packed = torch.empty(24, 8, dtype=torch.int32)
         check(lib, lib.aoq_cuda_pack_awq(ptr(codes), ptr(packed), 64, 24, 0, None))
-        return res + [rows, grows, packed]
+        return res + [packed]
 
     try:
         for stage in ("1", "0"):  # the fp8 kernels staged in shared memory, and not
@@ -814,7 +833,7 @@ def test_emulated_no_race_thread_order(lib, scheme, dtype):
             base = run_all()
             es = w.element_size() * (stage == "1")  # fwd, bwd of the weight; fwd, bwd of x
             assert smem == [17 * g * es * (scheme == "fp8_int4"), 2 * 17 * g * es * (scheme == "fp8_int4"),
-                            700 * es, 2 * 700 * es]
+                            700 * es, 2 * 700 * es, 2056 * es, 2 * 2056 * es]
             for order in (1, 2, 2):
                 lib.aoq_emu_set_order(order)
                 for a, b in zip(run_all(), base):

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torchao.core.config import AOBaseConfig
 from torchao.quantization.transform_module import register_quantize_module_handler
 
-from .export import _ROUTER_NAMES, FakeQuantLinear, LayerReport, export_awq, unwrap_model
+from .export import _ROUTER_NAMES, FakeQuantLinear, LayerReport, _patterns, export_awq, unwrap_model
 from .ops import (
     GROUP_SIZES,
     MODES,
@@ -580,10 +580,7 @@ def export_qat_awq(model: nn.Module, out_dir, **kwargs):
     def is_head(n):
         return n.rpartition(".")[2] in _HEAD_NAMES
 
-    skip = kwargs.get("modules_to_not_convert") or []
-    if isinstance(skip, str):
-        skip = [skip]
-    skip = [p.strip() for p in skip if isinstance(p, str) and p.strip()]
+    skip = _patterns(kwargs.get("modules_to_not_convert"))  # export_awq's checks and stripping
 
     def kept_fp16(n):  # what export_awq leaves in float16: its group size does not count
         return is_head(n) or n.rpartition(".")[2] in _ROUTER_NAMES or any(p in n for p in skip)

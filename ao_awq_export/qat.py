@@ -575,6 +575,8 @@ def export_qat_awq(model: nn.Module, out_dir, **kwargs):
     lm_head (AWQ consumers expect it in fp16), and adds the converted layers
     to the returned report (exact by construction).  Other kwargs go to
     export_awq."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     model = unwrap_model(model)  # torch.compile / DataParallel: the names without their prefix
 
     def is_head(n):

@@ -879,6 +879,8 @@ def test_export_qat_awq_unwraps_and_ignores_excluded_group_sizes(tmp_path):
     for w in (m, nn.DataParallel(m), torch.compile(m)):
         with pytest.raises(ValueError, match="out is converted to int4"):
             export_qat_awq(w, tmp_path / "x", progress=False)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got dict"):
+        export_qat_awq({"proj.weight": torch.zeros(64, 64)}, tmp_path / "x", progress=False)
     m = MLP()
     quantize_(m, AWQQATConfig(group_size=32), filter_fn=lambda x, f: f == "a")
     quantize_(m, AWQQATConfig(group_size=64), filter_fn=lambda x, f: f == "b")

@@ -394,6 +394,61 @@ def _patterns(modules_to_not_convert):
     return patterns
 
 
+def _converted_names(model: nn.Module) -> List[str]:
+    """Names of the modules holding AWQ tensors (a `qweight` of their own)."""
+    return [k[: -len("qweight")].rstrip(".") for k in model.state_dict(keep_vars=True)
+            if k.rpartition(".")[2] == "qweight"]
+
+
+# a name inside a numbered block: (container, index, name relative to the block)
+_IN_BLOCK = re.compile(r"^(.*?)\.(\d+)\.(.+)$")
+
+
+def _config_skips(fp16_linears: List[str], quantized: List[str]) -> List[str]:
+    """modules_to_not_convert as config.json records it: every Linear left in
+    fp16 by its full name (SPEC 5), which vLLM and transformers match (by
+    substring / suffix), then for AutoAWQ, which matches names relative to a
+    decoder block (`mlp.down_proj`) and so never a full name, the relative
+    names of those in numbered blocks that no quantized layer's name contains
+    (every block keeps them in fp16): they add nothing for the others, and
+    AutoAWQ skips the same layers.  Layers in blocks that hold quantized
+    layers (AutoAWQ's decoder blocks) without such a name are warned about."""
+    rels, partial = [], []
+    for name in fp16_linears:
+        m = _IN_BLOCK.match(name)
+        if m is None:
+            continue
+        rel = m.group(3)
+        if not any(rel in q for q in quantized):
+            if rel not in rels:
+                rels.append(rel)
+        elif any(re.match(re.escape(m.group(1)) + r"\.\d+\.", q) for q in quantized):
+            partial.append(name)
+    if partial:
+        log.warning("modules_to_not_convert: %s (%d layers) stay float16 but their name "
+                    "within the block is not one that only float16 layers have (another block "
+                    "quantizes it, or a quantized layer's name contains it); vLLM and "
+                    "transformers skip them by their full names, but AutoAWQ matches names "
+                    "within a block and cannot load such a checkpoint", partial[0],
+                    len(partial))
+    return list(fp16_linears) + [r for r in rels if r not in fp16_linears]
+
+
+def _vllm_shape_warning(shapes: Dict[str, tuple]):
+    """vLLM runs AWQ layers with Marlin (N % 64 == 0 and K % 128 == 0) or
+    else its awq_gemm kernel (N % 64 == 0 and N % group size == 0); with K %
+    group size == 0 and a group size of 32, 64 or 128 one of them fits
+    exactly when N % 64 == 0 (for one GPU; tensor parallelism splits N or K
+    further).  transformers and GPTQModel load any N % 8 == 0."""
+    bad = [(n, nk) for n, nk in shapes.items() if nk[0] % 64]
+    if bad:
+        n, (N, K) = bad[0]
+        log.warning("%d quantized layers (e.g. %s, N=%d, K=%d) have out_features not a "
+                    "multiple of 64, which none of vLLM's AWQ kernels runs (Marlin, "
+                    "awq_gemm): vLLM will refuse this checkpoint; transformers and GPTQModel "
+                    "load it", len(bad), n or "<model>", N, K)
+
+
 def _check_linear_tensors(name: str, mod: nn.Linear):
     """The weight and bias a quantized Linear's tensors are computed from must
     be what its in_features / out_features say."""
@@ -536,9 +591,12 @@ def _classify(model: nn.Module, modules_to_not_convert, scheme, mode, group_size
             raise ValueError(f"{name}: weight is on the meta device (not materialized)")
         spec.update(module=mod, N=n_out, K=k_in)
         quant[name] = spec
+    # layers already in AWQ form (a converted AWQInt4Linear's qweight / qzeros /
+    # scales, written as they are) are quantized members of the checks below
+    quantized = list(quant) + [c for c in _converted_names(model) if c not in quant]
     # consumers (vLLM, AutoAWQ) match modules_to_not_convert by substring
     for skip in fp16_linears:
-        for q in quant:
+        for q in quantized:
             if skip in q:
                 raise ValueError(f"module {skip!r} is left in float16 but its name is a "
                                  f"substring of the quantized module {q!r}: AWQ consumers would "
@@ -546,7 +604,7 @@ def _classify(model: nn.Module, modules_to_not_convert, scheme, mode, group_size
     # vLLM fuses q/k/v and gate/up into one layer: all of a fused set or none
     for members in _FUSED_SETS:
         parents = {}
-        for q in quant:
+        for q in quantized:
             pre, _, last = q.rpartition(".")
             if last in members:
                 parents.setdefault(pre, [set(), set()])[0].add(last)
@@ -803,35 +861,77 @@ def _check_converted_group_size(model, G, from_layers):
                                 f"pass group_size={g} (export_qat_awq does)"))
 
 
+def _prefix_renames(sd, reverted):
+    """{module path: its name in checkpoints} from a state dict and its
+    renamed copy (the same tensor objects under new keys), or None when the
+    renames are not those of module paths."""
+    new_of = {id(t): k for k, t in reverted.items()}
+    if len(new_of) != len(reverted) or len(reverted) != len(sd):
+        return None
+    renames = {}
+    for old, t in sd.items():
+        new = new_of.get(id(t))
+        if new is None:
+            return None
+        o, n = old.split("."), new.split(".")
+        j = 0  # the leaf's name is kept: the parts both end with
+        while j < min(len(o), len(n)) and o[len(o) - 1 - j] == n[len(n) - 1 - j]:
+            j += 1
+        if j == 0:
+            return None
+        for i in range(1, j + 1):
+            op, np_ = ".".join(o[: len(o) - i]), ".".join(n[: len(n) - i])
+            if not op and not np_:
+                break
+            if renames.setdefault(op, np_) != np_:
+                return None
+    return renames if any(a != b for a, b in renames.items()) else None
+
+
+def _checkpoint_name(renames, key: str) -> str:
+    """key under the checkpoint name of its longest renamed module prefix."""
+    if not renames:
+        return key
+    parts = key.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        new = renames.get(".".join(parts[:i]))
+        if new is not None:
+            return ".".join([new] + parts[i:]) if new else ".".join(parts[i:])
+    return key
+
+
 def _check_checkpoint_names(model):
     """transformers >= 5 fuses some weights at load time (MoE experts become
     3-D `experts.gate_up_proj`, ...) and splits them again when saving.  The
     module tree then differs from the checkpoint layout AWQ consumers read,
-    and those experts would be left unquantized: refuse such models."""
+    and those experts would be left unquantized: refuse such models.  Where
+    only names differ, returns {module path: checkpoint name} (else None)."""
     if not (type(model).__module__.startswith("transformers.")
             or hasattr(model, "_weight_conversions")):
-        return
+        return None
     try:
         from transformers.core_model_loading import revert_weight_conversion
     except ImportError:
-        return
+        return None
     sd = dict(model.state_dict())
     try:
         reverted = revert_weight_conversion(model, dict(sd))
     except Exception:  # noqa: BLE001  (a model transformers cannot map: nothing to compare)
-        return
+        return None
     changed = sorted(set(sd) - set(reverted))
     if not changed:
-        return
+        return None
     saved = sorted(set(reverted) - set(sd))
     shapes = lambda d, ks: sorted(tuple(d[k].shape) for k in ks)  # noqa: E731
     if len(changed) == len(saved) and shapes(sd, changed) == shapes(reverted, saved):
-        # names only (e.g. GPT-NeoX embed_out, VLM prefixes): transformers loads the module
-        # names too; say what the original checkpoints call them
-        log.warning("transformers names %d tensors differently in checkpoints (e.g. %s -> %s); "
-                    "the export keeps the module names, which transformers loads", len(changed),
-                    changed[0], saved[0])
-        return
+        # names only (e.g. GPT-NeoX embed_out, VLM prefixes): write what save_pretrained
+        # writes (vLLM's GPT-NeoX has no lm_head; transformers loads either name)
+        renames = _prefix_renames(sd, reverted)
+        if renames is None:
+            log.warning("transformers names %d tensors differently in checkpoints (e.g. %s -> "
+                        "%s); the export keeps the module names, which transformers loads",
+                        len(changed), changed[0], saved[0])
+        return renames
     raise ValueError(
         f"{changed[0]}: transformers stores this model's weights in the checkpoint "
         f"under other names and shapes (e.g. {saved[:2]}; fused MoE experts), which "
@@ -888,6 +988,26 @@ def _shard(items: List[_Item], limit: int) -> List[List[_Item]]:
     if cur:
         shards.append(cur)
     return shards
+
+
+# the tokenizer's and processor's files save_pretrained writes beside config.json:
+# vLLM reads the tokenizer from the model directory unless told otherwise, and
+# GPTQModel.load always does
+_TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "spiece.model",
+    "sentencepiece.bpe.model", "qwen.tiktoken", "tiktoken.model", "chat_template.jinja",
+    "chat_template.json", "preprocessor_config.json", "processor_config.json",
+    "video_preprocessor_config.json",
+)
+
+
+def _tokenizer_files(hf_config) -> List[str]:
+    """The tokenizer / processor files of an hf_config directory (copied)."""
+    if not isinstance(hf_config, (str, os.PathLike)) or not os.path.isdir(hf_config):
+        return []
+    d = os.fspath(hf_config)
+    return [os.path.join(d, f) for f in _TOKENIZER_FILES if os.path.isfile(os.path.join(d, f))]
 
 
 def _config_dict(model, hf_config):
@@ -1123,12 +1243,26 @@ def export_awq(model: nn.Module, out_dir, *, scheme: str = "int4_asym", mode: st
     if not quant and not any(k.rpartition(".")[2] == "qweight" for k in model.state_dict()):
         raise ValueError("the model has no Linear layer to quantize (none outside lm_head and "
                          "modules_to_not_convert): an AWQ checkpoint needs at least one")
-    _check_checkpoint_names(model)
+    renames = _check_checkpoint_names(model)
     _check_fused_weights(model, _patterns(modules_to_not_convert))
     cfg, gen = _config_dict(model, hf_config)
+    tok_files = _tokenizer_files(hf_config)
+    if not tok_files:
+        log.warning("no tokenizer files written (hf_config is not a model directory with "
+                    "them): vLLM and GPTQModel.load read the tokenizer from the checkpoint "
+                    "directory; save it there (tokenizer.save_pretrained(out_dir)) or pass "
+                    "hf_config=<the model's directory>")
     tie_ok = not (cfg is not None and cfg.get("tie_word_embeddings") is False)
     G = next(iter(quant.values()))["group_size"] if quant else group_size
     _check_converted_group_size(model, G, bool(quant))
+    shapes = {n: (s["N"], s["K"]) for n, s in quant.items()}
+    sd_all = model.state_dict(keep_vars=True)
+    for c in _converted_names(model):
+        qw = sd_all[f"{c}.qweight" if c else "qweight"]
+        shapes.setdefault(c, (8 * qw.shape[1], qw.shape[0]))
+    del sd_all
+    _vllm_shape_warning(shapes)
+    skips = _config_skips(fp16_linears, list(shapes)) if fp16_linears else None
 
     out_dir, tmp, created, inside = _prepare_out_dir(out_dir)
     report = ExportReport(out_dir=out_dir, group_size=G,
@@ -1138,12 +1272,18 @@ def export_awq(model: nn.Module, out_dir, *, scheme: str = "int4_asym", mode: st
         tied: List[str] = []
         items = _plan(model, quant, report, strict, sqnr_threshold, verify, tie_ok,
                       (cfg or {}).get("model_type"), tied)
+        fq_keys = {}
+        if renames:
+            for it in items:
+                fq_keys[_checkpoint_name(renames, it.entries[0][0])] = it.entries[0][0]
+                it.entries = [(_checkpoint_name(renames, e[0]),) + tuple(e[1:])
+                              for e in it.entries]
         # an excluded FakeQuantLinear keeps the weight it trained with
         fq_excluded = {f"{n}.weight": m for n, m in model.named_modules()
                        if isinstance(m, FakeQuantLinear) and n not in quant
                        and getattr(m, "weight_fake_quant_enabled", True)}
         for it in items:
-            nm = it.entries[0][0]
+            nm = fq_keys.get(it.entries[0][0], it.entries[0][0])
             if len(it.entries) == 1 and nm in fq_excluded:
                 m = fq_excluded[nm]
                 it.produce = (lambda m=m, nm=nm: _fake_quant_fp16(nm, m))
@@ -1209,13 +1349,23 @@ def export_awq(model: nn.Module, out_dir, *, scheme: str = "int4_asym", mode: st
             conf["dtype"] = "float16"
         conf["quantization_config"] = {
             "quant_method": "awq", "bits": 4, "group_size": G, "zero_point": True,
-            "version": "gemm", "modules_to_not_convert": fp16_linears or None,
+            "version": "gemm", "modules_to_not_convert": skips,
         }
+        if fp16_linears:
+            # GPTQModel's own loader (GPTQModel.load) ignores
+            # modules_to_not_convert: it skips a module only by a negative
+            # `dynamic` rule, else it builds an int4 layer for a float weight
+            conf["quantization_config"]["dynamic"] = {
+                f"-:^{re.escape(n)}$": {} for n in fp16_linears}
         _write_json(os.path.join(tmp, "config.json"), conf)
         report.files.append("config.json")
         if gen is not None:
             _write_bytes(os.path.join(tmp, "generation_config.json"), gen)
             report.files.append("generation_config.json")
+        for src in tok_files:
+            with open(src, "rb") as f:
+                _write_bytes(os.path.join(tmp, os.path.basename(src)), f.read())
+            report.files.append(os.path.basename(src))
         _fsync_dir(tmp)
         if inside:
             _move_into(tmp, out_dir, report.files)

@@ -1329,3 +1329,288 @@ def test_out_dir_that_cannot_be_renamed_onto(tmp_path, monkeypatch):
         export_awq(m, str(vol2), max_shard_size="40KB", group_size=32, progress=False)
     assert os.listdir(vol2) == []
     assert leftovers(tmp_path) == ["vol", "vol2"]
+
+
+# ----------------------------------------------------------------------------
+# what each consumer makes of config.json and the file names (review of
+# 2026-12-03: vLLM, AutoAWQ, GPTQModel, transformers)
+# ----------------------------------------------------------------------------
+class _Converted(nn.Module):
+    """A layer already in AWQ form (what AWQInt4Linear holds), without torchao."""
+
+    def __init__(self, k, n, g):
+        super().__init__()
+        self.register_buffer("qweight", torch.zeros(k, n // 8, dtype=torch.int32))
+        self.register_buffer("qzeros", torch.zeros(k // g, n // 8, dtype=torch.int32))
+        self.register_buffer("scales", torch.ones(k // g, n, dtype=torch.float16))
+
+
+def _blocks(n_layers, extra=()):
+    """model.layers.<i>.{self_attn.{q,k,v,o}_proj, mlp.{up,down}_proj, *extra}"""
+    m = nn.Module()
+    m.model = nn.Module()
+    m.model.layers = nn.ModuleList()
+    for _ in range(n_layers):
+        b = nn.Module()
+        b.self_attn = nn.Module()
+        for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            b.self_attn.add_module(p, nn.Linear(64, 64))
+        b.mlp = nn.Module()
+        b.mlp.up_proj, b.mlp.down_proj = nn.Linear(64, 128), nn.Linear(128, 64)
+        for e in extra:
+            b.add_module(e, nn.Module())
+            getattr(b, e).down_proj = nn.Linear(128, 64)
+        m.model.layers.append(b)
+    return m
+
+
+def _skipped_by(rule, pattern_list, names):
+    return {n for n in names if any(rule(p, n) for p in pattern_list)}
+
+
+def test_converted_layers_count_in_fused_and_substring_checks(tmp_path):
+    """A converted q/k beside a v_proj kept in fp16 is the mixed fused layer
+    vLLM refuses ("some but not all shards"); an fp16 name inside a converted
+    one would make consumers skip the converted layer too."""
+    m = _blocks(1)
+    at = m.model.layers[0].self_attn
+    at.q_proj, at.k_proj = _Converted(64, 64, 32), _Converted(64, 64, 32)
+    with pytest.raises(ValueError, match=r"model.layers.0.self_attn: \['v_proj'\] would stay "
+                                         r"float16 while \['k_proj', 'q_proj'\] are quantized"):
+        export_awq(m, str(tmp_path / "a"), group_size=32, progress=False,
+                   modules_to_not_convert=["v_proj"])
+    m = _blocks(1)
+    m.model.layers[0].mlp.up_proj = _Converted(64, 128, 32)
+    m.model.layers[0].mlp.up = nn.Linear(64, 64)
+    with pytest.raises(ValueError, match=r"'model.layers.0.mlp.up' is left in float16 but its "
+                                         r"name is a substring of the quantized module "
+                                         r"'model.layers.0.mlp.up_proj'"):
+        export_awq(m, str(tmp_path / "b"), group_size=32, progress=False,
+                   modules_to_not_convert=["mlp.up"])
+    assert leftovers(tmp_path) == []
+    # all of q/k/v converted, v excluded by nobody: fine
+    m = _blocks(1)
+    for p in ("q_proj", "k_proj", "v_proj"):
+        setattr(m.model.layers[0].self_attn, p, _Converted(64, 64, 32))
+    export_awq(m, str(tmp_path / "c"), group_size=32, progress=False)
+    t, _ = read_export(str(tmp_path / "c"))
+    assert "model.layers.0.self_attn.v_proj.qweight" in t
+
+
+def test_modules_to_not_convert_as_each_consumer_matches_it(tmp_path, caplog):
+    """config.json's modules_to_not_convert is matched by substring (vLLM,
+    AutoAWQ < transformers 5), by suffix or from the start (transformers 5)
+    against full names, and by AutoAWQ against names relative to a decoder
+    block: every fp16 layer is written by its full name (SPEC 5) and, when
+    excluded in every block, by its relative name too (want_rel), so that all
+    of them skip exactly the excluded layers; GPTQModel.load reads
+    only `dynamic`, which names each excluded layer."""
+    def substring(p, n):
+        return p in n
+
+    def transformers5(p, n):  # quantizers_utils.should_convert_module, transformers 5.23
+        return bool(re.match(rf"(?:{p})(?:(?<=\.)|(?=\.|$))", n)) or n.endswith(p)
+
+    def relative(p, n):  # AutoAWQ: the name within model.layers[i]
+        mm = re.match(r"^model\.layers\.\d+\.(.+)$", n)
+        return mm is not None and p in mm.group(1)
+
+    def check(m, skip, want_rel, *, autoawq_ok=True):
+        out = str(tmp_path / f"o{len(os.listdir(tmp_path))}")
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="ao_awq_export.export"):
+            rep = export_awq(m, out, group_size=32, progress=False, modules_to_not_convert=skip)
+        qc = json.load(open(os.path.join(out, "config.json")))["quantization_config"]
+        assert qc["modules_to_not_convert"] == rep.modules_to_not_convert + want_rel
+        want_cfg = qc["modules_to_not_convert"]
+        names = [n for n, mod in m.named_modules() if isinstance(mod, nn.Linear)]
+        excluded = set(rep.modules_to_not_convert)
+        t, _ = read_export(out)
+        assert excluded == {n for n in names if f"{n}.weight" in t}
+        assert _skipped_by(substring, want_cfg, names) == excluded
+        assert _skipped_by(transformers5, want_cfg, names) == excluded
+        in_blocks = {n for n in excluded if n.startswith("model.layers.")}
+        assert (_skipped_by(relative, want_cfg, names) == in_blocks) == autoawq_ok
+        assert ("AutoAWQ matches names within a block" in caplog.text) == (not autoawq_ok)
+        # GPTQModel: exact negative rules, one per excluded layer
+        assert qc["dynamic"] == {f"-:^{re.escape(n)}$": {} for n in rep.modules_to_not_convert}
+        return qc
+
+    # excluded in every block: the full names (SPEC 5), then the relative name
+    check(_blocks(3), ["down_proj"], ["mlp.down_proj"])
+    check(_blocks(3), ["mlp", "o_proj"], ["self_attn.o_proj", "mlp.up_proj", "mlp.down_proj"])
+    # one block only: full names (AutoAWQ cannot say it; warned)
+    check(_blocks(3), ["layers.1.mlp.down_proj"], [], autoawq_ok=False)
+    # a relative name inside a quantized name elsewhere (shared_mlp.down_proj): full names
+    m = _blocks(2, extra=("shared_mlp",))
+    check(m, ["layers.0.mlp.down_proj", "layers.1.mlp.down_proj"], [], autoawq_ok=False)
+    # outside numbered blocks: as before
+    m = _blocks(2)
+    m.extra = nn.Linear(64, 64)
+    check(m, ["extra"] + [f"layers.{i}.self_attn" for i in range(2)],
+          ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"])
+    # nothing excluded: no dynamic rules
+    out = str(tmp_path / "none")
+    export_awq(_blocks(1), out, group_size=32, progress=False)
+    qc = json.load(open(os.path.join(out, "config.json")))["quantization_config"]
+    assert qc["modules_to_not_convert"] is None and "dynamic" not in qc
+
+
+def test_real_consumers_skip_the_excluded_layers(tmp_path):
+    """transformers' should_convert_module, AutoAWQ's
+    exclude_layers_to_not_quantize and GPTQModel.load (which needs the
+    tokenizer in the directory: copied from hf_config) on an export with
+    down_proj kept in fp16: each builds nn.Linear for down_proj and an AWQ
+    layer for the rest, and GPTQModel's logits match transformers'."""
+    _need("transformers")
+    _need("gptqmodel")
+    _need("awq")
+    r = _run(f"""
+        import contextlib, io, json, os, torch
+        import transformers as T
+        from tokenizers import Tokenizer, models, pre_tokenizers
+        from transformers.quantizers.quantizers_utils import should_convert_module
+        from ao_awq_export.export import export_awq
+        torch.manual_seed(0)
+        cfg = T.LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+        m = T.LlamaForCausalLM(cfg).half().eval()
+        hf = {str(tmp_path / 'hf')!r}
+        m.save_pretrained(hf)
+        vocab = {{chr(97 + i): i for i in range(26)}}
+        vocab["<unk>"] = 26
+        tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        tk.pre_tokenizer = pre_tokenizers.Whitespace()
+        T.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>",
+                                  eos_token="<unk>").save_pretrained(hf)
+        out = {str(tmp_path / 'awq')!r}
+        export_awq(m, out, group_size=32, modules_to_not_convert=["down_proj"], hf_config=hf,
+                   progress=False)
+        assert {{"tokenizer.json", "tokenizer_config.json"}} <= set(os.listdir(out))
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            assert open(os.path.join(out, f), "rb").read() == open(os.path.join(hf, f), "rb").read()
+        qc = json.load(open(out + "/config.json"))["quantization_config"]
+        lin = [n for n, x in m.named_modules() if isinstance(x, torch.nn.Linear) and n != "lm_head"]
+        kept = sorted(n for n in lin if not should_convert_module(n, qc["modules_to_not_convert"]))
+        with contextlib.redirect_stderr(io.StringIO()):
+            from awq.utils.module import get_named_linears, exclude_layers_to_not_quantize
+        aw = sorted(exclude_layers_to_not_quantize(get_named_linears(m.model.layers[0]),
+                                                   qc["modules_to_not_convert"]))
+        from gptqmodel import GPTQModel
+        g = GPTQModel.load(out, device="cpu", dtype=torch.float16)
+        kinds = {{n: type(x).__name__ for n, x in g.model.named_modules() if n in lin}}
+        q = T.AutoModelForCausalLM.from_pretrained(out, device_map="cpu", dtype=torch.float16)
+        from ao_awq_export import fake_quant_int4_asym
+        ids = torch.randint(0, 256, (2, 12))
+        with torch.no_grad():
+            for n in lin:  # the reference: the RTN weights, down_proj as it is
+                if "down_proj" not in n:
+                    w = m.get_submodule(n).weight
+                    w.copy_(fake_quant_int4_asym(w, 32, mode="awq"))
+            ref = m(ids).logits.float()
+            a, b = g.model(ids).logits.float(), q(ids).logits.float()
+        print("RESULT", json.dumps([kept, aw, kinds, float((a - ref).abs().max()),
+                                    float((b - ref).abs().max()), float(ref.abs().max())]))
+        """, timeout=400)
+    line = [l for l in r.stdout.splitlines() if l.startswith("RESULT")]
+    assert line, r.stdout[-3000:] + r.stderr[-3000:]
+    kept, aw, kinds, da, db, scale = json.loads(line[0][len("RESULT "):])
+    assert kept == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    assert aw == ["mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj", "self_attn.o_proj",
+                  "self_attn.q_proj", "self_attn.v_proj"]
+    assert {n: k for n, k in kinds.items() if k == "Linear"} == {n: "Linear" for n in kept}
+    assert len(kinds) == 14
+    assert max(da, db) <= 2e-3 * max(1.0, scale), (da, db, scale)
+
+
+def test_tokenizer_files_are_copied_from_hf_config(tmp_path, caplog):
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text('{"model_type": "tiny"}')
+    files = {"tokenizer.json": b'{"x": 1}', "tokenizer_config.json": b"{}",
+             "special_tokens_map.json": b"{}", "merges.txt": b"a b\n",
+             "chat_template.jinja": b"{{ messages }}", "tokenizer.model": bytes(range(256))}
+    for f, b in files.items():
+        (hf / f).write_bytes(b)
+    (hf / "pytorch_model.bin").write_bytes(b"no")
+    (hf / "README.md").write_text("no")
+    out = str(tmp_path / "o")
+    with caplog.at_level("WARNING", logger="ao_awq_export.export"):
+        rep = export_awq(Tiny(), out, group_size=32, hf_config=str(hf), progress=False)
+    assert "no tokenizer files" not in caplog.text
+    assert sorted(os.listdir(out)) == sorted(["config.json", "model.safetensors"] + list(files))
+    assert sorted(rep.files) == sorted(os.listdir(out))
+    for f, b in files.items():
+        assert open(os.path.join(out, f), "rb").read() == b
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ao_awq_export.export"):
+        export_awq(Tiny(), str(tmp_path / "o2"), group_size=32, progress=False)
+    assert "no tokenizer files written" in caplog.text
+
+
+def test_vllm_kernel_shapes_are_warned(tmp_path, caplog):
+    """vLLM runs an AWQ layer with Marlin (N % 64, K % 128) or awq_gemm
+    (N % 64, N % group size); with K % g == 0 and g in (32, 64, 128) one
+    fits exactly when N % 64 == 0, else a warning says vLLM will refuse."""
+    def warned(n, k, g, converted=False):
+        m = nn.Module()
+        m.lin = _Converted(k, n, g) if converted else nn.Linear(k, n)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="ao_awq_export.export"):
+            export_awq(m, str(tmp_path / f"{n}_{k}_{g}_{converted}"), group_size=g,
+                       progress=False)
+        return "which none of vLLM's AWQ kernels runs" in caplog.text
+
+    assert warned(72, 128, 32) and warned(96, 256, 128) and warned(200, 64, 64)
+    assert warned(72, 128, 32, converted=True)
+    assert not warned(64, 128, 128) and not warned(128, 96, 32) and not warned(192, 64, 64)
+    assert not warned(64, 96, 32, converted=True)
+
+
+@pytest.mark.parametrize("arch", ["gpt_neox", "llava"])
+def test_tensor_names_are_those_save_pretrained_writes(tmp_path, arch):
+    """transformers 5 renames some checkpoints' tensors in memory (GPT-NeoX's
+    embed_out is module lm_head; Llava's language_model.model.* is
+    model.language_model.*) and writes the checkpoint names back when saving:
+    the export writes those too (vLLM's GPT-NeoX has no `lm_head`), its AWQ
+    tensors under the same module names; modules_to_not_convert keeps the
+    module names transformers and GPTQModel match."""
+    _need("transformers")
+    import transformers as T
+    torch.manual_seed(0)
+    skip = None
+    if arch == "gpt_neox":
+        m = T.GPTNeoXForCausalLM(T.GPTNeoXConfig(vocab_size=256, hidden_size=64,
+                                                 intermediate_size=128, num_hidden_layers=2,
+                                                 num_attention_heads=2))
+    else:
+        cfg = T.LlavaConfig(
+            text_config=T.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=1, num_attention_heads=2),
+            vision_config=T.CLIPVisionConfig(hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=1, num_attention_heads=2,
+                                             image_size=32, patch_size=8))
+        m = T.LlavaForConditionalGeneration(cfg)
+        skip = ["vision_tower", "multi_modal_projector"]
+    m = m.half().eval()
+    out, sp = str(tmp_path / "awq"), str(tmp_path / "sp")
+    rep = export_awq(m, out, group_size=32, progress=False, modules_to_not_convert=skip)
+    m.save_pretrained(sp)
+    t, _ = read_export(out)
+    saved = set(load_file(os.path.join(sp, "model.safetensors")))
+    ours = {k[: -len("qweight")] + "weight" if k.endswith(".qweight") else k for k in t
+            if not k.endswith((".qzeros", ".scales"))}
+    assert ours == saved
+    if arch == "gpt_neox":
+        assert "embed_out.weight" in t and "lm_head.weight" not in t
+        assert torch.equal(t["embed_out.weight"], m.lm_head.weight.detach())
+        assert "gpt_neox.layers.0.mlp.act.scales" in t
+    else:
+        q = "language_model.model.layers.0.self_attn.q_proj"
+        assert {f"{q}.qweight", f"{q}.qzeros", f"{q}.scales"} <= set(t)
+        assert torch.equal(awq_dequant(t, q, 32, torch.float16), ao_awq_export.fake_quant_int4_asym(
+            m.model.language_model.layers[0].self_attn.q_proj.weight.detach(), 32, mode="awq"))
+        qc = json.load(open(os.path.join(out, "config.json")))["quantization_config"]
+        assert all(n in rep.modules_to_not_convert for n in qc["modules_to_not_convert"]
+                   if n.startswith("model."))
+        assert "model.multi_modal_projector.linear_1" in qc["modules_to_not_convert"]

@@ -1278,6 +1278,13 @@ def export_awq(model: nn.Module, out_dir, *, scheme: str = "int4_asym", mode: st
                 fq_keys[_checkpoint_name(renames, it.entries[0][0])] = it.entries[0][0]
                 it.entries = [(_checkpoint_name(renames, e[0]),) + tuple(e[1:])
                               for e in it.entries]
+        for it in items:
+            for e in it.entries:
+                try:
+                    e[0].encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ValueError(f"{e[0]!r}: a tensor name must be valid UTF-8 "
+                                     "(safetensors headers are UTF-8 JSON)") from None
         # an excluded FakeQuantLinear keeps the weight it trained with
         fq_excluded = {f"{n}.weight": m for n, m in model.named_modules()
                        if isinstance(m, FakeQuantLinear) and n not in quant

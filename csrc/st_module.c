@@ -423,9 +423,11 @@ static PyObject *py_st_inject_fault(PyObject *self, PyObject *args) {
 
 static PyObject *py_st_dtype_size(PyObject *self, PyObject *arg) {
   (void)self;
-  const char *s = PyUnicode_AsUTF8AndSize(arg, NULL);
+  Py_ssize_t n;
+  const char *s = PyUnicode_AsUTF8AndSize(arg, &n);
   if (!s) return NULL;
-  return PyLong_FromSize_t(aoq_st_dtype_size(s));
+  /* an embedded NUL ("F16\0x") is no dtype name: 0, as for any unknown one */
+  return PyLong_FromSize_t(strlen(s) == (size_t)n ? aoq_st_dtype_size(s) : 0);
 }
 
 PyMethodDef aoq_st_methods[] = {

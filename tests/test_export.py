@@ -768,6 +768,14 @@ def test_partial_exclusion_of_a_fused_layer_and_patterns(tmp_path, caplog):
         export_awq(m, str(tmp_path / "o2"), group_size=32, sqnr_threshold=float("nan"))
 
 
+def test_names_that_are_not_utf8_are_refused(tmp_path):
+    m = nn.ModuleDict({"x\udc80": nn.Linear(128, 16)})
+    with pytest.raises(ValueError, match="a tensor name must be valid UTF-8"):
+        export_awq(m, str(tmp_path / "o"), group_size=32, progress=False)
+    assert leftovers(tmp_path) == []
+    assert _C.st_dtype_size("F16") == 2 and _C.st_dtype_size("F16\x00x") == 0
+
+
 def test_aliased_linear_is_written_under_every_name(outdir):
     m = nn.Module()
     m.add_module("a", nn.Linear(64, 16))

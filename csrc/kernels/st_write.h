@@ -5,9 +5,10 @@
  * written tensor by tensor (any order, each tensor in one or more chunks)
  * into a temporary file next to the final one, and aoq_st_close() checks
  * that every byte was written, fsyncs, and renames the temporary file to the
- * final name (refusing to replace an existing file unless asked to).  On any
- * error, and on aoq_st_abort(), the temporary file is removed: nothing is
- * ever left under the final name.
+ * final name (refusing to replace an existing file unless asked to).  A
+ * failed call leaves the temporary file until aoq_st_close() (which then
+ * fails) or aoq_st_abort() removes it; nothing is ever left under the final
+ * name.
  *
  * Layout (SPEC section 6): u64 little-endian header length N, N bytes of
  * UTF-8 JSON padded with spaces to a multiple of 8, then the data.  Tensors

@@ -832,6 +832,25 @@ def _plan(model, quant, report, strict, threshold, verify, tie_ok, model_type=No
     return items + _scaled_act_items(model, model_type, sd)
 
 
+def _untied_head(model) -> bool:
+    """Whether the model's output embedding holds other values than its input
+    embedding (neither shared nor equal)."""
+    try:
+        ie, oe = model.get_input_embeddings(), model.get_output_embeddings()
+    except Exception:  # noqa: BLE001  (models without them raise various errors)
+        return False
+    wi, wo = getattr(ie, "weight", None), getattr(oe, "weight", None)
+    if type(wi) not in (torch.Tensor, nn.Parameter) or type(wo) not in (torch.Tensor,
+                                                                         nn.Parameter):
+        return False
+    if wi.device.type == "meta" or wo.device.type == "meta" or wi.shape != wo.shape:
+        return wi.shape != wo.shape
+    if _storage_key(wi) == _storage_key(wo):
+        return False
+    with torch.no_grad():
+        return not torch.equal(wi, wo.to(wi.dtype))
+
+
 def _check_converted_group_size(model, G, from_layers):
     """Tensors already in AWQ form (a converted AWQInt4Linear: `qweight`
     [K, N/8], `qzeros` [K/g, N/8], `scales` [K/g, N]) are written as they
@@ -1352,6 +1371,12 @@ def export_awq(model: nn.Module, out_dir, *, scheme: str = "int4_asym", mode: st
             # lm_head.weight was left out as the embedding's twin: say so, or a
             # loader whose default is untied (vLLM's Llama) finds it missing
             conf["tie_word_embeddings"] = True
+        if conf.get("tie_word_embeddings") is True and _untied_head(model):
+            log.warning("config.json says tie_word_embeddings, but the model's output "
+                        "embedding (lm_head) is not its input embedding: written untied "
+                        "(tie_word_embeddings false), else consumers would use the input "
+                        "embedding as lm_head")
+            conf["tie_word_embeddings"] = False
         if "dtype" in conf:
             conf["dtype"] = "float16"
         conf["quantization_config"] = {

@@ -1622,3 +1622,37 @@ def test_tensor_names_are_those_save_pretrained_writes(tmp_path, arch):
         assert all(n in rep.modules_to_not_convert for n in qc["modules_to_not_convert"]
                    if n.startswith("model."))
         assert "model.multi_modal_projector.linear_1" in qc["modules_to_not_convert"]
+
+
+def test_config_that_ties_an_untied_head_is_corrected(tmp_path, caplog):
+    """config.json saying tie_word_embeddings while lm_head holds other values
+    than the embedding (untied in training) would make every consumer use the
+    embedding as lm_head: it is written untied, with a warning."""
+    _need("transformers")
+    import transformers as T
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
+                        num_hidden_layers=1, num_attention_heads=2, tie_word_embeddings=True)
+    m = T.LlamaForCausalLM(cfg).half().eval()
+    assert m.lm_head.weight is m.model.embed_tokens.weight
+    out = str(tmp_path / "tied")
+    export_awq(m, out, group_size=32, progress=False)
+    t, _ = read_export(out)
+    assert json.load(open(os.path.join(out, "config.json")))["tie_word_embeddings"] is True
+    assert "lm_head.weight" not in t
+    # a separate but equal copy: still tied, nothing to say
+    m.lm_head.weight = nn.Parameter(m.model.embed_tokens.weight.detach().clone())
+    with caplog.at_level("WARNING", logger="ao_awq_export.export"):
+        export_awq(m, str(tmp_path / "copy"), group_size=32, progress=False)
+    assert json.load(open(tmp_path / "copy" / "config.json"))["tie_word_embeddings"] is True
+    assert "written untied" not in caplog.text
+    with torch.no_grad():
+        m.lm_head.weight[0, 0] += 1
+    out = str(tmp_path / "untied")
+    with caplog.at_level("WARNING", logger="ao_awq_export.export"):
+        export_awq(m, out, group_size=32, progress=False)
+    assert "written untied" in caplog.text
+    t, _ = read_export(out)
+    assert json.load(open(os.path.join(out, "config.json")))["tie_word_embeddings"] is False
+    assert torch.equal(t["lm_head.weight"], m.lm_head.weight.detach())
+    assert torch.equal(t["model.embed_tokens.weight"], m.model.embed_tokens.weight.detach())

@@ -238,9 +238,9 @@ class AWQInt4Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  group_size: int = 128, scheme: str = "int4_asym", mode: str = "awq",
                  act_fake_quant: bool = False, dtype: torch.dtype = torch.float32,
-                 device=None):
+                 device=None, ste: str = "autograd"):
         super().__init__()
-        _check(scheme, mode, group_size)
+        _check(scheme, mode, group_size, ste)
         if in_features <= 0 or out_features <= 0:
             raise ValueError(f"in_features and out_features must be positive, got "
                              f"K={in_features}, N={out_features}")
@@ -250,6 +250,7 @@ class AWQInt4Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.group_size, self.scheme, self.mode = group_size, scheme, mode
         self.act_fake_quant = bool(act_fake_quant)
+        self.ste = ste  # the activation fake quant's gradient (what training used)
         self.weight_dtype = dtype
         G = in_features // group_size
         self.register_buffer("qweight", torch.zeros(in_features, out_features // 8,
@@ -290,14 +291,20 @@ class AWQInt4Linear(nn.Module):
                              "8 for AWQ packing; leave this Linear out with filter_fn")
         codes, scales, zeros = quantize_int4(w, g, scheme=scheme, mode=mode)
         s16 = scales.to(torch.float16)
-        if scales.dtype != torch.float16 and not torch.equal(s16.to(scales.dtype), scales):
+        off = s16.to(scales.dtype) != scales  # [N, K/g]: not an fp16 value
+        if off.any():
+            # a group whose codes all equal its zero point dequantizes to zeros
+            # with any scale (an all-zero group: the eps scale 1e-6)
+            n_, k_ = codes.shape
+            off &= (codes.view(n_, k_ // g, g) != zeros.view(n_, k_ // g, 1)).any(-1)
+        if bool(off.any()):
             raise ValueError(
                 "convert: fp8_int4 in mode 'torchao' keeps its group scales in the weight dtype "
                 f"({w.dtype}), and some are not float16 values, so an AWQ checkpoint cannot hold "
                 "them exactly; prepare with mode='awq' (same codes, fp16 scales)")
         out = cls(mod.in_features, mod.out_features, mod.bias is not None, group_size=g,
                   scheme=scheme, mode=mode, act_fake_quant=mod.act_fake_quant, dtype=w.dtype,
-                  device="meta")
+                  device="meta", ste=mod.ste)
         out.qweight = pack_awq(codes)
         out.qzeros = pack_awq(zeros.to(torch.uint8))
         out.scales = s16.t().contiguous()
@@ -337,14 +344,15 @@ class AWQInt4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_fake_quant:
-            x = fake_quant_fp8_rows(x)
+            x = fake_quant_fp8_rows(x, ste=getattr(self, "ste", "autograd"))
         return F.linear(x, self.dequantize(), self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, scheme={self.scheme}, mode={self.mode}, "
                 f"group_size={self.group_size}, act_fake_quant={self.act_fake_quant}, "
-                f"dtype={self.weight_dtype}")
+                + (f"ste={self.ste}, " if getattr(self, "ste", "autograd") != "autograd" else "")
+                + f"dtype={self.weight_dtype}")
 
 
 # --------------------------------------------------------------------------
@@ -360,6 +368,17 @@ def _prepare_skip_reason(module: nn.Linear, config: AWQQATConfig) -> str:
     """Why prepare leaves this Linear alone ("" if it does not): like torchao's
     Int4WeightOnlyConfig, which skips weights its group size does not divide,
     prepare never fails half-way through a model."""
+    from torch.nn.utils import parametrize
+
+    if parametrize.is_parametrized(module):
+        return ("its weight is reparametrized (torch.nn.utils.parametrize: weight_norm, "
+                "spectral_norm, pruning, ...), and QATLinear needs the weight Parameter itself")
+    w = module.weight
+    if not isinstance(w, nn.Parameter):
+        return f"its weight is a {type(w).__name__}, not an nn.Parameter"
+    if w.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return (f"its weight is {w.dtype}; the fake-quant ops take bfloat16, float16 and "
+                "float32")
     if module.in_features % config.group_size:
         return (f"in_features is not a multiple of group_size {config.group_size}: the int4 "
                 "groups would not tile the rows")
@@ -456,7 +475,9 @@ def swap_torchao_qat_to_ours(model: nn.Module, *, ste: str = "autograd") -> nn.M
     `Int4WeightFakeQuantizer` (and whose activation quantizer is None or a
     PerRow e4m3 `Float8FakeQuantizer` without bounds) becomes a QATLinear in
     mode "torchao" with the same Parameters and the same forward numerics
-    (fp8 activations: ours gives 0, not NaN, for an all-zero row; in fp16,
+    (fp8 activations: ours gives 0, not NaN, for an all-zero row, and
+    clamps a row's max at 1e-12 as SPEC 1 says, so rows of max |x| below
+    1e-12 differ (bf16/fp32); in fp16,
     inputs or weight rows so small that torchao's scale reciprocals overflow
     give NaN/Inf there and finite values here).  Other torchao QAT modules
     (other quantizers, FakeQuantizedEmbedding) are left as they are, with a
@@ -541,6 +562,15 @@ def swap_ours_to_torchao_qat(model: nn.Module) -> nn.Module:
                       "converts with group size 128, but these fp8_int4 layers trained with "
                       f"another one: {', '.join(odd[:10])}; torchao's convert step would not "
                       "reproduce their fake quant", stacklevel=2)
+
+    pure = [n or "<root>" for n, m in model.named_modules()
+            if isinstance(m, QATLinear) and m.ste == "pure"]
+    if pure:
+        import warnings
+
+        warnings.warn("swap_ours_to_torchao_qat: torchao's fake quantizers have no straight-"
+                      "through option; these layers trained with ste='pure' get torchao's "
+                      f"autograd gradient from now on: {', '.join(pure[:10])}", stacklevel=2)
 
     def make(name, mod):
         if not isinstance(mod, QATLinear):

@@ -242,6 +242,18 @@ def test_fp16_scale_overflow_policy():
     w[3, 70] = float("nan")
     with pytest.raises(ValueError, match=r"w: contains NaN or Inf \(first at \[3, 70\]\)"):
         aq.quantize_int4(w, 32, scheme="int4_asym", mode="awq")
+    # an overflow that is not the fp16 scale's (a weight at the dtype's largest
+    # value; mode torchao stores no fp16 scale): worded as what it is
+    w16 = make_weight(16, 128, torch.float16, 32, seed=3, special=False)
+    w16[3, 70] = 65504.0
+    for mode in ("torchao", "awq"):
+        with pytest.raises(ValueError, match=r"w: the quantization of row 3, group 2 \(columns "
+                                             r"64\.\.95\) overflows torch\.float16"):
+            aq.quantize_int4(w16, 32, scheme="fp8_int4", mode=mode)
+    wb = make_weight(16, 128, torch.bfloat16, 32, seed=3, special=False)
+    wb[3, 70] = torch.finfo(torch.bfloat16).max
+    with pytest.raises(ValueError, match=r"overflows torch\.bfloat16 \(\|w\| too close"):
+        aq.quantize_int4(wb, 32, scheme="fp8_int4", mode="torchao")
 
 
 def test_bad_choices_and_empty_codes():
@@ -280,6 +292,36 @@ def test_fp8_rows_matches_torchao(dtype):
     assert torch.equal(bits(ours)[keep], bits(theirs)[keep])
     assert_bits_equal(ours, zero_torchao_nans(ref.fp8_rows(x), "fp8_int4", dtype),
                       f"fp8 rows vs reference {dtype}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fp8_rows_tiny_rows(dtype):
+    """Rows of amax below 1e-12: SPEC 1 clamps the row amax at 1e-12 (torchao's
+    activation quantizer has no bound: it differs there, and equals the
+    quantizer with hp_value_lb=1e-12). fp16 rows whose scale underflows to 0:
+    torchao's clamp(x / 0) * 0 is x's signed zero (NaN for x = ±0), so is ours
+    (+0 for x = ±0)."""
+    x = torch.tensor([[3e-13, -1.7e-13, 1e-13, 2.5e-14, 0.0, -0.0, -1e-13, 5e-14],
+                      [1e-6, -1e-6, 2e-6, -3e-7, 0.0, -0.0, -2e-6, 1e-7],
+                      [1e-5, -2e-5, 0.0, -0.0, 3e-6, -1e-5, 2e-5, -1e-7]]).to(dtype)
+    x = x.repeat(1, 8)  # 64: the vectorized kernels too
+    cfg = Float8FakeQuantizeConfig(torch.float8_e4m3fn, PerRow())
+    lb = Float8FakeQuantizeConfig(torch.float8_e4m3fn, PerRow(), hp_value_lb=1e-12)
+    ours = aq.fake_quant_fp8_rows(x)
+    theirs, theirs_lb = Float8FakeQuantizer(cfg)(x), Float8FakeQuantizer(lb)(x)
+    keep = ~theirs_lb.isnan()
+    assert torch.equal(bits(ours)[keep], bits(theirs_lb)[keep])
+    assert torch.equal(ours[~keep], torch.zeros_like(ours[~keep]))
+    assert_bits_equal(ours, zero_torchao_nans(ref.fp8_rows(x), "fp8_int4", dtype),
+                      f"tiny rows vs reference {dtype}")
+    if dtype == torch.float16:  # the first two rows' scales underflow: x's signed zeros
+        want = torch.where(x[:2] == 0, 0.0, x[:2] * 0.0).to(dtype)
+        assert torch.equal(bits(ours[:2]), bits(want)) and (want.signbit() & (x[:2] != 0)).any()
+        assert ours[2].abs().amax() > 0
+        keep = ~theirs.isnan()
+        assert torch.equal(bits(ours)[keep], bits(theirs)[keep])
+    else:
+        assert not torch.equal(ours[0], theirs[0])  # torchao: no 1e-12 bound
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -222,6 +222,21 @@ def test_convert_torchao_modes():
         y = m(x)
         quantize_(m, AWQQATConfig(step="convert"), filter_fn=head_filter)
         assert isinstance(m.a, AWQInt4Linear) and torch.equal(m(x), y)
+    # ... and with all-zero groups (scale 1e-6, no fp16 value; any scale gives their zeros)
+    m = MLP().bfloat16()
+    with torch.no_grad():
+        m.b.weight[3, :64] = 0
+        m.b.weight[5, 64:128] = torch.tensor([1e-9, -1e-9] * 32)  # codes all 8 too
+    quantize_(m, AWQQATConfig(scheme="fp8_int4", mode="torchao", group_size=64),
+              filter_fn=head_filter)
+    s = aq.quantize_int4(m.b.weight.detach(), 64, scheme="fp8_int4", mode="torchao")[1]
+    assert not torch.equal(s.to(torch.float16).to(s.dtype), s)
+    with torch.no_grad():
+        y = m(x)
+        w = m.b.fake_quant_weight()
+        quantize_(m, AWQQATConfig(step="convert"), filter_fn=head_filter)
+        assert isinstance(m.b, AWQInt4Linear) and torch.equal(m(x), y)
+        assert torch.equal(m.b.dequantize(), w)
     # ... but not fp32 scales
     m = MLP()
     quantize_(m, AWQQATConfig(scheme="fp8_int4", mode="torchao", group_size=64),
@@ -961,3 +976,54 @@ def test_cli_exports_a_converted_model_at_its_group_size(tmp_path):
     assert json.load(open(tmp_path / "o" / "config.json"))["quantization_config"]["group_size"] == 64
     t = load_file(str(tmp_path / "o" / "model.safetensors"))
     assert torch.equal(t["a.qweight"], m.a.qweight) and "head.weight" in t
+
+
+def test_prepare_leaves_weights_it_cannot_fake_quantize():
+    """A reparametrized Linear (weight_norm, spectral_norm, pruning), a float64
+    one: prepare leaves them as they are with a warning (it used to stop half
+    way with a bare TypeError, or prepare a layer whose forward then failed)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 32), nn.Linear(32, 16).double())
+    torch.nn.utils.parametrizations.weight_norm(m[1])
+    with pytest.warns(UserWarning) as rec:
+        quantize_(m, AWQQATConfig(group_size=32))
+    text = " ".join(str(r.message) for r in rec)
+    assert "reparametrized" in text and "torch.float64" in text
+    assert isinstance(m[0], QATLinear) and not isinstance(m[1], QATLinear)
+    assert type(m[2]) is nn.Linear
+    x = torch.randn(3, 64)
+    m[2](m[1](m[0](x)).double())  # every layer still runs
+
+
+def test_convert_keeps_the_activation_fake_quants_ste():
+    """ste='pure' (the gradient passes straight through the fp8 activation
+    fake quant) survives convert: the input gradient is the same before and
+    after (convert used to fall back to the autograd gradient, mostly zero)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(128, 64))
+    cfg = dict(scheme="fp8_int4", mode="awq", group_size=32, act_fake_quant=True)
+    quantize_(m, AWQQATConfig(**cfg, ste="pure"))
+    x = (torch.randn(4, 128) * 1e-3).requires_grad_()
+    y = m(x)
+    y.sum().backward()
+    g_prepared = x.grad.clone()
+    quantize_(m, AWQQATConfig(**cfg, ste="pure", step="convert"))
+    assert isinstance(m[0], AWQInt4Linear) and m[0].ste == "pure" and "ste=pure" in repr(m[0])
+    x.grad = None
+    y2 = m(x)
+    y2.sum().backward()
+    assert torch.equal(y2, y) and torch.equal(x.grad, g_prepared)
+    assert (g_prepared != 0).all()
+    m2 = copy.deepcopy(m)
+    buf = io.BytesIO()
+    torch.save(m2, buf)
+    buf.seek(0)
+    assert torch.load(buf, weights_only=False)[0].ste == "pure"
+
+
+def test_swap_back_to_torchao_says_that_pure_ste_is_lost():
+    m = nn.Sequential(nn.Linear(128, 64))
+    quantize_(m, AWQQATConfig(scheme="int4_asym", mode="torchao", group_size=32, ste="pure"))
+    with pytest.warns(UserWarning, match="trained with ste='pure'"):
+        swap_ours_to_torchao_qat(m)
+    assert isinstance(m[0], FakeQuantizedLinear)

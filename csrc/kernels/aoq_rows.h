@@ -63,6 +63,14 @@ AOQ_HD float aoq_fp8_rt(float x, float s_row, int dt) {
   return s_row == 0.f ? 0.f : r; /* torchao gives NaN here (fp16 rows of zeros); we give 0 */
 }
 
+/* The fp8 activation fake quant of one element: aoq_fp8_rt, but where the
+ * row scale underflows to 0 (fp16 rows of amax below about 2^-15) x's signed
+ * zero, as torchao's clamp(x / 0) * 0 for x != 0 (NaN for x = ±0: ours +0). */
+AOQ_HD float aoq_fp8_rt_act(float x, float s_row, int dt) {
+  float r = aoq_fp8_rt(x, s_row, dt);
+  return s_row == 0.f && x != 0.f ? aoq_u2f(aoq_f2u(x) & 0x80000000u) : r;
+}
+
 /* ---------------------------------------------------------------------- */
 /* Stage 2 of fp8-int4: symmetric int4 over one group of the fp8-rounded
  * row.  Inputs wd[0..g) (values of D).  Writes out (values of D, unrounded

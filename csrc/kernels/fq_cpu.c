@@ -595,7 +595,7 @@ AOQ_INLINE void rows_rows(const void *grad, const void *x, void *out, int64_t R,
     } else {
       float s = aoq_fp8_row_scale(xr, K, dt, cs, NULL);
 #pragma omp simd
-      for (int64_t k = 0; k < K; k++) o[k] = aoq_fp8_rt(xr[k], s, dt);
+      for (int64_t k = 0; k < K; k++) o[k] = aoq_fp8_rt_act(xr[k], s, dt);
     }
     store_row(out, r * K, o, K, dt);
   }

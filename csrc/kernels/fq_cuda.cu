@@ -1287,7 +1287,7 @@ __global__ void __launch_bounds__(TPB) fp8_rows_fwd_kernel(const void *__restric
   if (!VEC) {
     const float s = aoq_fp8_scale_from_amax(row_amax<DT, STAGE>(x, base, K, sh, stage_mem), DT, cs);
     for (int64_t k = threadIdx.x; k < K; k += TPB)
-      aoq_store(out, base + k, aoq_fp8_rt(STAGE ? aoq_load(stage_mem, k, DT) : aoq_load(x, base + k, DT), s, DT),
+      aoq_store(out, base + k, aoq_fp8_rt_act(STAGE ? aoq_load(stage_mem, k, DT) : aoq_load(x, base + k, DT), s, DT),
                 DT);
     return;
   }
@@ -1312,7 +1312,7 @@ __global__ void __launch_bounds__(TPB) fp8_rows_fwd_kernel(const void *__restric
       store_chunk_fast<DT, V, true, true>(out, base + c * V, v);
     } else {
 #pragma unroll
-      for (int e = 0; e < V; e++) v[e] = aoq_fp8_rt(v[e], s_row, DT);
+      for (int e = 0; e < V; e++) v[e] = aoq_fp8_rt_act(v[e], s_row, DT);
       store_chunk<DT, V, true>(out, base + c * V, v);
     }
   }

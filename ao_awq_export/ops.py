@@ -186,11 +186,13 @@ def _quantize_fake(w, group_size, scheme, awq, div_mode=-1):
 @torch.library.register_fake("ao_awq::fp8_rows")
 def _fp8_rows_fake(x, pure_ste=False, div_mode=-1):
     torch._check(x.dtype in _FLOAT_DTYPES, lambda: f"x must be bf16/fp16/fp32, got {x.dtype}")
+    torch._check(1 <= x.dim() <= 8, lambda: f"x must have 1 to 8 dimensions, got {x.dim()}")
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("ao_awq::fp8_rows_backward")
 def _fp8_rows_backward_fake(grad, x, clamp_strict=False, div_mode=-1):
+    torch._check(1 <= x.dim() <= 8, lambda: f"x must have 1 to 8 dimensions, got {x.dim()}")
     _fake_check_pair(grad, x, "x")
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 

@@ -497,6 +497,22 @@ def test_pack_awq_order():
 # ---------------------------------------------------------------------------
 # rejected input
 # ---------------------------------------------------------------------------
+def test_fake_kernels_check_what_the_kernels_check():
+    """Under fake tensors (torch.compile's tracing) the raw ops refuse what
+    the C kernels refuse, at trace time."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        for shape in ((), (1,) * 9):
+            x = torch.empty(shape)
+            with pytest.raises(RuntimeError, match="x must have 1 to 8 dimensions"):
+                torch.ops.ao_awq.fp8_rows(x, False, -1)
+            with pytest.raises(RuntimeError, match="x must have 1 to 8 dimensions"):
+                torch.ops.ao_awq.fp8_rows_backward(x, x, False, -1)
+    for shape in ((), (1,) * 9):  # the kernels
+        with pytest.raises(RuntimeError, match="x must have 1 to 8 dimensions"):
+            torch.ops.ao_awq.fp8_rows(torch.zeros(shape), False, -1)
+
+
 BAD = [
     (lambda: aq.fake_quant_fp8_int4(torch.randn(8, 128, dtype=torch.float64)), TypeError, "dtype"),
     (lambda: aq.fake_quant_fp8_int4(torch.randn(128)), ValueError, "2-D"),

@@ -521,6 +521,21 @@ def _check_parametrizations(model: nn.Module):
                              f"{sorted(mod.parametrizations.keys())[0]!r})")
 
 
+def _check_adapters(model: nn.Module):
+    """PEFT adapter layers (LoRA, DoRA, IA3, ...) wrap the Linear as
+    `base_layer` beside their adapter weights: exported as they are, the
+    layer would be written under `<name>.base_layer` (a name no consumer
+    reads) and the adapter dropped."""
+    for name, mod in model.named_modules():
+        base = getattr(mod, "base_layer", None)
+        if isinstance(base, nn.Module) and (type(mod).__module__.startswith("peft.")
+                                            or hasattr(mod, "lora_A")):
+            raise ValueError(f"{name or '<model>'}: a PEFT adapter layer "
+                             f"({type(mod).__name__} over {type(base).__name__}); merge the "
+                             "adapters into the weights first (model = "
+                             "model.merge_and_unload()), then export")
+
+
 def _classify(model: nn.Module, modules_to_not_convert, scheme, mode, group_size):
     """Returns (quant: {module name: spec dict}, fp16_linears: [names])."""
     patterns = _patterns(modules_to_not_convert)
@@ -1258,6 +1273,7 @@ def export_awq(model: nn.Module, out_dir, *, scheme: str = "int4_asym", mode: st
     check_out_dir(out_dir)
     modules_to_not_convert = _patterns(modules_to_not_convert)
     _check_parametrizations(model)
+    _check_adapters(model)
     quant, fp16_linears = _classify(model, modules_to_not_convert, scheme, mode, group_size)
     if not quant and not any(k.rpartition(".")[2] == "qweight" for k in model.state_dict()):
         raise ValueError("the model has no Linear layer to quantize (none outside lm_head and "

@@ -1656,3 +1656,23 @@ def test_config_that_ties_an_untied_head_is_corrected(tmp_path, caplog):
     assert json.load(open(os.path.join(out, "config.json")))["tie_word_embeddings"] is False
     assert torch.equal(t["lm_head.weight"], m.lm_head.weight.detach())
     assert torch.equal(t["model.embed_tokens.weight"], m.model.embed_tokens.weight.detach())
+
+
+def test_peft_adapter_layers_are_refused(tmp_path):
+    """A LoRA layer (peft's lora.Linear: the Linear as base_layer beside
+    lora_A / lora_B) would be written as `<name>.base_layer.*` with its
+    adapter dropped: refused, saying to merge first."""
+    class Linear(nn.Module):  # the shape of peft.tuners.lora.layer.Linear
+        def __init__(self, base):
+            super().__init__()
+            self.base_layer = base
+            self.lora_A = nn.ModuleDict({"default": nn.Linear(base.in_features, 4, bias=False)})
+            self.lora_B = nn.ModuleDict({"default": nn.Linear(4, base.out_features, bias=False)})
+
+    Linear.__module__ = "peft.tuners.lora.layer"
+    m = Tiny()
+    m.up = Linear(m.up)
+    with pytest.raises(ValueError, match=r"up: a PEFT adapter layer \(Linear over Linear\); "
+                                         r"merge the adapters"):
+        export_awq(m, str(tmp_path / "o"), group_size=32, progress=False)
+    assert leftovers(tmp_path) == []

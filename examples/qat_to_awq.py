@@ -94,26 +94,28 @@ def load_docs(which):
 
 
 def load_text(args):
-    """(train ids, held-out ids, unit): every 8th document is held out.  Tokens
-    are UTF-8 bytes (vocab 256) or, for vocab > 256, a byte-level BPE trained
-    here (`tokenizers`, installed with transformers) on the training part only."""
+    """(train ids, held-out ids, unit, tokenizer or None): every 8th document is
+    held out.  Tokens are UTF-8 bytes (vocab 256) or, for vocab > 256, a
+    byte-level BPE trained here (`tokenizers`, installed with transformers) on
+    the training part only."""
     docs = load_docs(args.text)
     train = [d for i, d in enumerate(docs) if i % 8 != 7]
     held = [d for i, d in enumerate(docs) if i % 8 == 7]
     if args.vocab == 256:
         enc = lambda ds: torch.frombuffer(bytearray("\n\n".join(ds).encode("utf-8")),  # noqa
                                           dtype=torch.uint8).to(torch.long)
-        return enc(train), enc(held), "byte"
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+        return enc(train), enc(held), "byte", None
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()  # (decoding only: the ids are the same)
     tok.train_from_iterator(train, trainers.BpeTrainer(
         vocab_size=args.vocab, show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     enc = lambda ds: torch.tensor([i for e in tok.encode_batch(ds) for i in e.ids],  # noqa
                                   dtype=torch.long)
-    return enc(train), enc(held), "BPE token"
+    return enc(train), enc(held), "BPE token", tok
 
 
 def batches(data, n, batch, seq, seed):
@@ -382,7 +384,7 @@ def main(argv=None):
     from ao_awq_export.qat import AWQInt4Linear, AWQQATConfig, awq_filter, export_qat_awq
 
     torch.manual_seed(args.seed)
-    train_data, held, unit = load_text(args)
+    train_data, held, unit, tok = load_text(args)
     if args.quick:
         held = held[: 64 * 20 + 1]
     text = "pydoc_data.topics" if args.text == "pydoc" else "stdlib *.py"
@@ -418,9 +420,18 @@ def main(argv=None):
             if os.path.exists(d):
                 shutil.rmtree(d)
 
+        # the exports' config.json and tokenizer files (vLLM reads the tokenizer
+        # from the checkpoint directory): a directory as save_pretrained writes them
+        hf_dir = os.path.join(out_root, "hf_config")
+        shutil.rmtree(hf_dir, ignore_errors=True)
+        model.config.save_pretrained(hf_dir)
+        if tok is not None:
+            from transformers import PreTrainedTokenizerFast
+            PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(hf_dir)
+
         # (2) PTQ: round-to-nearest AWQ export of the float model (lm_head stays fp16)
         rep = export_awq(model, ptq_dir, scheme="int4_asym", mode="awq",
-                         group_size=args.group_size, progress=False)
+                         group_size=args.group_size, hf_config=hf_dir, progress=False)
         log(f"PTQ export: {len(rep.layers)} int4 layers -> {ptq_dir}")
 
         # (3) QAT from the float checkpoint at the branch point, with our fake quant
@@ -437,7 +448,8 @@ def main(argv=None):
         quantize_(qat_model, AWQQATConfig(**qcfg, step="convert"), filter_fn=None)
         with torch.no_grad():
             same = torch.equal(ref_logits, qat_model(input_ids=probe).logits)
-        rep = export_qat_awq(qat_model, qat_dir, progress=False)
+        rep = export_qat_awq(qat_model, qat_dir, hf_config=hf_dir, progress=False)
+        shutil.rmtree(hf_dir, ignore_errors=True)
         log(f"QAT convert: forward identical to the prepared model: {same}; export: "
             f"{len(rep.layers)} int4 layers, all exact: {rep.all_exact} -> {qat_dir}")
 

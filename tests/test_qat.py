@@ -721,6 +721,13 @@ def test_demo_quick(tmp_path, preset, monkeypatch):
             cfg = json.load(f)
         assert cfg["vocab_size"] == vocab
         assert cfg["quantization_config"]["group_size"] == {"small": 32, "2m": 64}[preset]
+        # the BPE preset's tokenizer goes with the exports (vLLM reads it there)
+        assert os.path.isfile(tmp_path / d / "tokenizer.json") == (preset == "2m")
+    assert sorted(os.listdir(tmp_path)) == ["ptq_awq", "qat_awq"]
+    if preset == "2m":
+        from transformers import AutoTokenizer
+        t = AutoTokenizer.from_pretrained(str(tmp_path / "qat_awq"))
+        assert t.decode(t.encode("def f(x):\n    return x")) == "def f(x):\n    return x"
 
 
 def test_demo_presets_and_overrides(monkeypatch):

@@ -369,6 +369,7 @@ class _Item:
 
 
 _FUSED_SETS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+_FUSED_NAMES = {_FUSED_SETS[0]: "qkv_proj", _FUSED_SETS[1]: "gate_up_proj"}
 # Linear layers that are MoE routers (Mixtral / Qwen-MoE / OLMoE `gate`,
 # Qwen-MoE `shared_expert_gate`, `router`) when they are plain nn.Linear
 _ROUTER_NAMES = ("gate", "router", "shared_expert_gate")
@@ -404,6 +405,22 @@ def _converted_names(model: nn.Module) -> List[str]:
 _IN_BLOCK = re.compile(r"^(.*?)\.(\d+)\.(.+)$")
 
 
+def _fused_aliases(quantized: List[str]) -> List[str]:
+    """The names vLLM and SGLang give the layers they fuse from quantized ones
+    (`<parent>.qkv_proj`, `<parent>.gate_up_proj`, a MoE's `<...>.experts`):
+    older vLLM and SGLang match modules_to_not_convert against those."""
+    out = set()
+    for q in quantized:
+        pre, _, last = q.rpartition(".")
+        for members in _FUSED_SETS:
+            if last in members:
+                out.add(f"{pre}.{_FUSED_NAMES[members]}" if pre else _FUSED_NAMES[members])
+        i = q.find(".experts.")
+        if i >= 0:
+            out.add(q[: i + len(".experts")])
+    return sorted(out - set(quantized))
+
+
 def _config_skips(fp16_linears: List[str], quantized: List[str]) -> List[str]:
     """modules_to_not_convert as config.json records it: every Linear left in
     fp16 by its full name (SPEC 5), which vLLM and transformers match (by
@@ -414,12 +431,13 @@ def _config_skips(fp16_linears: List[str], quantized: List[str]) -> List[str]:
     AutoAWQ skips the same layers.  Layers in blocks that hold quantized
     layers (AutoAWQ's decoder blocks) without such a name are warned about."""
     rels, partial = [], []
+    fused = quantized + _fused_aliases(quantized)
     for name in fp16_linears:
         m = _IN_BLOCK.match(name)
         if m is None:
             continue
         rel = m.group(3)
-        if not any(rel in q for q in quantized):
+        if not any(rel in q for q in fused):
             if rel not in rels:
                 rels.append(rel)
         elif any(re.match(re.escape(m.group(1)) + r"\.\d+\.", q) for q in quantized):
@@ -439,14 +457,30 @@ def _vllm_shape_warning(shapes: Dict[str, tuple]):
     else its awq_gemm kernel (N % 64 == 0 and N % group size == 0); with K %
     group size == 0 and a group size of 32, 64 or 128 one of them fits
     exactly when N % 64 == 0 (for one GPU; tensor parallelism splits N or K
-    further).  transformers and GPTQModel load any N % 8 == 0."""
-    bad = [(n, nk) for n, nk in shapes.items() if nk[0] % 64]
+    further), N of the fused layer for q/k/v and gate/up.  transformers and
+    GPTQModel load any N % 8 == 0."""
+    fused: Dict[str, int] = {}
+    for n, (N, K) in shapes.items():
+        pre, _, last = n.rpartition(".")
+        for members in _FUSED_SETS:
+            if last in members:
+                key = f"{pre}.{_FUSED_NAMES[members]}" if pre else _FUSED_NAMES[members]
+                fused[key] = fused.get(key, 0) + N
+    bad = []
+    for n, (N, K) in shapes.items():
+        pre, _, last = n.rpartition(".")
+        for members in _FUSED_SETS:
+            if last in members:
+                N = fused[f"{pre}.{_FUSED_NAMES[members]}" if pre else _FUSED_NAMES[members]]
+        if N % 64:
+            bad.append((n, N, K))
     if bad:
-        n, (N, K) = bad[0]
-        log.warning("%d quantized layers (e.g. %s, N=%d, K=%d) have out_features not a "
-                    "multiple of 64, which none of vLLM's AWQ kernels runs (Marlin, "
-                    "awq_gemm): vLLM will refuse this checkpoint; transformers and GPTQModel "
-                    "load it", len(bad), n or "<model>", N, K)
+        n, N, K = bad[0]
+        log.warning("%d quantized layers (e.g. %s, N=%d%s, K=%d) have out_features not a "
+                    "multiple of 64, which none of vLLM's AWQ kernels (Marlin, awq_gemm) runs "
+                    "as they stand: vLLM may refuse this checkpoint; transformers and GPTQModel "
+                    "load it", len(bad), n or "<model>", N,
+                    " fused" if n.rpartition(".")[2] in sum(_FUSED_SETS, ()) else "", K)
 
 
 def _check_linear_tensors(name: str, mod: nn.Linear):
@@ -847,23 +881,37 @@ def _plan(model, quant, report, strict, threshold, verify, tie_ok, model_type=No
     return items + _scaled_act_items(model, model_type, sd)
 
 
-def _untied_head(model) -> bool:
-    """Whether the model's output embedding holds other values than its input
-    embedding (neither shared nor equal)."""
+# nested configs whose model reads its own tie_word_embeddings (vLLM builds a
+# VLM's language model from text_config)
+_NESTED_CONFIGS = ("text_config", "llm_config", "language_config")
+
+
+def _head_differs(model) -> bool:
+    """Whether what the export writes for the output embedding (lm_head: its
+    weight, an excluded FakeQuantLinear's fake-quant weight, an Int4Tensor's
+    dequantized values) differs from the input embedding's weight, in fp16:
+    then the two cannot be tied in the checkpoint."""
     try:
         ie, oe = model.get_input_embeddings(), model.get_output_embeddings()
     except Exception:  # noqa: BLE001  (models without them raise various errors)
         return False
     wi, wo = getattr(ie, "weight", None), getattr(oe, "weight", None)
-    if type(wi) not in (torch.Tensor, nn.Parameter) or type(wo) not in (torch.Tensor,
-                                                                         nn.Parameter):
-        return False
-    if wi.device.type == "meta" or wo.device.type == "meta" or wi.shape != wo.shape:
-        return wi.shape != wo.shape
-    if _storage_key(wi) == _storage_key(wo):
+    if not isinstance(wi, torch.Tensor) or not isinstance(wo, torch.Tensor) or \
+            _is_int4_tensor(wi) or "meta" in (wi.device.type, wo.device.type):
         return False
     with torch.no_grad():
-        return not torch.equal(wi, wo.to(wi.dtype))
+        if isinstance(oe, FakeQuantLinear) and getattr(oe, "weight_fake_quant_enabled", True):
+            head = oe.fake_quant_weight()
+        elif _is_int4_tensor(wo):
+            head = _int4_tensor_parts(wo)[4]
+        elif type(wo) not in (torch.Tensor, nn.Parameter) or \
+                _storage_key(wi) == _storage_key(wo):
+            return False
+        else:
+            head = wo
+        if tuple(wi.shape) != tuple(head.shape):
+            return True
+        return not torch.equal(wi.to(torch.float16), head.to(wi.device, torch.float16))
 
 
 def _check_converted_group_size(model, G, from_layers):
@@ -1037,11 +1085,18 @@ _TOKENIZER_FILES = (
 
 
 def _tokenizer_files(hf_config) -> List[str]:
-    """The tokenizer / processor files of an hf_config directory (copied)."""
+    """The tokenizer / processor files (and remote-code .py files) of an
+    hf_config directory, to be copied."""
     if not isinstance(hf_config, (str, os.PathLike)) or not os.path.isdir(hf_config):
         return []
     d = os.fspath(hf_config)
-    return [os.path.join(d, f) for f in _TOKENIZER_FILES if os.path.isfile(os.path.join(d, f))]
+    names = [f for f in _TOKENIZER_FILES if os.path.isfile(os.path.join(d, f))]
+    # a remote-code model's or tokenizer's own classes (config.json's and
+    # tokenizer_config.json's auto_map name them), as save_pretrained copies them
+    names += sorted(f for f in os.listdir(d) if f.endswith(".py") and
+                    f.startswith(("tokenization_", "configuration_", "modeling_")) and
+                    os.path.isfile(os.path.join(d, f)))
+    return [os.path.join(d, f) for f in names]
 
 
 def _config_dict(model, hf_config):
@@ -1287,7 +1342,9 @@ def export_awq(model: nn.Module, out_dir, *, scheme: str = "int4_asym", mode: st
                     "them): vLLM and GPTQModel.load read the tokenizer from the checkpoint "
                     "directory; save it there (tokenizer.save_pretrained(out_dir)) or pass "
                     "hf_config=<the model's directory>")
-    tie_ok = not (cfg is not None and cfg.get("tie_word_embeddings") is False)
+    head_differs = _head_differs(model)
+    tie_ok = not (cfg is not None and cfg.get("tie_word_embeddings") is False) and \
+        not head_differs
     G = next(iter(quant.values()))["group_size"] if quant else group_size
     _check_converted_group_size(model, G, bool(quant))
     shapes = {n: (s["N"], s["K"]) for n, s in quant.items()}
@@ -1298,6 +1355,17 @@ def export_awq(model: nn.Module, out_dir, *, scheme: str = "int4_asym", mode: st
     del sd_all
     _vllm_shape_warning(shapes)
     skips = _config_skips(fp16_linears, list(shapes)) if fp16_linears else None
+    if skips and renames:
+        # the tensors go under save_pretrained's names: list the fp16 layers under
+        # those too (a matcher reading the file's names), where that is safe
+        def ck(n):
+            return _checkpoint_name(renames, f"{n}.weight")[: -len(".weight")]
+        taken = list(shapes) + [ck(q) for q in shapes]
+        taken += _fused_aliases(taken)
+        for n in fp16_linears:
+            c = ck(n)
+            if n and c != n and c not in skips and not any(c in q for q in taken):
+                skips.append(c)
 
     out_dir, tmp, created, inside = _prepare_out_dir(out_dir)
     report = ExportReport(out_dir=out_dir, group_size=G,
@@ -1387,12 +1455,18 @@ def export_awq(model: nn.Module, out_dir, *, scheme: str = "int4_asym", mode: st
             # lm_head.weight was left out as the embedding's twin: say so, or a
             # loader whose default is untied (vLLM's Llama) finds it missing
             conf["tie_word_embeddings"] = True
-        if conf.get("tie_word_embeddings") is True and _untied_head(model):
-            log.warning("config.json says tie_word_embeddings, but the model's output "
-                        "embedding (lm_head) is not its input embedding: written untied "
-                        "(tie_word_embeddings false), else consumers would use the input "
-                        "embedding as lm_head")
-            conf["tie_word_embeddings"] = False
+        if head_differs and cfg is not None:
+            # both written; say untied wherever a config says tied (or nothing:
+            # PretrainedConfig's default is tied)
+            subs = [conf] + [conf[k] for k in _NESTED_CONFIGS if isinstance(conf.get(k), dict)]
+            if any(c.get("tie_word_embeddings") is True for c in subs):
+                log.warning("config.json says tie_word_embeddings, but what the model computes "
+                            "with as lm_head differs from its input embedding (untied, fake-"
+                            "quantized or int4 in training): written untied (tie_word_embeddings "
+                            "false), else consumers would use the input embedding as lm_head")
+            for c in subs:
+                if c is conf or c.get("tie_word_embeddings") is True:
+                    c["tie_word_embeddings"] = False
         if "dtype" in conf:
             conf["dtype"] = "float16"
         conf["quantization_config"] = {

@@ -1537,11 +1537,14 @@ def test_tokenizer_files_are_copied_from_hf_config(tmp_path, caplog):
     (hf / "config.json").write_text('{"model_type": "tiny"}')
     files = {"tokenizer.json": b'{"x": 1}', "tokenizer_config.json": b"{}",
              "special_tokens_map.json": b"{}", "merges.txt": b"a b\n",
-             "chat_template.jinja": b"{{ messages }}", "tokenizer.model": bytes(range(256))}
+             "chat_template.jinja": b"{{ messages }}", "tokenizer.model": bytes(range(256)),
+             "tokenization_tiny.py": b"# remote code", "configuration_tiny.py": b"# config",
+             "modeling_tiny.py": b"# model"}
     for f, b in files.items():
         (hf / f).write_bytes(b)
     (hf / "pytorch_model.bin").write_bytes(b"no")
     (hf / "README.md").write_text("no")
+    (hf / "train.py").write_text("no")
     out = str(tmp_path / "o")
     with caplog.at_level("WARNING", logger="ao_awq_export.export"):
         rep = export_awq(Tiny(), out, group_size=32, hf_config=str(hf), progress=False)
@@ -1567,12 +1570,25 @@ def test_vllm_kernel_shapes_are_warned(tmp_path, caplog):
         with caplog.at_level("WARNING", logger="ao_awq_export.export"):
             export_awq(m, str(tmp_path / f"{n}_{k}_{g}_{converted}"), group_size=g,
                        progress=False)
-        return "which none of vLLM's AWQ kernels runs" in caplog.text
+        return "vLLM may refuse this checkpoint" in caplog.text
 
     assert warned(72, 128, 32) and warned(96, 256, 128) and warned(200, 64, 64)
     assert warned(72, 128, 32, converted=True)
     assert not warned(64, 128, 128) and not warned(128, 96, 32) and not warned(192, 64, 64)
     assert not warned(64, 96, 32, converted=True)
+    # vLLM fuses q/k/v (and gate/up): N of the fused layer counts (head_dim 96, one KV head)
+    m = nn.Module()
+    m.attn = nn.Module()
+    m.attn.q_proj, m.attn.k_proj, m.attn.v_proj = (nn.Linear(128, 384), nn.Linear(128, 96),
+                                                   nn.Linear(128, 96))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ao_awq_export.export"):
+        export_awq(m, str(tmp_path / "qkv"), group_size=32, progress=False)
+    assert "vLLM may refuse" not in caplog.text
+    m.attn.v_proj = nn.Linear(128, 104)
+    with caplog.at_level("WARNING", logger="ao_awq_export.export"):
+        export_awq(m, str(tmp_path / "qkv2"), group_size=32, progress=False)
+    assert "attn.q_proj, N=584 fused" in caplog.text
 
 
 @pytest.mark.parametrize("arch", ["gpt_neox", "llava"])
@@ -1622,6 +1638,15 @@ def test_tensor_names_are_those_save_pretrained_writes(tmp_path, arch):
         assert all(n in rep.modules_to_not_convert for n in qc["modules_to_not_convert"]
                    if n.startswith("model."))
         assert "model.multi_modal_projector.linear_1" in qc["modules_to_not_convert"]
+        # the file's names of the fp16 layers are listed too (a matcher on those)
+        assert "multi_modal_projector.linear_1" in qc["modules_to_not_convert"]
+        fp16 = {k[: -len(".weight")] for k in t if k.endswith(".weight") and
+                ("vision_tower" in k or "multi_modal_projector" in k) and t[k].dim() == 2
+                and "embedding" not in k}
+        assert len(fp16) == len(rep.modules_to_not_convert) == 8
+        assert all(any(p in f for p in qc["modules_to_not_convert"]) for f in fp16), fp16
+        quantized = {k[: -len(".qweight")] for k in t if k.endswith(".qweight")}
+        assert not [q for q in quantized if any(p in q for p in qc["modules_to_not_convert"])]
 
 
 def test_config_that_ties_an_untied_head_is_corrected(tmp_path, caplog):
@@ -1676,3 +1701,85 @@ def test_peft_adapter_layers_are_refused(tmp_path):
                                          r"merge the adapters"):
         export_awq(m, str(tmp_path / "o"), group_size=32, progress=False)
     assert leftovers(tmp_path) == []
+
+
+def test_heads_that_compute_other_values_than_the_embedding_are_written_untied(tmp_path,
+                                                                                caplog):
+    """A tied model whose lm_head is fake-quantized (QAT took it) or an
+    Int4Tensor (torchao's default filter takes it) computes with other values
+    than the embedding: both are written, lm_head as what it computed with,
+    and every config that says tied (a VLM's text_config too) says untied."""
+    _need("transformers")
+    import transformers as T
+    torch.manual_seed(0)
+
+    def llama():
+        return T.LlamaForCausalLM(T.LlamaConfig(
+            vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+            num_attention_heads=2, tie_word_embeddings=True)).half().eval()
+
+    m = llama()
+    m.lm_head = FakeQuantLinear.from_linear(m.lm_head, group_size=32)
+    assert m.lm_head.weight is m.model.embed_tokens.weight
+    out = str(tmp_path / "fq")
+    with caplog.at_level("WARNING", logger="ao_awq_export.export"):
+        export_awq(m, out, group_size=32, progress=False)
+    assert "written untied" in caplog.text
+    t, _ = read_export(out)
+    assert json.load(open(os.path.join(out, "config.json")))["tie_word_embeddings"] is False
+    assert torch.equal(t["lm_head.weight"], m.lm_head.fake_quant_weight().detach())
+    assert torch.equal(t["model.embed_tokens.weight"], m.model.embed_tokens.weight.detach())
+
+    m = llama()
+    m.lm_head = _int4_tensor_linear(m.lm_head.weight.detach().float(), 32)
+    m.lm_head.half()
+    out = str(tmp_path / "int4")
+    export_awq(m, out, group_size=32, progress=False)
+    t, _ = read_export(out)
+    assert json.load(open(os.path.join(out, "config.json")))["tie_word_embeddings"] is False
+    assert "lm_head.weight" in t and not torch.equal(t["lm_head.weight"],
+                                                     t["model.embed_tokens.weight"])
+
+    cfg = T.LlavaConfig(
+        text_config=T.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=1, num_attention_heads=2,
+                                  tie_word_embeddings=True),
+        vision_config=T.CLIPVisionConfig(hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2,
+                                         image_size=32, patch_size=8),
+        tie_word_embeddings=True)
+    v = T.LlavaForConditionalGeneration(cfg).half().eval()
+    v.lm_head.weight = nn.Parameter(v.lm_head.weight.detach().clone() + 1)
+    out = str(tmp_path / "llava")
+    export_awq(v, out, group_size=32, progress=False,
+               modules_to_not_convert=["vision_tower", "multi_modal_projector"])
+    c = json.load(open(os.path.join(out, "config.json")))
+    assert c["tie_word_embeddings"] is False and c["text_config"]["tie_word_embeddings"] is False
+
+
+def test_relative_names_never_match_a_fused_quantized_layer(tmp_path):
+    """SGLang and older vLLM match modules_to_not_convert against the names of
+    the layers they fuse (`...self_attn.qkv_proj`, `...mlp.gate_up_proj`): a
+    vision tower kept in fp16 whose blocks have `attn.qkv` must not add the
+    relative name `attn.qkv`, which those would find in the language model's
+    quantized qkv_proj."""
+    m = _blocks(2)
+    m.visual = nn.Module()
+    m.visual.blocks = nn.ModuleList()
+    for _ in range(2):
+        b = nn.Module()
+        b.attn = nn.Module()
+        b.attn.qkv, b.attn.proj = nn.Linear(64, 192), nn.Linear(64, 64)
+        m.visual.blocks.append(b)
+    out = str(tmp_path / "o")
+    rep = export_awq(m, out, group_size=32, progress=False, modules_to_not_convert=["visual"])
+    skips = json.load(open(os.path.join(out, "config.json")))["quantization_config"][
+        "modules_to_not_convert"]
+    assert skips == rep.modules_to_not_convert + ["attn.proj"]
+    quantized = [l.name for l in rep.layers]
+    fused = sorted({q.rpartition(".")[0] + ".qkv_proj" for q in quantized
+                    if q.endswith(("q_proj", "k_proj", "v_proj"))} |
+                   {q.rpartition(".")[0] + ".gate_up_proj" for q in quantized
+                    if q.endswith(("gate_proj", "up_proj"))})
+    assert "model.layers.0.self_attn.qkv_proj" in fused
+    assert not [f for f in fused + quantized if any(p in f for p in skips)]

@@ -3,8 +3,8 @@
 CHECKPOINT is a torch.save'd nn.Module (needs --allow-pickle: unpickling runs
 code from the file) or a state dict (with --hf-config DIR, built into the
 transformers model that config describes).  OUT_DIR must not exist or be
-empty.  Exit status 0 on success, 1 on an error (message on stderr), 3 when
---strict refuses a layer.
+empty.  Exit status 0 on success, 1 on an export or load error (message on
+stderr), 2 on invalid arguments, 3 when --strict refuses a layer.
 """
 from __future__ import annotations
 

@@ -140,7 +140,7 @@ def _check_scheme_mode(scheme, mode):
 @dataclass
 class LayerReport:
     name: str
-    source: str  # "fake_quant", "rtn" or "int4_tensor"
+    source: str  # "fake_quant", "rtn", "int4_tensor" or "converted" (export_qat_awq)
     scheme: str
     mode: str
     group_size: int
@@ -544,8 +544,21 @@ def _check_parametrizations(model: nn.Module):
     spectral_norm, pruning masks) are stored as `parametrizations.<name>.
     original*` and computed at each forward: neither a quantized layer nor a
     consumer can use them as they are."""
-    from torch.nn.utils import parametrize
+    from torch.nn.utils import parametrize, prune
+    from torch.nn.utils.weight_norm import WeightNorm
     for name, mod in model.named_modules():
+        for hook in mod._forward_pre_hooks.values():
+            # the hook-based forms: weight computed from weight_orig * weight_mask
+            # (prune) or weight_g, weight_v (the old weight_norm) at each forward
+            if isinstance(hook, (prune.BasePruningMethod, WeightNorm)):
+                tname = getattr(hook, "_tensor_name", None) or getattr(hook, "name", "weight")
+                what, fix = (("pruned (torch.nn.utils.prune)", "torch.nn.utils.prune.remove")
+                             if isinstance(hook, prune.BasePruningMethod) else
+                             ("weight-normed (torch.nn.utils.weight_norm)",
+                              "torch.nn.utils.remove_weight_norm"))
+                raise ValueError(f"{name or '<model>'}: {tname} is {what}: the state dict "
+                                 f"holds its parts, not {tname}; make it a plain tensor "
+                                 f"first with {fix}(module, {tname!r})")
         if parametrize.is_parametrized(mod):
             which = ", ".join(sorted(mod.parametrizations.keys()))
             raise ValueError(f"{name or '<model>'}: {which} is reparametrized "
@@ -666,9 +679,11 @@ def _classify(model: nn.Module, modules_to_not_convert, scheme, mode, group_size
                 raise ValueError(f"{pre}: {sorted(fs)} would stay float16 while {sorted(qs)} "
                                  f"are quantized, but vLLM loads {'/'.join(members)} as one "
                                  "fused layer: keep all of them or none in modules_to_not_convert")
-    unused = [p for p in patterns if p not in used]
+    # (a pattern may name a Conv1D or a 3-D expert weight, which it accepts in fp16)
+    names = [n for n, _ in model.named_modules()] + [n for n, _ in model.named_parameters()]
+    unused = [p for p in patterns if p not in used and not any(p in n for n in names)]
     if unused:
-        log.warning("modules_to_not_convert: %s match no Linear layer", unused)
+        log.warning("modules_to_not_convert: %s match no module or parameter", unused)
     groups = {s["group_size"] for s in quant.values()}
     if len(groups) > 1:
         raise ValueError(f"an AWQ checkpoint has one group size, but the quantized layers use "
@@ -749,9 +764,13 @@ def _quant_item(name, spec, report: ExportReport, strict, threshold, verify):
                 raise RuntimeError(f"{name}: internal error: the {scheme}/{mode} export is not "
                                    "bit-exact")
             if strict and not rep.sqnr_db >= threshold:  # NaN fails too
+                why = ("its weight fake quant is disabled: rounded to nearest, compared with "
+                       "the float weight it computes with" if spec.get("float_forward") else
+                       "a torchao Int4Tensor's float zero point" if src == "int4_tensor" else
+                       f"{scheme}/{mode} cannot be exported exactly")
                 raise ValueError(f"{name}: SQNR {rep.sqnr_db:.2f} dB of the AWQ weights against "
-                                 f"the fake-quant weights is below sqnr_threshold={threshold} dB "
-                                 f"({scheme}/{mode} cannot be exported exactly)")
+                                 "the weights the model computes with is below "
+                                 f"sqnr_threshold={threshold} dB ({why})")
             report.layers.append(rep)
             out = [pack_awq(codes), pack_awq(z), s16.t().contiguous()]
             if has_bias:
@@ -1309,8 +1328,10 @@ def export_awq(model: nn.Module, out_dir, *, scheme: str = "int4_asym", mode: st
     (lm_head always is).  hf_config: a directory (config.json and, if present,
     generation_config.json are used), a config.json path, a dict or a
     PretrainedConfig; default `model.config`.  strict: raise if a layer's SQNR
-    against its fake-quant weight is below sqnr_threshold dB (only the
-    inexact int4_asym/torchao conversion can be).  verify: check each
+    against the weight the model computes with is below sqnr_threshold dB
+    (inexact layers: int4_asym/torchao, fp8_int4/torchao whose scales are not
+    fp16 values, torchao Int4Tensor weights with a float zero point, layers
+    whose weight fake quant is disabled).  verify: check each
     exact layer bit for bit (costs a fake-quant pass).
     Returns an ExportReport (files, per-layer exactness and SQNR).
     """
@@ -1444,6 +1465,11 @@ def export_awq(model: nn.Module, out_dir, *, scheme: str = "int4_asym", mode: st
                          "weight_map": dict(sorted(weight_map.items()))})
             report.files.append("model.safetensors.index.json")
         conf = dict(cfg or {})
+        if "model_type" not in conf:
+            log.warning("config.json gets no model_type (%s): transformers and vLLM cannot "
+                        "load the directory without one; pass hf_config (the model's "
+                        "config)", "no hf_config, and the model has no .config"
+                        if cfg is None else "hf_config has none")
         conf.pop("quantization_config", None)
         conf["torch_dtype"] = "float16"
         if cfg is not None and not conf.get("architectures") and _is_hf_model(model):
@@ -1544,6 +1570,9 @@ def load_for_export(checkpoint: str, hf_config: Optional[str] = None, *,
     except ImportError as e:
         raise ImportError("building a model from a state dict needs transformers "
                           "(pip install transformers)") from e
+    if not os.path.isdir(hf_config) and not os.path.isfile(hf_config):
+        # (AutoConfig would take it for a Hub model id and try the network)
+        raise ValueError(f"hf_config {hf_config!r}: no such directory or config.json")
     config = AutoConfig.from_pretrained(hf_config)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)

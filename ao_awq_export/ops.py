@@ -367,7 +367,8 @@ def _quantize_int4(w, group_size, scheme, mode, name):
 def dequantize_int4(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, *,
                     scheme: str = "fp8_int4", mode: str = "torchao",
                     dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """Inverse of quantize_int4: the fake-quant output, bit for bit."""
+    """Inverse of quantize_int4: the fake-quant output, bit for bit when
+    `dtype` is the weight's dtype (default bfloat16)."""
     _check_choice("scheme", scheme, SCHEMES)
     _check_choice("mode", mode, MODES)
     for nm, t in (("codes", codes), ("scales", scales), ("zeros", zeros)):

@@ -402,11 +402,16 @@ def _awq_qat_transform(module: nn.Module, config: AWQQATConfig) -> nn.Module:
             skip = (f"{type(module).__name__} has a forward of its own, which QATLinear's "
                     "would replace")
         if skip:
+            plain = "reparametrized" in skip or "not an nn.Parameter" in skip
+            todo = ("to quantize or export it, make its weight a plain Parameter first "
+                    "(torch.nn.utils.parametrize.remove_parametrizations, "
+                    "torch.nn.utils.prune.remove): the export refuses it even in "
+                    "modules_to_not_convert" if plain else
+                    "to export the model, name it in modules_to_not_convert (lm_head stays "
+                    "fp16 anyway)")
             warnings.warn(f"AWQQATConfig prepare: {type(module).__name__}(in_features="
                           f"{module.in_features}, out_features={module.out_features}) left as it "
-                          f"is ({skip}); to export the model, name it in modules_to_not_convert "
-                          "(lm_head stays fp16 anyway)",
-                          stacklevel=2)
+                          f"is ({skip}); {todo}", stacklevel=2)
             return module
         if isinstance(module, QATLinear):
             same = (module.scheme, module.mode, module.group_size, module.act_fake_quant,

@@ -1290,7 +1290,7 @@ def test_reparametrized_weights_are_refused(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.nn.utils.weight_norm is deprecated
         torch.nn.utils.weight_norm(m[1])
-    with pytest.raises(ValueError, match=r"^1: the Linear's weight is not in the model's state_dict"):
+    with pytest.raises(ValueError, match=r"^1: weight is weight-normed .*remove_weight_norm"):
         export_awq(m, str(tmp_path / "o"), group_size=32, progress=False)
     assert not (tmp_path / "o").exists()
 
@@ -1783,3 +1783,55 @@ def test_relative_names_never_match_a_fused_quantized_layer(tmp_path):
                     if q.endswith(("gate_proj", "up_proj"))})
     assert "model.layers.0.self_attn.qkv_proj" in fused
     assert not [f for f in fused + quantized if any(p in f for p in skips)]
+
+
+def test_hook_reparametrized_weights_are_refused_even_when_excluded(tmp_path, caplog):
+    """torch.nn.utils.prune and the old hook-based weight_norm keep
+    weight_orig / weight_mask (weight_g / weight_v) in the state dict and
+    compute the weight at each forward: named in modules_to_not_convert, such a
+    layer was written without a `.weight` no consumer could load."""
+    from torch.nn.utils import prune
+
+    for how, fix in (("prune", "torch.nn.utils.prune.remove"),
+                     ("weight_norm", "torch.nn.utils.remove_weight_norm")):
+        m = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 32))
+        if how == "prune":
+            prune.l1_unstructured(m[0], "weight", 0.5)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.nn.utils.weight_norm(m[0])
+        for skip in (None, ["0"]):
+            with pytest.raises(ValueError, match=rf"^0: weight is .*{re.escape(fix)}\(module, "
+                                                 r"'weight'\)"):
+                export_awq(m, str(tmp_path / "o"), group_size=32, progress=False,
+                           modules_to_not_convert=skip)
+        assert leftovers(tmp_path) == []
+
+
+def test_strict_message_says_what_was_compared(tmp_path):
+    m = nn.Sequential(FakeQuantLinear(64, 32, group_size=32))
+    m[0].weight_fake_quant_enabled = False
+    with pytest.raises(ValueError, match=r"against the weights the model computes with is below "
+                                         r"sqnr_threshold=30.0 dB \(its weight fake quant is "
+                                         r"disabled"):
+        export_awq(m, str(tmp_path / "o"), group_size=32, progress=False, strict=True)
+
+
+def test_missing_model_type_and_hf_config_paths(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="ao_awq_export.export"):
+        export_awq(nn.Sequential(nn.Linear(64, 32)), str(tmp_path / "o"), group_size=32,
+                   progress=False)
+    assert "config.json gets no model_type (no hf_config" in caplog.text
+    torch.save(nn.Sequential(nn.Linear(64, 32)).state_dict(), tmp_path / "sd.pt")
+    with pytest.raises(ValueError, match="no such directory or config.json"):
+        ex.load_for_export(str(tmp_path / "sd.pt"), str(tmp_path / "nope"))
+    # a pattern naming what it accepts in fp16 (not a Linear) is no typo
+    caplog.clear()
+    m = nn.Sequential(nn.Linear(64, 32))
+    m.add_module("experts", nn.Module())
+    m.experts.w = nn.Parameter(torch.zeros(2, 4, 4))
+    with caplog.at_level("WARNING", logger="ao_awq_export.export"):
+        export_awq(m, str(tmp_path / "o2"), group_size=32, progress=False,
+                   modules_to_not_convert=["experts", "typo_here"])
+    assert "['typo_here'] match no module or parameter" in caplog.text

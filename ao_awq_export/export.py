@@ -449,7 +449,21 @@ def _config_skips(fp16_linears: List[str], quantized: List[str]) -> List[str]:
                     "transformers skip them by their full names, but AutoAWQ matches names "
                     "within a block and cannot load such a checkpoint", partial[0],
                     len(partial))
-    return list(fp16_linears) + [r for r in rels if r not in fp16_linears]
+    out = list(fp16_linears) + [r for r in rels if r not in fp16_linears]
+    # a fused set (q/k/v, gate/up) all in fp16: its fused name too, which SGLang
+    # and older vLLM match (they look up `<parent>.qkv_proj`, in which no
+    # member's name is), full and relative alike
+    for members in _FUSED_SETS:
+        by_parent: Dict[str, set] = {}
+        for n in out:
+            pre, _, last = n.rpartition(".")
+            if last in members:
+                by_parent.setdefault(pre, set()).add(last)
+        for pre, have in by_parent.items():
+            alias = f"{pre}.{_FUSED_NAMES[members]}" if pre else _FUSED_NAMES[members]
+            if have == set(members) and alias not in out and not any(alias in q for q in fused):
+                out.append(alias)
+    return out
 
 
 def _vllm_shape_warning(shapes: Dict[str, tuple]):

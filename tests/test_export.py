@@ -1423,6 +1423,14 @@ def test_modules_to_not_convert_as_each_consumer_matches_it(tmp_path, caplog):
         mm = re.match(r"^model\.layers\.\d+\.(.+)$", n)
         return mm is not None and p in mm.group(1)
 
+    def fused_prefix(n, names):  # SGLang / older vLLM: the fused layer's name
+        pre, _, last = n.rpartition(".")
+        for members, f in (({"q_proj", "k_proj", "v_proj"}, "qkv_proj"),
+                           ({"gate_proj", "up_proj"}, "gate_up_proj")):
+            if last in members and all(f"{pre}.{x}" in names for x in members):
+                return f"{pre}.{f}"
+        return n
+
     def check(m, skip, want_rel, *, autoawq_ok=True):
         out = str(tmp_path / f"o{len(os.listdir(tmp_path))}")
         caplog.clear()
@@ -1439,6 +1447,8 @@ def test_modules_to_not_convert_as_each_consumer_matches_it(tmp_path, caplog):
         assert _skipped_by(transformers5, want_cfg, names) == excluded
         in_blocks = {n for n in excluded if n.startswith("model.layers.")}
         assert (_skipped_by(relative, want_cfg, names) == in_blocks) == autoawq_ok
+        assert {n for n in names if any(p in fused_prefix(n, names) for p in want_cfg)} == \
+            excluded
         assert ("AutoAWQ matches names within a block" in caplog.text) == (not autoawq_ok)
         # GPTQModel: exact negative rules, one per excluded layer
         assert qc["dynamic"] == {f"-:^{re.escape(n)}$": {} for n in rep.modules_to_not_convert}
@@ -1449,6 +1459,8 @@ def test_modules_to_not_convert_as_each_consumer_matches_it(tmp_path, caplog):
     check(_blocks(3), ["mlp", "o_proj"], ["self_attn.o_proj", "mlp.up_proj", "mlp.down_proj"])
     # one block only: full names (AutoAWQ cannot say it; warned)
     check(_blocks(3), ["layers.1.mlp.down_proj"], [], autoawq_ok=False)
+    check(_blocks(3), ["layers.1.self_attn"], ["model.layers.1.self_attn.qkv_proj"],
+          autoawq_ok=False)
     # a relative name inside a quantized name elsewhere (shared_mlp.down_proj): full names
     m = _blocks(2, extra=("shared_mlp",))
     check(m, ["layers.0.mlp.down_proj", "layers.1.mlp.down_proj"], [], autoawq_ok=False)
@@ -1456,7 +1468,9 @@ def test_modules_to_not_convert_as_each_consumer_matches_it(tmp_path, caplog):
     m = _blocks(2)
     m.extra = nn.Linear(64, 64)
     check(m, ["extra"] + [f"layers.{i}.self_attn" for i in range(2)],
-          ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"])
+          ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "model.layers.0.self_attn.qkv_proj", "model.layers.1.self_attn.qkv_proj",
+           "self_attn.qkv_proj"])
     # nothing excluded: no dynamic rules
     out = str(tmp_path / "none")
     export_awq(_blocks(1), out, group_size=32, progress=False)
@@ -1591,6 +1605,20 @@ def test_vllm_kernel_shapes_are_warned(tmp_path, caplog):
     assert "attn.q_proj, N=584 fused" in caplog.text
 
 
+def _tiny_llava(tie=None):
+    """A tiny Llava (Llama text model, CLIP vision tower); tie: the
+    tie_word_embeddings of both configs (None: the defaults)."""
+    import transformers as T
+    kw = {} if tie is None else {"tie_word_embeddings": tie}
+    cfg = T.LlavaConfig(
+        text_config=T.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=1, num_attention_heads=2, **kw),
+        vision_config=T.CLIPVisionConfig(hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2,
+                                         image_size=32, patch_size=8), **kw)
+    return T.LlavaForConditionalGeneration(cfg)
+
+
 @pytest.mark.parametrize("arch", ["gpt_neox", "llava"])
 def test_tensor_names_are_those_save_pretrained_writes(tmp_path, arch):
     """transformers 5 renames some checkpoints' tensors in memory (GPT-NeoX's
@@ -1608,13 +1636,7 @@ def test_tensor_names_are_those_save_pretrained_writes(tmp_path, arch):
                                                  intermediate_size=128, num_hidden_layers=2,
                                                  num_attention_heads=2))
     else:
-        cfg = T.LlavaConfig(
-            text_config=T.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
-                                      num_hidden_layers=1, num_attention_heads=2),
-            vision_config=T.CLIPVisionConfig(hidden_size=32, intermediate_size=64,
-                                             num_hidden_layers=1, num_attention_heads=2,
-                                             image_size=32, patch_size=8))
-        m = T.LlavaForConditionalGeneration(cfg)
+        m = _tiny_llava()
         skip = ["vision_tower", "multi_modal_projector"]
     m = m.half().eval()
     out, sp = str(tmp_path / "awq"), str(tmp_path / "sp")
@@ -1636,7 +1658,9 @@ def test_tensor_names_are_those_save_pretrained_writes(tmp_path, arch):
             m.model.language_model.layers[0].self_attn.q_proj.weight.detach(), 32, mode="awq"))
         qc = json.load(open(os.path.join(out, "config.json")))["quantization_config"]
         assert all(n in rep.modules_to_not_convert for n in qc["modules_to_not_convert"]
-                   if n.startswith("model."))
+                   if n.startswith("model.") and not n.endswith(".qkv_proj"))
+        assert "model.vision_tower.encoder.layers.0.self_attn.qkv_proj" in \
+            qc["modules_to_not_convert"]  # (the fused name SGLang / older vLLM match)
         assert "model.multi_modal_projector.linear_1" in qc["modules_to_not_convert"]
         # the file's names of the fp16 layers are listed too (a matcher on those)
         assert "multi_modal_projector.linear_1" in qc["modules_to_not_convert"]
@@ -1673,13 +1697,19 @@ def test_config_that_ties_an_untied_head_is_corrected(tmp_path, caplog):
     assert "written untied" not in caplog.text
     with torch.no_grad():
         m.lm_head.weight[0, 0] += 1
-    out = str(tmp_path / "untied")
+    _check_written_untied(m, str(tmp_path / "untied"), caplog, m.lm_head.weight)
+
+
+def _check_written_untied(m, out, caplog, head):
+    """export m: warned, config untied, lm_head written as `head` beside the
+    embedding."""
+    caplog.clear()
     with caplog.at_level("WARNING", logger="ao_awq_export.export"):
         export_awq(m, out, group_size=32, progress=False)
     assert "written untied" in caplog.text
     t, _ = read_export(out)
     assert json.load(open(os.path.join(out, "config.json")))["tie_word_embeddings"] is False
-    assert torch.equal(t["lm_head.weight"], m.lm_head.weight.detach())
+    assert torch.equal(t["lm_head.weight"], head.detach())
     assert torch.equal(t["model.embed_tokens.weight"], m.model.embed_tokens.weight.detach())
 
 
@@ -1721,14 +1751,7 @@ def test_heads_that_compute_other_values_than_the_embedding_are_written_untied(t
     m = llama()
     m.lm_head = FakeQuantLinear.from_linear(m.lm_head, group_size=32)
     assert m.lm_head.weight is m.model.embed_tokens.weight
-    out = str(tmp_path / "fq")
-    with caplog.at_level("WARNING", logger="ao_awq_export.export"):
-        export_awq(m, out, group_size=32, progress=False)
-    assert "written untied" in caplog.text
-    t, _ = read_export(out)
-    assert json.load(open(os.path.join(out, "config.json")))["tie_word_embeddings"] is False
-    assert torch.equal(t["lm_head.weight"], m.lm_head.fake_quant_weight().detach())
-    assert torch.equal(t["model.embed_tokens.weight"], m.model.embed_tokens.weight.detach())
+    _check_written_untied(m, str(tmp_path / "fq"), caplog, m.lm_head.fake_quant_weight())
 
     m = llama()
     m.lm_head = _int4_tensor_linear(m.lm_head.weight.detach().float(), 32)
@@ -1740,15 +1763,7 @@ def test_heads_that_compute_other_values_than_the_embedding_are_written_untied(t
     assert "lm_head.weight" in t and not torch.equal(t["lm_head.weight"],
                                                      t["model.embed_tokens.weight"])
 
-    cfg = T.LlavaConfig(
-        text_config=T.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
-                                  num_hidden_layers=1, num_attention_heads=2,
-                                  tie_word_embeddings=True),
-        vision_config=T.CLIPVisionConfig(hidden_size=32, intermediate_size=64,
-                                         num_hidden_layers=1, num_attention_heads=2,
-                                         image_size=32, patch_size=8),
-        tie_word_embeddings=True)
-    v = T.LlavaForConditionalGeneration(cfg).half().eval()
+    v = _tiny_llava(tie=True).half().eval()
     v.lm_head.weight = nn.Parameter(v.lm_head.weight.detach().clone() + 1)
     out = str(tmp_path / "llava")
     export_awq(v, out, group_size=32, progress=False,

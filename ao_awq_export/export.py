@@ -415,10 +415,38 @@ def _fused_aliases(quantized: List[str]) -> List[str]:
         for members in _FUSED_SETS:
             if last in members:
                 out.add(f"{pre}.{_FUSED_NAMES[members]}" if pre else _FUSED_NAMES[members])
+        for members, fname in _FUSED_NAMES.items():
+            if last == fname:  # a real fused module (Phi-3): vLLM may expand it to shards
+                out.update(f"{pre}.{m}" if pre else m for m in members)
         i = q.find(".experts.")
         if i >= 0:
             out.add(q[: i + len(".experts")])
     return sorted(out - set(quantized))
+
+
+def _add_fused_names(out: List[str], fused: List[str]) -> None:
+    """Appends to the skip list `out` the fused name of every fused set whose
+    members it lists all (`<parent>.qkv_proj` for q/k/v, `gate_up_proj`) and
+    of every MoE `<...>.experts` whose listed experts are all of it (no name
+    in `fused`, the quantized layers and their fused names, lies under it):
+    SGLang and older vLLM look those up by substring, and no member's name is
+    in them.  An alias inside a name of `fused` is left out."""
+    for members in _FUSED_SETS:
+        by_parent: Dict[str, set] = {}
+        for n in out:
+            pre, _, last = n.rpartition(".")
+            if last in members:
+                by_parent.setdefault(pre, set()).add(last)
+        for pre, have in by_parent.items():
+            alias = f"{pre}.{_FUSED_NAMES[members]}" if pre else _FUSED_NAMES[members]
+            if have == set(members) and alias not in out and not any(alias in q for q in fused):
+                out.append(alias)
+    for n in list(out):
+        i = n.find(".experts.") if not n.startswith("experts.") else -1
+        alias = n[: i + len(".experts")] if i >= 0 else ("experts" if n.startswith("experts.")
+                                                         else None)
+        if alias and alias not in out and not any(alias in q for q in fused):
+            out.append(alias)
 
 
 def _config_skips(fp16_linears: List[str], quantized: List[str]) -> List[str]:
@@ -450,19 +478,7 @@ def _config_skips(fp16_linears: List[str], quantized: List[str]) -> List[str]:
                     "within a block and cannot load such a checkpoint", partial[0],
                     len(partial))
     out = list(fp16_linears) + [r for r in rels if r not in fp16_linears]
-    # a fused set (q/k/v, gate/up) all in fp16: its fused name too, which SGLang
-    # and older vLLM match (they look up `<parent>.qkv_proj`, in which no
-    # member's name is), full and relative alike
-    for members in _FUSED_SETS:
-        by_parent: Dict[str, set] = {}
-        for n in out:
-            pre, _, last = n.rpartition(".")
-            if last in members:
-                by_parent.setdefault(pre, set()).add(last)
-        for pre, have in by_parent.items():
-            alias = f"{pre}.{_FUSED_NAMES[members]}" if pre else _FUSED_NAMES[members]
-            if have == set(members) and alias not in out and not any(alias in q for q in fused):
-                out.append(alias)
+    _add_fused_names(out, fused)  # full and relative alike
     return out
 
 
@@ -559,17 +575,22 @@ def _check_parametrizations(model: nn.Module):
     original*` and computed at each forward: neither a quantized layer nor a
     consumer can use them as they are."""
     from torch.nn.utils import parametrize, prune
+    from torch.nn.utils.spectral_norm import SpectralNorm
     from torch.nn.utils.weight_norm import WeightNorm
     for name, mod in model.named_modules():
         for hook in mod._forward_pre_hooks.values():
             # the hook-based forms: weight computed from weight_orig * weight_mask
-            # (prune) or weight_g, weight_v (the old weight_norm) at each forward
-            if isinstance(hook, (prune.BasePruningMethod, WeightNorm)):
+            # (prune), weight_g, weight_v (the old weight_norm) or weight_orig, u, v
+            # (the old spectral_norm) at each forward
+            if isinstance(hook, (prune.BasePruningMethod, WeightNorm, SpectralNorm)):
                 tname = getattr(hook, "_tensor_name", None) or getattr(hook, "name", "weight")
                 what, fix = (("pruned (torch.nn.utils.prune)", "torch.nn.utils.prune.remove")
                              if isinstance(hook, prune.BasePruningMethod) else
                              ("weight-normed (torch.nn.utils.weight_norm)",
-                              "torch.nn.utils.remove_weight_norm"))
+                              "torch.nn.utils.remove_weight_norm")
+                             if isinstance(hook, WeightNorm) else
+                             ("spectral-normed (torch.nn.utils.spectral_norm)",
+                              "torch.nn.utils.remove_spectral_norm"))
                 raise ValueError(f"{name or '<model>'}: {tname} is {what}: the state dict "
                                  f"holds its parts, not {tname}; make it a plain tensor "
                                  f"first with {fix}(module, {tname!r})")
@@ -693,6 +714,19 @@ def _classify(model: nn.Module, modules_to_not_convert, scheme, mode, group_size
                 raise ValueError(f"{pre}: {sorted(fs)} would stay float16 while {sorted(qs)} "
                                  f"are quantized, but vLLM loads {'/'.join(members)} as one "
                                  "fused layer: keep all of them or none in modules_to_not_convert")
+    # vLLM and SGLang load a MoE layer's experts as one FusedMoE: all or none in fp16
+    experts: Dict[str, List[set]] = {}
+    for i, names_ in enumerate((quantized, fp16_linears)):
+        for n in names_:
+            j = n.find(".experts.")
+            if j >= 0:
+                experts.setdefault(n[: j + len(".experts")], [set(), set()])[i].add(n)
+    for pre, (qs, fs) in experts.items():
+        if qs and fs:
+            raise ValueError(f"{pre}: {len(fs)} expert layers (e.g. {sorted(fs)[0]}) would stay "
+                             f"float16 while {len(qs)} are quantized, but vLLM loads a MoE "
+                             "layer's experts as one fused layer: keep all of them or none in "
+                             "modules_to_not_convert")
     # (a pattern may name a Conv1D or a 3-D expert weight, which it accepts in fp16)
     names = [n for n, _ in model.named_modules()] + [n for n, _ in model.named_parameters()]
     unused = [p for p in patterns if p not in used and not any(p in n for n in names)]
@@ -914,6 +948,17 @@ def _plan(model, quant, report, strict, threshold, verify, tie_ok, model_type=No
     return items + _scaled_act_items(model, model_type, sd)
 
 
+def _output_embedding_names(model) -> set:
+    """The module names of the model's output embedding (get_output_embeddings)."""
+    try:
+        oe = model.get_output_embeddings()
+    except Exception:  # noqa: BLE001
+        return set()
+    if not isinstance(oe, nn.Module):
+        return set()
+    return {n for n, m in model.named_modules(remove_duplicate=False) if m is oe}
+
+
 # nested configs whose model reads its own tie_word_embeddings (vLLM builds a
 # VLM's language model from text_config)
 _NESTED_CONFIGS = ("text_config", "llm_config", "language_config")
@@ -1060,13 +1105,18 @@ def _check_fused_weights(model, patterns):
     Other 3+-dim weights outside convolutions (e.g. RecurrentGemma's block-
     diagonal gates) are written in fp16 with a warning."""
     convs = (nn.modules.conv._ConvNd,)
+    accepted = []
     for mname, mod in model.named_modules():
         if isinstance(mod, convs):
             continue
         expert = re.search(r"expert|moe", type(mod).__name__, re.IGNORECASE) is not None
         for pname, p in mod.named_parameters(recurse=False):
             full = f"{mname}.{pname}" if mname else pname
-            if p.dim() < 3 or not p.is_floating_point() or any(q in full for q in patterns):
+            if p.dim() < 3 or not p.is_floating_point():
+                continue
+            if any(q in full for q in patterns):
+                if expert and mname not in accepted:
+                    accepted.append(mname)
                 continue
             if not expert:
                 log.warning("%s: %d-D weight %s written in fp16, unquantized", full, p.dim(),
@@ -1076,6 +1126,7 @@ def _check_fused_weights(model, patterns):
                 f"{full}: a {p.dim()}-D weight {tuple(p.shape)} of {type(mod).__name__} (fused "
                 "MoE experts) cannot be written as AWQ Linear layers; it would stay "
                 "unquantized in fp16. Add it to modules_to_not_convert to accept that")
+    return accepted
 
 
 def _fake_quant_fp16(name: str, mod: FakeQuantLinear):
@@ -1126,10 +1177,23 @@ def _tokenizer_files(hf_config) -> List[str]:
     names = [f for f in _TOKENIZER_FILES if os.path.isfile(os.path.join(d, f))]
     # a remote-code model's or tokenizer's own classes (config.json's and
     # tokenizer_config.json's auto_map name them), as save_pretrained copies them
-    names += sorted(f for f in os.listdir(d) if f.endswith(".py") and
-                    f.startswith(("tokenization_", "configuration_", "modeling_")) and
-                    os.path.isfile(os.path.join(d, f)))
-    return [os.path.join(d, f) for f in names]
+    code = sorted(f for f in os.listdir(d) if f.endswith(".py") and
+                  f.startswith(("tokenization_", "configuration_", "modeling_", "processing_",
+                                "image_processing_", "video_processing_", "feature_extraction_"))
+                  and os.path.isfile(os.path.join(d, f)))
+    # and the modules those import relatively (`from .helper import ...`), as
+    # transformers' dynamic module loader needs them beside
+    todo = list(code)
+    while todo:
+        with open(os.path.join(d, todo.pop()), encoding="utf-8", errors="replace") as f:
+            src = f.read()
+        for mod in re.findall(r"^\s*(?:from\s+\.(\w+)\s+import|import\s+\.(\w+))", src,
+                              flags=re.MULTILINE):
+            dep = f"{mod[0] or mod[1]}.py"
+            if dep not in code and os.path.isfile(os.path.join(d, dep)):
+                code.append(dep)
+                todo.append(dep)
+    return [os.path.join(d, f) for f in names + code]
 
 
 def _config_dict(model, hf_config):
@@ -1369,7 +1433,7 @@ def export_awq(model: nn.Module, out_dir, *, scheme: str = "int4_asym", mode: st
         raise ValueError("the model has no Linear layer to quantize (none outside lm_head and "
                          "modules_to_not_convert): an AWQ checkpoint needs at least one")
     renames = _check_checkpoint_names(model)
-    _check_fused_weights(model, _patterns(modules_to_not_convert))
+    fp16_stacks = _check_fused_weights(model, _patterns(modules_to_not_convert))
     cfg, gen = _config_dict(model, hf_config)
     tok_files = _tokenizer_files(hf_config)
     if not tok_files:
@@ -1377,7 +1441,8 @@ def export_awq(model: nn.Module, out_dir, *, scheme: str = "int4_asym", mode: st
                     "them): vLLM and GPTQModel.load read the tokenizer from the checkpoint "
                     "directory; save it there (tokenizer.save_pretrained(out_dir)) or pass "
                     "hf_config=<the model's directory>")
-    head_differs = _head_differs(model)
+    head_differs = not (cfg is not None and cfg.get("tie_word_embeddings") is False) and \
+        _head_differs(model)
     tie_ok = not (cfg is not None and cfg.get("tie_word_embeddings") is False) and \
         not head_differs
     G = next(iter(quant.values()))["group_size"] if quant else group_size
@@ -1389,7 +1454,9 @@ def export_awq(model: nn.Module, out_dir, *, scheme: str = "int4_asym", mode: st
         shapes.setdefault(c, (8 * qw.shape[1], qw.shape[0]))
     del sd_all
     _vllm_shape_warning(shapes)
-    skips = _config_skips(fp16_linears, list(shapes)) if fp16_linears else None
+    # (fused expert stacks kept in fp16: their modules, which vLLM builds as a FusedMoE)
+    skips = _config_skips(fp16_linears + fp16_stacks, list(shapes)) \
+        if fp16_linears or fp16_stacks else None
     if skips and renames:
         # the tensors go under save_pretrained's names: list the fp16 layers under
         # those too (a matcher reading the file's names), where that is safe
@@ -1397,10 +1464,13 @@ def export_awq(model: nn.Module, out_dir, *, scheme: str = "int4_asym", mode: st
             return _checkpoint_name(renames, f"{n}.weight")[: -len(".weight")]
         taken = list(shapes) + [ck(q) for q in shapes]
         taken += _fused_aliases(taken)
+        added = []
         for n in fp16_linears:
             c = ck(n)
             if n and c != n and c not in skips and not any(c in q for q in taken):
-                skips.append(c)
+                added.append(c)
+        _add_fused_names(added, taken)
+        skips += [c for c in added if c not in skips]
 
     out_dir, tmp, created, inside = _prepare_out_dir(out_dir)
     report = ExportReport(out_dir=out_dir, group_size=G,
@@ -1490,8 +1560,10 @@ def export_awq(model: nn.Module, out_dir, *, scheme: str = "int4_asym", mode: st
             # a model built from its config (from_config, Cls(cfg)) has none;
             # save_pretrained names its class, and vLLM picks the model by it
             conf["architectures"] = [type(model).__name__]
+        head_names = _output_embedding_names(model)
         if "tie_word_embeddings" not in conf and any(
-                k.rpartition(".")[0].rpartition(".")[2] == "lm_head" for k in tied):
+                k.rpartition(".")[0].rpartition(".")[2] == "lm_head" or
+                k.rpartition(".")[0] in head_names for k in tied):
             # lm_head.weight was left out as the embedding's twin: say so, or a
             # loader whose default is untied (vLLM's Llama) finds it missing
             conf["tie_word_embeddings"] = True

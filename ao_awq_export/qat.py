@@ -619,8 +619,17 @@ def export_qat_awq(model: nn.Module, out_dir, **kwargs):
 
     skip = _patterns(kwargs.get("modules_to_not_convert"))  # export_awq's checks and stripping
 
+    out_emb = None
+    if hasattr(model, "get_output_embeddings"):
+        try:
+            out_emb = model.get_output_embeddings()
+        except Exception:  # noqa: BLE001
+            out_emb = None
+    heads = {n for n, m in model.named_modules() if out_emb is not None and m is out_emb}
+
     def kept_fp16(n):  # what export_awq leaves in float16: its group size does not count
-        return is_head(n) or n.rpartition(".")[2] in _ROUTER_NAMES or any(p in n for p in skip)
+        return (is_head(n) or n in heads or n.rpartition(".")[2] in _ROUTER_NAMES
+                or any(p in n for p in skip))
 
     conv = {n: m for n, m in model.named_modules() if isinstance(m, AWQInt4Linear)}
     groups = {m.group_size for n, m in model.named_modules()
@@ -634,12 +643,6 @@ def export_qat_awq(model: nn.Module, out_dir, **kwargs):
             raise ValueError(f"group_size={kwargs['group_size']} differs from the model's "
                              f"quantized layers ({g})")
         kwargs["group_size"] = g
-    out_emb = None
-    if hasattr(model, "get_output_embeddings"):
-        try:
-            out_emb = model.get_output_embeddings()
-        except Exception:  # noqa: BLE001
-            out_emb = None
     for n, m in conv.items():
         if is_head(n) or m is out_emb:
             raise ValueError(f"{n} is converted to int4, but AWQ checkpoints keep the output "

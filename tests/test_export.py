@@ -1661,6 +1661,8 @@ def test_tensor_names_are_those_save_pretrained_writes(tmp_path, arch):
                    if n.startswith("model.") and not n.endswith(".qkv_proj"))
         assert "model.vision_tower.encoder.layers.0.self_attn.qkv_proj" in \
             qc["modules_to_not_convert"]  # (the fused name SGLang / older vLLM match)
+        assert "vision_tower.encoder.layers.0.self_attn.qkv_proj" in \
+            qc["modules_to_not_convert"]  # (and under the file's names)
         assert "model.multi_modal_projector.linear_1" in qc["modules_to_not_convert"]
         # the file's names of the fp16 layers are listed too (a matcher on those)
         assert "multi_modal_projector.linear_1" in qc["modules_to_not_convert"]
@@ -1850,3 +1852,108 @@ def test_missing_model_type_and_hf_config_paths(tmp_path, caplog):
         export_awq(m, str(tmp_path / "o2"), group_size=32, progress=False,
                    modules_to_not_convert=["experts", "typo_here"])
     assert "['typo_here'] match no module or parameter" in caplog.text
+
+
+class _Experts(nn.Module):
+    def __init__(self, n, stacked=False):
+        super().__init__()
+        if stacked:  # gpt-oss style: one 3-D weight for all experts
+            self.gate_up_proj = nn.Parameter(torch.randn(n, 64, 128) * 0.02)
+        else:
+            for i in range(n):
+                e = nn.Module()
+                e.w1, e.w2 = nn.Linear(64, 128), nn.Linear(128, 64)
+                self.add_module(str(i), e)
+
+
+def _moe(stacked=False):
+    m = nn.Module()
+    m.model = nn.Module()
+    m.model.layers = nn.ModuleList()
+    for _ in range(2):
+        b = nn.Module()
+        b.self_attn = nn.Module()
+        b.self_attn.o_proj = nn.Linear(64, 64)
+        b.mlp = nn.Module()
+        b.mlp.experts = _Experts(2, stacked)
+        m.model.layers.append(b)
+    return m
+
+
+def test_moe_experts_in_fp16_are_named_as_vllm_fuses_them(tmp_path):
+    """vLLM and SGLang build a MoE layer's experts as one FusedMoE named
+    `<...>.experts`, which they look up by substring: experts kept in fp16 are
+    listed under that name too; some experts of a layer in fp16 and others
+    quantized is refused (one precision per FusedMoE); fused 3-D expert stacks
+    accepted in fp16 are listed by their module."""
+    out = str(tmp_path / "a")
+    rep = export_awq(_moe(), out, group_size=32, progress=False,
+                     modules_to_not_convert=["layers.1.mlp"])
+    skips = json.load(open(os.path.join(out, "config.json")))["quantization_config"][
+        "modules_to_not_convert"]
+    assert "model.layers.1.mlp.experts" in skips and "model.layers.0.mlp.experts" not in skips
+    quantized = [l.name for l in rep.layers]
+    assert "model.layers.0.mlp.experts.0.w1" in quantized
+    assert not [q for q in quantized + ["model.layers.0.mlp.experts"]
+                if any(p in q for p in skips)]
+    out = str(tmp_path / "b")
+    export_awq(_moe(), out, group_size=32, progress=False, modules_to_not_convert=["experts"])
+    skips = json.load(open(os.path.join(out, "config.json")))["quantization_config"][
+        "modules_to_not_convert"]
+    assert "mlp.experts" in skips  # every block: the relative name, for AutoAWQ too
+    with pytest.raises(ValueError, match=r"model.layers.0.mlp.experts: 2 expert layers .* would "
+                                         r"stay float16 while 2 are quantized"):
+        export_awq(_moe(), str(tmp_path / "c"), group_size=32, progress=False,
+                   modules_to_not_convert=["layers.0.mlp.experts.0."])
+    out = str(tmp_path / "d")
+    export_awq(_moe(stacked=True), out, group_size=32, progress=False,
+               modules_to_not_convert=["experts"])
+    skips = json.load(open(os.path.join(out, "config.json")))["quantization_config"][
+        "modules_to_not_convert"]
+    assert {"model.layers.0.mlp.experts", "model.layers.1.mlp.experts", "mlp.experts"} <= \
+        set(skips)
+    assert leftovers(tmp_path) == ["a", "b", "d"]
+
+
+def test_remote_code_files_and_their_relative_imports_are_copied(tmp_path):
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text('{"model_type": "foo", "auto_map": {}}')
+    (hf / "modeling_foo.py").write_text("from .helper_foo import x\nimport torch\n")
+    (hf / "helper_foo.py").write_text("from .deeper import y\nx = 1\n")
+    (hf / "deeper.py").write_text("y = 2\n")
+    (hf / "processing_foo.py").write_text("import .helper_foo\n")
+    (hf / "train.py").write_text("not copied")
+    out = str(tmp_path / "o")
+    export_awq(nn.Sequential(nn.Linear(64, 32)), out, group_size=32, progress=False,
+               hf_config=str(hf))
+    assert sorted(f for f in os.listdir(out) if f.endswith(".py")) == [
+        "deeper.py", "helper_foo.py", "modeling_foo.py", "processing_foo.py"]
+
+
+def test_old_spectral_norm_is_refused_and_embed_out_twins_say_tied(tmp_path):
+    m = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 32))
+    torch.nn.utils.spectral_norm(m[1])
+    with pytest.raises(ValueError, match=r"^1: weight is spectral-normed .*remove_spectral_norm"):
+        export_awq(m, str(tmp_path / "o"), group_size=32, progress=False,
+                   modules_to_not_convert=["1"])
+
+    class NeoX(nn.Module):  # a tied output embedding not named lm_head
+        def __init__(self):
+            super().__init__()
+            self.embed_in = nn.Embedding(96, 64)
+            self.body = nn.Linear(64, 64)
+            self.embed_out = nn.Linear(64, 96, bias=False)
+            self.embed_out.weight = self.embed_in.weight
+
+        def get_output_embeddings(self):
+            return self.embed_out
+
+        def get_input_embeddings(self):
+            return self.embed_in
+
+    out = str(tmp_path / "neox")
+    export_awq(NeoX(), out, group_size=32, progress=False, hf_config={"model_type": "x"})
+    assert json.load(open(os.path.join(out, "config.json")))["tie_word_embeddings"] is True
+    t, _ = read_export(out)
+    assert "embed_in.weight" in t and "embed_out.weight" not in t

@@ -1034,3 +1034,28 @@ def test_swap_back_to_torchao_says_that_pure_ste_is_lost():
     with pytest.warns(UserWarning, match="trained with ste='pure'"):
         swap_ours_to_torchao_qat(m)
     assert isinstance(m[0], FakeQuantizedLinear)
+
+
+def test_export_qat_awq_leaves_an_output_embedding_of_any_name_out_of_the_group_check(tmp_path):
+    """export_awq keeps get_output_embeddings() in fp16 whatever its name, so
+    export_qat_awq does not count its group size either."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(64, 64)
+            self.body = nn.Linear(64, 64)
+            self.output = nn.Linear(64, 64, bias=False)
+
+        def get_output_embeddings(self):
+            return self.output
+
+        def get_input_embeddings(self):
+            return self.emb
+
+    m = M()
+    quantize_(m, AWQQATConfig(group_size=32), filter_fn=lambda mod, f: f == "body")
+    quantize_(m, AWQQATConfig(group_size=64), filter_fn=lambda mod, f: f == "output")
+    rep = export_qat_awq(m, tmp_path / "o", progress=False)
+    assert [l.name for l in rep.layers] == ["body"] and rep.group_size == 32
+    t = load_file(str(tmp_path / "o" / "model.safetensors"))
+    assert torch.equal(t["output.weight"], m.output.fake_quant_weight().detach().half())

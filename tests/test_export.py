@@ -1957,3 +1957,35 @@ def test_old_spectral_norm_is_refused_and_embed_out_twins_say_tied(tmp_path):
     assert json.load(open(os.path.join(out, "config.json")))["tie_word_embeddings"] is True
     t, _ = read_export(out)
     assert "embed_in.weight" in t and "embed_out.weight" not in t
+
+
+def test_relative_names_avoid_the_shards_of_real_fused_modules(tmp_path):
+    """A language model with real fused modules (Phi-3's `qkv_proj`), which
+    vLLM may expand to shard names (`...self_attn.q_proj`), beside an fp16
+    vision tower whose blocks have q/k/v_proj: the tower's relative names
+    `self_attn.q_proj` would match those shards, so they are not added."""
+    m = nn.Module()
+    m.model = nn.Module()
+    m.model.layers = nn.ModuleList()
+    for _ in range(2):
+        b = nn.Module()
+        b.self_attn = nn.Module()
+        b.self_attn.qkv_proj, b.self_attn.o_proj = nn.Linear(64, 192), nn.Linear(64, 64)
+        m.model.layers.append(b)
+    m.visual = nn.Module()
+    m.visual.layers = nn.ModuleList()
+    for _ in range(2):
+        b = nn.Module()
+        b.self_attn = nn.Module()
+        for p in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            b.self_attn.add_module(p, nn.Linear(64, 64))
+        m.visual.layers.append(b)
+    out = str(tmp_path / "o")
+    rep = export_awq(m, out, group_size=32, progress=False, modules_to_not_convert=["visual"])
+    skips = json.load(open(os.path.join(out, "config.json")))["quantization_config"][
+        "modules_to_not_convert"]
+    assert "self_attn.out_proj" in skips
+    assert not {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"} & set(skips)
+    shards = [f"model.layers.{i}.self_attn.{p}" for i in range(2)
+              for p in ("q_proj", "k_proj", "v_proj")]
+    assert not [q for q in shards + [l.name for l in rep.layers] if any(p in q for p in skips)]

@@ -1372,6 +1372,18 @@ def _blocks(n_layers, extra=()):
     return m
 
 
+def _stack(n, sub, **linears):
+    """n blocks, each with <sub>.<name> = nn.Linear(*linears[name])."""
+    blocks = nn.ModuleList()
+    for _ in range(n):
+        b = nn.Module()
+        b.add_module(sub, nn.Module())
+        for name, (k, o) in linears.items():
+            getattr(b, sub).add_module(name, nn.Linear(k, o))
+        blocks.append(b)
+    return blocks
+
+
 def _skipped_by(rule, pattern_list, names):
     return {n for n in names if any(rule(p, n) for p in pattern_list)}
 
@@ -1782,12 +1794,7 @@ def test_relative_names_never_match_a_fused_quantized_layer(tmp_path):
     quantized qkv_proj."""
     m = _blocks(2)
     m.visual = nn.Module()
-    m.visual.blocks = nn.ModuleList()
-    for _ in range(2):
-        b = nn.Module()
-        b.attn = nn.Module()
-        b.attn.qkv, b.attn.proj = nn.Linear(64, 192), nn.Linear(64, 64)
-        m.visual.blocks.append(b)
+    m.visual.blocks = _stack(2, "attn", qkv=(64, 192), proj=(64, 64))
     out = str(tmp_path / "o")
     rep = export_awq(m, out, group_size=32, progress=False, modules_to_not_convert=["visual"])
     skips = json.load(open(os.path.join(out, "config.json")))["quantization_config"][
@@ -1966,20 +1973,10 @@ def test_relative_names_avoid_the_shards_of_real_fused_modules(tmp_path):
     `self_attn.q_proj` would match those shards, so they are not added."""
     m = nn.Module()
     m.model = nn.Module()
-    m.model.layers = nn.ModuleList()
-    for _ in range(2):
-        b = nn.Module()
-        b.self_attn = nn.Module()
-        b.self_attn.qkv_proj, b.self_attn.o_proj = nn.Linear(64, 192), nn.Linear(64, 64)
-        m.model.layers.append(b)
+    m.model.layers = _stack(2, "self_attn", qkv_proj=(64, 192), o_proj=(64, 64))
     m.visual = nn.Module()
-    m.visual.layers = nn.ModuleList()
-    for _ in range(2):
-        b = nn.Module()
-        b.self_attn = nn.Module()
-        for p in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            b.self_attn.add_module(p, nn.Linear(64, 64))
-        m.visual.layers.append(b)
+    m.visual.layers = _stack(2, "self_attn", **{p: (64, 64) for p in
+                                                ("q_proj", "k_proj", "v_proj", "out_proj")})
     out = str(tmp_path / "o")
     rep = export_awq(m, out, group_size=32, progress=False, modules_to_not_convert=["visual"])
     skips = json.load(open(os.path.join(out, "config.json")))["quantization_config"][

@@ -405,22 +405,35 @@ def _converted_names(model: nn.Module) -> List[str]:
 _IN_BLOCK = re.compile(r"^(.*?)\.(\d+)\.(.+)$")
 
 
+def _fused_of(name: str):
+    """(the name vLLM gives the fused layer `name` is a member of, its
+    members), e.g. `a.q_proj` -> (`a.qkv_proj`, (q, k, v)); (None, None)."""
+    pre, _, last = name.rpartition(".")
+    for members in _FUSED_SETS:
+        if last in members:
+            return (f"{pre}.{_FUSED_NAMES[members]}" if pre else _FUSED_NAMES[members]), members
+    return None, None
+
+
+def _experts_of(name: str):
+    """The MoE `<...>.experts` (vLLM's FusedMoE) `name` lies under, or None."""
+    if name.startswith("experts."):
+        return "experts"
+    i = name.find(".experts.")
+    return name[: i + len(".experts")] if i >= 0 else None
+
+
 def _fused_aliases(quantized: List[str]) -> List[str]:
     """The names vLLM and SGLang give the layers they fuse from quantized ones
     (`<parent>.qkv_proj`, `<parent>.gate_up_proj`, a MoE's `<...>.experts`):
     older vLLM and SGLang match modules_to_not_convert against those."""
     out = set()
     for q in quantized:
+        out.update(a for a in (_fused_of(q)[0], _experts_of(q)) if a)
         pre, _, last = q.rpartition(".")
-        for members in _FUSED_SETS:
-            if last in members:
-                out.add(f"{pre}.{_FUSED_NAMES[members]}" if pre else _FUSED_NAMES[members])
         for members, fname in _FUSED_NAMES.items():
             if last == fname:  # a real fused module (Phi-3): vLLM may expand it to shards
                 out.update(f"{pre}.{m}" if pre else m for m in members)
-        i = q.find(".experts.")
-        if i >= 0:
-            out.add(q[: i + len(".experts")])
     return sorted(out - set(quantized))
 
 
@@ -431,20 +444,14 @@ def _add_fused_names(out: List[str], fused: List[str]) -> None:
     in `fused`, the quantized layers and their fused names, lies under it):
     SGLang and older vLLM look those up by substring, and no member's name is
     in them.  An alias inside a name of `fused` is left out."""
-    for members in _FUSED_SETS:
-        by_parent: Dict[str, set] = {}
-        for n in out:
-            pre, _, last = n.rpartition(".")
-            if last in members:
-                by_parent.setdefault(pre, set()).add(last)
-        for pre, have in by_parent.items():
-            alias = f"{pre}.{_FUSED_NAMES[members]}" if pre else _FUSED_NAMES[members]
-            if have == set(members) and alias not in out and not any(alias in q for q in fused):
-                out.append(alias)
-    for n in list(out):
-        i = n.find(".experts.") if not n.startswith("experts.") else -1
-        alias = n[: i + len(".experts")] if i >= 0 else ("experts" if n.startswith("experts.")
-                                                         else None)
+    have: Dict[str, set] = {}
+    for n in out:
+        alias, members = _fused_of(n)
+        if alias:
+            have.setdefault(alias, set()).add(n.rpartition(".")[2])
+            if have[alias] == set(members):
+                have[alias] = None  # complete
+    for alias in [a for a, h in have.items() if h is None] + [_experts_of(n) for n in out]:
         if alias and alias not in out and not any(alias in q for q in fused):
             out.append(alias)
 
@@ -491,26 +498,18 @@ def _vllm_shape_warning(shapes: Dict[str, tuple]):
     GPTQModel load any N % 8 == 0."""
     fused: Dict[str, int] = {}
     for n, (N, K) in shapes.items():
-        pre, _, last = n.rpartition(".")
-        for members in _FUSED_SETS:
-            if last in members:
-                key = f"{pre}.{_FUSED_NAMES[members]}" if pre else _FUSED_NAMES[members]
-                fused[key] = fused.get(key, 0) + N
-    bad = []
-    for n, (N, K) in shapes.items():
-        pre, _, last = n.rpartition(".")
-        for members in _FUSED_SETS:
-            if last in members:
-                N = fused[f"{pre}.{_FUSED_NAMES[members]}" if pre else _FUSED_NAMES[members]]
-        if N % 64:
-            bad.append((n, N, K))
+        alias = _fused_of(n)[0]
+        if alias:
+            fused[alias] = fused.get(alias, 0) + N
+    bad = [(n, fused.get(_fused_of(n)[0], N), K) for n, (N, K) in shapes.items()
+           if fused.get(_fused_of(n)[0], N) % 64]
     if bad:
         n, N, K = bad[0]
         log.warning("%d quantized layers (e.g. %s, N=%d%s, K=%d) have out_features not a "
                     "multiple of 64, which none of vLLM's AWQ kernels (Marlin, awq_gemm) runs "
                     "as they stand: vLLM may refuse this checkpoint; transformers and GPTQModel "
                     "load it", len(bad), n or "<model>", N,
-                    " fused" if n.rpartition(".")[2] in sum(_FUSED_SETS, ()) else "", K)
+                    " fused" if _fused_of(n)[0] else "", K)
 
 
 def _check_linear_tensors(name: str, mod: nn.Linear):
@@ -621,12 +620,7 @@ def _check_adapters(model: nn.Module):
 def _classify(model: nn.Module, modules_to_not_convert, scheme, mode, group_size):
     """Returns (quant: {module name: spec dict}, fp16_linears: [names])."""
     patterns = _patterns(modules_to_not_convert)
-    out_emb = None
-    if hasattr(model, "get_output_embeddings"):
-        try:
-            out_emb = model.get_output_embeddings()
-        except Exception:  # noqa: BLE001  (models without one raise various errors)
-            out_emb = None
+    out_emb = _output_embedding(model)
     quant, fp16_linears = {}, []
     used = set()
     # every name of a module registered under several names (state_dict holds them all)
@@ -718,9 +712,8 @@ def _classify(model: nn.Module, modules_to_not_convert, scheme, mode, group_size
     experts: Dict[str, List[set]] = {}
     for i, names_ in enumerate((quantized, fp16_linears)):
         for n in names_:
-            j = n.find(".experts.")
-            if j >= 0:
-                experts.setdefault(n[: j + len(".experts")], [set(), set()])[i].add(n)
+            if _experts_of(n):
+                experts.setdefault(_experts_of(n), [set(), set()])[i].add(n)
     for pre, (qs, fs) in experts.items():
         if qs and fs:
             raise ValueError(f"{pre}: {len(fs)} expert layers (e.g. {sorted(fs)[0]}) would stay "
@@ -948,15 +941,20 @@ def _plan(model, quant, report, strict, threshold, verify, tie_ok, model_type=No
     return items + _scaled_act_items(model, model_type, sd)
 
 
-def _output_embedding_names(model) -> set:
-    """The module names of the model's output embedding (get_output_embeddings)."""
+def _output_embedding(model):
+    """model.get_output_embeddings() as a module, or None."""
     try:
         oe = model.get_output_embeddings()
-    except Exception:  # noqa: BLE001
-        return set()
-    if not isinstance(oe, nn.Module):
-        return set()
-    return {n for n, m in model.named_modules(remove_duplicate=False) if m is oe}
+    except Exception:  # noqa: BLE001  (models without one raise various errors)
+        return None
+    return oe if isinstance(oe, nn.Module) else None
+
+
+def _output_embedding_names(model) -> set:
+    """The module names of the model's output embedding (get_output_embeddings)."""
+    oe = _output_embedding(model)
+    return set() if oe is None else {n for n, m in model.named_modules(remove_duplicate=False)
+                                     if m is oe}
 
 
 # nested configs whose model reads its own tie_word_embeddings (vLLM builds a

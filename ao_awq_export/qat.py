@@ -45,7 +45,16 @@ import torch.nn.functional as F
 from torchao.core.config import AOBaseConfig
 from torchao.quantization.transform_module import register_quantize_module_handler
 
-from .export import _ROUTER_NAMES, FakeQuantLinear, LayerReport, _patterns, export_awq, unwrap_model
+from .export import (
+    _ROUTER_NAMES,
+    FakeQuantLinear,
+    LayerReport,
+    _output_embedding,
+    _output_embedding_names,
+    _patterns,
+    export_awq,
+    unwrap_model,
+)
 from .ops import (
     GROUP_SIZES,
     MODES,
@@ -619,13 +628,8 @@ def export_qat_awq(model: nn.Module, out_dir, **kwargs):
 
     skip = _patterns(kwargs.get("modules_to_not_convert"))  # export_awq's checks and stripping
 
-    out_emb = None
-    if hasattr(model, "get_output_embeddings"):
-        try:
-            out_emb = model.get_output_embeddings()
-        except Exception:  # noqa: BLE001
-            out_emb = None
-    heads = {n for n, m in model.named_modules() if out_emb is not None and m is out_emb}
+    out_emb = _output_embedding(model)
+    heads = _output_embedding_names(model)
 
     def kept_fp16(n):  # what export_awq leaves in float16: its group size does not count
         return (is_head(n) or n in heads or n.rpartition(".")[2] in _ROUTER_NAMES

@@ -20,6 +20,9 @@
 #               run(command="bash tools/gpu_check.sh lease", timeout_s=600,
 #                   carry=[".whl"])
 #             A step the budget no longer allows is skipped, and says so.
+#             Where tools/prebuild_for_device.sh left a build of these
+#             sources in .whl/prebuilt/, the build step takes it.
+#   sum       print the sum of the build's sources (prebuilt's name)
 #
 # In order of need, so a run cut short by the device budget loses the least;
 # test+sanitize+bench+extra take more than the device tool's 10 minutes per
@@ -31,6 +34,9 @@
 # cut short or skipped by the budget.
 # Wheels of missing packages (torchao) may sit in .whl/ (see README).
 set -u
+# the sum of the build's sources (a fixed glob order: LC_ALL=C)
+src_sum() { (LC_ALL=C; cat setup.py csrc/*.* csrc/kernels/*.* | sha256sum | cut -c1-16); }
+[ "${1:-}" = sum ] && { src_sum; exit 0; }
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -78,16 +84,32 @@ run_pytest() {
 quiet() { grep -v "Failed to load\|_pytree\|register_constant"; }
 
 # build [tag [nvcc flags [archs]]]: the CUDA kernels in place; the default
-# build is skipped when one of the same sources is there (from an earlier call)
+# build is skipped when one of the same sources is there (from an earlier
+# call), or taken from .whl/prebuilt/<sources' sum>/ where
+# tools/prebuild_for_device.sh left one for this Python and torch (saves the
+# device the nvcc minutes; anything amiss and it builds as usual)
 build() {
   local tag=${1:-default} mark=build/.gpu_check_default
-  local sum
-  sum=$(cat setup.py csrc/*.* csrc/kernels/*.* | sha256sum | cut -c1-16)
+  local sum pre so
+  sum=$(src_sum)
   if [ "$tag" = default ] && [ "$(cat $mark 2>/dev/null)" = "$sum" ] &&
     python3 -c "from ao_awq_export import _C; assert _C.built_with_cuda()" 2>/dev/null; then
     return 0
   fi
   rm -f $mark
+  pre=.whl/prebuilt/$sum
+  so=_C$(python3 -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
+  if [ "$tag" = default ] && [ -f "$pre/$so" ] &&
+    [ "$(cat "$pre/torch_version" 2>/dev/null)" = "$(python3 -c 'import torch; print(torch.__version__)' 2>/dev/null)" ]; then
+    cp "$pre/$so" "ao_awq_export/$so"
+    if python3 -c "from ao_awq_export import _C; assert _C.built_with_cuda()"; then
+      mkdir -p build && echo "$sum" > $mark
+      echo "== build: prebuilt $pre/$so ($(cat "$pre/torch_version"))"
+      return 0
+    fi
+    echo "== build: the prebuilt $pre/$so does not load here: building"
+    rm -f "ao_awq_export/$so"
+  fi
   AOQ_NVCC_FLAGS="${2:-}" AOQ_CUDA_ARCHS="${3:-80;90}" AOQ_CUDA=1 python3 setup.py build_ext --inplace --force \
     > "$OUT/build_$tag.log" 2>&1 || { tail -60 "$OUT/build_$tag.log"; exit 1; }
   if [ "$tag" = default ]; then mkdir -p build && echo "$sum" > $mark; fi

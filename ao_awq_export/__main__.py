@@ -4,7 +4,8 @@ CHECKPOINT is a torch.save'd nn.Module (needs --allow-pickle: unpickling runs
 code from the file) or a state dict (with --hf-config DIR, built into the
 transformers model that config describes).  OUT_DIR must not exist or be
 empty.  Exit status 0 on success, 1 on an export or load error (message on
-stderr), 2 on invalid arguments, 3 when --strict refuses a layer.
+stderr), 2 on invalid arguments (argparse's usage error), 3 when --strict
+refuses a layer.
 """
 from __future__ import annotations
 
@@ -43,20 +44,29 @@ def _build_parser() -> argparse.ArgumentParser:
     e.add_argument("--sqnr-threshold", type=float, default=None, help="dB (default 30)")
     e.add_argument("--allow-pickle", action="store_true",
                    help="allow loading a pickled nn.Module (executes code from the file)")
+    e.add_argument("--no-act-scales", action="store_true",
+                   help="leave out AutoAWQ's ScaledActivation scales (bloom, falcon, gpt_neox, "
+                        "gptj, gpt_bigcode, mpt, starcoder2): vLLM refuses them, transformers "
+                        "needs them")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
 def main(argv=None) -> int:
-    args = _build_parser().parse_args(argv)
+    parser = _build_parser()
+    args = parser.parse_args(argv)
     from .export import (DEFAULT_SQNR_THRESHOLD, check_out_dir, export_awq, load_for_export,
                          parse_size)
 
+    # invalid values exit 2, as argparse's own errors do
     try:
-        check_out_dir(args.out_dir)  # argument errors before a possibly long load
         parse_size(args.max_shard_size)
-        if args.sqnr_threshold is not None and math.isnan(args.sqnr_threshold):
-            raise ValueError("--sqnr-threshold must be a number, got nan")
+    except (ValueError, TypeError) as e:
+        parser.error(f"--max-shard-size: {e}")
+    if args.sqnr_threshold is not None and math.isnan(args.sqnr_threshold):
+        parser.error("--sqnr-threshold must be a number, got nan")
+    try:
+        check_out_dir(args.out_dir)  # before a possibly long load
         try:
             model = load_for_export(args.checkpoint, args.hf_config,
                                     allow_pickle=args.allow_pickle)
@@ -89,13 +99,13 @@ def main(argv=None) -> int:
             export, gs = qat.export_qat_awq, ({} if args.group_size is None
                                               else {"group_size": args.group_size})
         else:
-            export, gs = export_awq, {"group_size": args.group_size or 128}
+            export, gs = export_awq, {"group_size": args.group_size}
         rep = export(model, args.out_dir, scheme=args.scheme, mode=args.mode, **gs,
                      max_shard_size=args.max_shard_size, modules_to_not_convert=mods or None,
                      hf_config=args.hf_config, strict=args.strict,
                      sqnr_threshold=(DEFAULT_SQNR_THRESHOLD if args.sqnr_threshold is None
                                      else args.sqnr_threshold),
-                     progress=not args.no_progress)
+                     progress=not args.no_progress, act_scales=not args.no_act_scales)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3 if args.strict and "SQNR" in str(e) else 1

@@ -546,10 +546,9 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     (`_orig_mod.`, `module.`), which no consumer expects: a checkpoint
     written under them loads into a fresh model as random weights."""
     from torch.nn.parallel import DataParallel, DistributedDataParallel
-    try:
-        from torch._dynamo.eval_frame import OptimizedModule
-    except ImportError:  # pragma: no cover
-        OptimizedModule = ()
+    # no import of torch._dynamo (over a second): a model it never loaded
+    # cannot be an OptimizedModule
+    OptimizedModule = getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", ())
     while True:
         if isinstance(model, OptimizedModule) and isinstance(getattr(model, "_orig_mod", None),
                                                              nn.Module):
@@ -617,6 +616,39 @@ def _check_adapters(model: nn.Module):
                              "model.merge_and_unload()), then export")
 
 
+def _is_head(name, mod, out_emb):
+    return name == "lm_head" or name.endswith(".lm_head") or (out_emb is not None and
+                                                             mod is out_emb)
+
+
+def _is_router(name):
+    # MoE routers stay fp16 (SPEC 5; vLLM builds them unquantized)
+    return name.rpartition(".")[2] in _ROUTER_NAMES
+
+
+def _own_group_size(model: nn.Module, modules_to_not_convert) -> Optional[int]:
+    """The group size the model's own quantized layers use (FakeQuantLinear
+    layers, torchao Int4Tensor weights, converted AWQ layers) where they
+    agree on one, else None: export_awq's default for its plain Linears."""
+    patterns = _patterns(modules_to_not_convert)
+    out_emb = _output_embedding(model)
+    sizes = set()
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.Linear) or _is_head(name, mod, out_emb) or _is_router(name) \
+                or any(p in name for p in patterns):
+            continue
+        if isinstance(mod, FakeQuantLinear):
+            sizes.add(mod.group_size)
+        elif _is_int4_tensor(mod.weight):
+            sizes.add(int(mod.weight.block_size[-1]))
+    sd = model.state_dict()
+    for key, qw in sd.items():
+        sc = sd.get(key[: -len("qweight")] + "scales") if key.endswith("qweight") else None
+        if isinstance(sc, torch.Tensor) and sc.dim() == 2 and sc.shape[0] and qw.dim() == 2:
+            sizes.add(qw.shape[0] // sc.shape[0])
+    return sizes.pop() if len(sizes) == 1 else None
+
+
 def _classify(model: nn.Module, modules_to_not_convert, scheme, mode, group_size):
     """Returns (quant: {module name: spec dict}, fp16_linears: [names])."""
     patterns = _patterns(modules_to_not_convert)
@@ -635,14 +667,10 @@ def _classify(model: nn.Module, modules_to_not_convert, scheme, mode, group_size
             continue
         if name in quant or name in fp16_linears:
             continue
-        is_head = name == "lm_head" or name.endswith(".lm_head") or (out_emb is not None and
-                                                                    mod is out_emb)
+        is_head = _is_head(name, mod, out_emb)
         hits = [p for p in patterns if p in name]
         used.update(hits)
-        # MoE routers stay fp16 (SPEC 5; vLLM builds them unquantized)
-        is_router = name.rpartition(".")[2] in _ROUTER_NAMES
-        excluded = is_head or is_router or bool(hits)
-        if excluded:
+        if is_head or _is_router(name) or hits:
             if not is_head:
                 fp16_linears.append(name)
             continue
@@ -1156,19 +1184,30 @@ def _shard(items: List[_Item], limit: int) -> List[List[_Item]]:
 
 # the tokenizer's and processor's files save_pretrained writes beside config.json:
 # vLLM reads the tokenizer from the model directory unless told otherwise, and
-# GPTQModel.load always does
+# GPTQModel.load always does.  The vocabulary files are every name a
+# tokenizer of transformers 5.23 declares (VOCAB_FILES_NAMES), so that one
+# with files of its own (GPT-NeoX-Japanese's emoji.json) still loads
 _TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "spiece.model",
-    "sentencepiece.bpe.model", "qwen.tiktoken", "tiktoken.model", "chat_template.jinja",
-    "chat_template.json", "preprocessor_config.json", "processor_config.json",
-    "video_preprocessor_config.json",
+    "sentencepiece.bpe.model", "sentencepiece.model", "spm.model", "spm_char.model",
+    "source.spm", "target.spm", "bpe.codes", "dict.txt", "emoji.json", "entity_vocab.json",
+    "normalizer.json", "byte_maps.json", "target_vocab.json", "vocab-src.json",
+    "vocab-tgt.json", "word_pronunciation.json", "word_shape.json", "prophetnet.tokenizer",
+    "qwen.tiktoken", "tiktoken.model", "chat_template.jinja", "chat_template.json",
+    "preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
 )
+# save_pretrained writes a tokenizer's named chat templates (a dict's keys
+# other than "default": "tool_use", "rag", ...) as <name>.jinja there; without
+# them apply_chat_template(tools=...) silently uses the default template
+_CHAT_TEMPLATES_DIR = "additional_chat_templates"
+# the vocabulary file names a remote-code tokenizer declares in its source
+_VOCAB_NAMES_RE = re.compile(r"(?:VOCAB_FILES_NAMES|vocab_files_names)\s*=\s*\{([^}]*)\}")
 
 
-def _tokenizer_files(hf_config) -> List[str]:
+def _tokenizer_files(hf_config) -> List[tuple]:
     """The tokenizer / processor files (and remote-code .py files) of an
-    hf_config directory, to be copied."""
+    hf_config directory, to be copied: (source path, name in the export)."""
     if not isinstance(hf_config, (str, os.PathLike)) or not os.path.isdir(hf_config):
         return []
     d = os.fspath(hf_config)
@@ -1180,7 +1219,8 @@ def _tokenizer_files(hf_config) -> List[str]:
                                 "image_processing_", "video_processing_", "feature_extraction_"))
                   and os.path.isfile(os.path.join(d, f)))
     # and the modules those import relatively (`from .helper import ...`), as
-    # transformers' dynamic module loader needs them beside
+    # transformers' dynamic module loader needs them beside; and the
+    # vocabulary files their tokenizers declare (ChatGLM's ice_text.model)
     todo = list(code)
     while todo:
         with open(os.path.join(d, todo.pop()), encoding="utf-8", errors="replace") as f:
@@ -1191,7 +1231,18 @@ def _tokenizer_files(hf_config) -> List[str]:
             if dep not in code and os.path.isfile(os.path.join(d, dep)):
                 code.append(dep)
                 todo.append(dep)
-    return [os.path.join(d, f) for f in names + code]
+        for block in _VOCAB_NAMES_RE.findall(src):
+            for v in re.findall(r"""["']([^"'/\\]+)["']\s*(?:,|$)""", block):
+                if v not in names and not v.endswith(".py") and \
+                        os.path.isfile(os.path.join(d, v)):
+                    names.append(v)
+    out = [(os.path.join(d, f), f) for f in names + code]
+    tdir = os.path.join(d, _CHAT_TEMPLATES_DIR)
+    if os.path.isdir(tdir):
+        out += [(os.path.join(tdir, f), f"{_CHAT_TEMPLATES_DIR}/{f}")
+                for f in sorted(os.listdir(tdir))
+                if f.endswith(".jinja") and os.path.isfile(os.path.join(tdir, f))]
+    return out
 
 
 def _config_dict(model, hf_config):
@@ -1256,15 +1307,21 @@ def _write_json(path, obj):
 
 
 def _write_bytes(path, data: bytes):
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+    """data as the new file path; an error names the file (config.json,
+    the index, a tokenizer file), as the shards' errors do."""
     try:
-        view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:  # (a PermissionError stays one)
+        raise type(e)(e.errno, f"writing {os.path.basename(path)}: {e.strerror}",
+                      path) from None
 
 
 def _fsync_dir(path):
@@ -1352,9 +1409,11 @@ def _make_tmp(where, prefix, what, label, created):
 
 def _move_into(tmp, out_dir, files):
     """The finished files from tmp (inside out_dir) moved up into out_dir,
-    config.json last (a loader looks for it first); if a move fails, those
-    already moved are removed again, so out_dir is left empty."""
-    order = [f for f in files if f != "config.json"] + [f for f in files if f == "config.json"]
+    config.json last (a loader looks for it first), a sub-directory
+    (additional_chat_templates/) whole; if a move fails, those already moved
+    are removed again, so out_dir is left empty."""
+    tops = list(dict.fromkeys(f.split("/", 1)[0] for f in files))
+    order = [f for f in tops if f != "config.json"] + [f for f in tops if f == "config.json"]
     moved = []
     try:
         for f in order:
@@ -1367,7 +1426,10 @@ def _move_into(tmp, out_dir, files):
     except OSError as e:
         for dst in moved:
             try:
-                os.unlink(dst)
+                if os.path.isdir(dst) and not os.path.islink(dst):
+                    shutil.rmtree(dst)
+                else:
+                    os.unlink(dst)
             except OSError:
                 pass
         raise type(e)(e.errno, f"cannot move the finished export into place: {e.strerror}",
@@ -1391,15 +1453,18 @@ _writer_hook = None
 # export
 # --------------------------------------------------------------------------
 def export_awq(model: nn.Module, out_dir, *, scheme: str = "int4_asym", mode: str = "awq",
-               group_size: int = 128, max_shard_size="5GB",
+               group_size: Optional[int] = None, max_shard_size="5GB",
                modules_to_not_convert: Optional[Sequence[str]] = None, hf_config=None,
                strict: bool = False, sqnr_threshold: float = DEFAULT_SQNR_THRESHOLD,
-               verify: bool = True, progress: bool = True) -> ExportReport:
+               verify: bool = True, progress: bool = True,
+               act_scales: bool = True) -> ExportReport:
     """Write `model` as an AWQ GEMM int4 checkpoint in the new directory
     `out_dir` (which must not exist or be empty).
 
     scheme / mode / group_size: how plain nn.Linear layers are quantized
     (round to nearest); FakeQuantLinear layers keep their own settings.
+    group_size defaults to the one the model's own quantized layers
+    (FakeQuantLinear, Int4Tensor, converted AWQ layers) use, else 128.
     modules_to_not_convert: substrings of Linear names left in float16
     (lm_head always is).  hf_config: a directory (config.json and, if present,
     generation_config.json are used), a config.json path, a dict or a
@@ -1408,7 +1473,11 @@ def export_awq(model: nn.Module, out_dir, *, scheme: str = "int4_asym", mode: st
     (inexact layers: int4_asym/torchao, fp8_int4/torchao whose scales are not
     fp16 values, torchao Int4Tensor weights with a float zero point, layers
     whose weight fake quant is disabled).  verify: check each
-    exact layer bit for bit (costs a fake-quant pass).
+    exact layer bit for bit (costs a fake-quant pass).  act_scales: for the
+    model types whose AutoAWQ checkpoints carry ScaledActivation scales
+    (`<mlp>.<act>.scales`: bloom, falcon, gpt_neox, gptj, gpt_bigcode, mpt,
+    starcoder2), write them (ones): transformers needs them, and current
+    vLLM has no parameter for them and refuses the checkpoint; False for vLLM.
     Returns an ExportReport (files, per-layer exactness and SQNR).
     """
     if not isinstance(model, nn.Module):
@@ -1418,12 +1487,15 @@ def export_awq(model: nn.Module, out_dir, *, scheme: str = "int4_asym", mode: st
                            "safetensors files are little-endian: this host is big-endian")
     model = unwrap_model(model)
     _check_scheme_mode(scheme, mode)
-    _check_group_size(group_size, AWQ_GROUP_SIZES, " for an AWQ checkpoint")
+    if group_size is not None:
+        _check_group_size(group_size, AWQ_GROUP_SIZES, " for an AWQ checkpoint")
     limit = parse_size(max_shard_size)
     if not isinstance(sqnr_threshold, (int, float)) or math.isnan(sqnr_threshold):
         raise ValueError(f"sqnr_threshold must be a number of dB, got {sqnr_threshold!r}")
     check_out_dir(out_dir)
     modules_to_not_convert = _patterns(modules_to_not_convert)
+    if group_size is None:
+        group_size = _own_group_size(model, modules_to_not_convert) or 128
     _check_parametrizations(model)
     _check_adapters(model)
     quant, fp16_linears = _classify(model, modules_to_not_convert, scheme, mode, group_size)
@@ -1476,8 +1548,17 @@ def export_awq(model: nn.Module, out_dir, *, scheme: str = "int4_asym", mode: st
     handle = None
     try:
         tied: List[str] = []
+        model_type = (cfg or {}).get("model_type")
         items = _plan(model, quant, report, strict, sqnr_threshold, verify, tie_ok,
-                      (cfg or {}).get("model_type"), tied)
+                      model_type if act_scales else None, tied)
+        n_act = sum(it.entries[0][0].endswith(f"{_SCALED_ACT[model_type][0]}.scales")
+                    for it in items) if act_scales and model_type in _SCALED_ACT else 0
+        if n_act:
+            log.warning("%s: %d ScaledActivation scales (<mlp>.<act>.scales, ones) written, "
+                        "as AutoAWQ does and transformers needs (NaN logits without); vLLM "
+                        "(since late 2024) has no parameter for them and refuses the checkpoint: "
+                        "export with act_scales=False (CLI --no-act-scales) for vLLM",
+                        model_type, n_act)
         fq_keys = {}
         if renames:
             for it in items:
@@ -1594,10 +1675,12 @@ def export_awq(model: nn.Module, out_dir, *, scheme: str = "int4_asym", mode: st
         if gen is not None:
             _write_bytes(os.path.join(tmp, "generation_config.json"), gen)
             report.files.append("generation_config.json")
-        for src in tok_files:
+        for src, name in tok_files:
+            if "/" in name:
+                os.makedirs(os.path.join(tmp, os.path.dirname(name)), exist_ok=True)
             with open(src, "rb") as f:
-                _write_bytes(os.path.join(tmp, os.path.basename(src)), f.read())
-            report.files.append(os.path.basename(src))
+                _write_bytes(os.path.join(tmp, name), f.read())
+            report.files.append(name)
         _fsync_dir(tmp)
         if inside:
             _move_into(tmp, out_dir, report.files)
@@ -1662,6 +1745,12 @@ def load_for_export(checkpoint: str, hf_config: Optional[str] = None, *,
         model = AutoModelForCausalLM.from_config(config)
     missing, unexpected = model.load_state_dict(obj, strict=False, assign=True)
     if unexpected:
+        if any(k.endswith((".qweight", ".qzeros")) for k in unexpected):
+            raise ValueError(f"{checkpoint}: the state dict holds AWQ tensors (qweight / "
+                             f"qzeros: a converted model's, e.g. {unexpected[0]}), which the "
+                             "plain transformers model built from --hf-config has no place "
+                             "for; export the converted model itself (torch.save(model) and "
+                             "--allow-pickle, or export_qat_awq in Python)")
         raise ValueError(f"{checkpoint}: keys not in the model: {unexpected[:10]}")
     if hasattr(model, "tie_weights"):
         model.tie_weights()

@@ -929,8 +929,8 @@ def test_cli_checks_arguments_before_loading(tmp_path):
         r = subprocess.run([sys.executable, "-m", "ao_awq_export", "export",
                             str(tmp_path / "does_not_exist.pt"), str(tmp_path / "o")] + extra,
                            capture_output=True, text=True, env=env, cwd=REPO, timeout=180)
-        assert r.returncode == 1 and msg in r.stderr and "does_not_exist" not in r.stderr, \
-            r.stderr
+        assert r.returncode == 2 and "usage:" in r.stderr and msg in r.stderr \
+            and "does_not_exist" not in r.stderr, r.stderr
 
 
 def test_moe_routers_stay_fp16(outdir):
@@ -1060,7 +1060,8 @@ def test_converted_layers_group_size_must_match(tmp_path):
     assert type(m[0]).__name__ == "AWQInt4Linear"
     with pytest.raises(ValueError, match=r"^0: converted layer with group size 64 .*pass "
                                          r"group_size=64"):
-        export_awq(m, str(tmp_path / "o"), modules_to_not_convert=["1"], progress=False)
+        export_awq(m, str(tmp_path / "o"), group_size=128, modules_to_not_convert=["1"],
+                   progress=False)
     with pytest.raises(ValueError, match=r"^0: converted layer with group size 64.*other "
                                          r"quantized layers use 32"):
         export_awq(m, str(tmp_path / "o"), group_size=32, progress=False)  # [1]: RTN at 32
@@ -1071,6 +1072,10 @@ def test_converted_layers_group_size_must_match(tmp_path):
     assert cfg["quantization_config"]["group_size"] == 64 == rep.group_size
     t, _ = read_export(str(tmp_path / "o"))
     assert tuple(t["0.qzeros"].shape) == (2, 4) and tuple(t["0.scales"].shape) == (2, 32)
+    # without group_size: the converted layer's (it was 128, and refused)
+    rep = export_awq(m, str(tmp_path / "o2"), modules_to_not_convert=["1"], progress=False)
+    cfg = json.load(open(tmp_path / "o2" / "config.json"))
+    assert cfg["quantization_config"]["group_size"] == 64 == rep.group_size
 
 
 def test_excluded_fake_quant_with_overflowing_scale_says_so(tmp_path):
@@ -1583,6 +1588,193 @@ def test_tokenizer_files_are_copied_from_hf_config(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="ao_awq_export.export"):
         export_awq(Tiny(), str(tmp_path / "o2"), group_size=32, progress=False)
     assert "no tokenizer files written" in caplog.text
+
+
+def test_tokenizer_extra_files_and_named_chat_templates(tmp_path):
+    """A real tokenizer saved with named chat templates (transformers writes
+    every name but "default" to additional_chat_templates/<name>.jinja) and
+    one with a vocabulary file of its own (GPT-NeoX-Japanese's emoji.json):
+    the export's tokenizer loads and picks the same templates; a remote-code
+    tokenizer's declared vocabulary files come along too."""
+    _need("transformers")
+    import transformers as T
+    from transformers import AutoTokenizer
+    hf = tmp_path / "hf"
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "h": 3, "i": 4, "hi": 5}
+    tok = T.PreTrainedTokenizerFast(tokenizer_object=__import__("tokenizers").Tokenizer(
+        __import__("tokenizers").models.WordLevel(vocab, unk_token="<unk>")),
+        unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    tok.chat_template = {"default": "DEFAULT{{ messages[0]['content'] }}",
+                         "tool_use": "TOOLS{{ messages[0]['content'] }}",
+                         "rag": "RAG{{ messages[0]['content'] }}"}
+    tok.save_pretrained(hf)
+    assert sorted(os.listdir(hf / "additional_chat_templates")) == ["rag.jinja", "tool_use.jinja"]
+    (hf / "config.json").write_text('{"model_type": "llama"}')
+    # a remote-code tokenizer declaring a file of its own, and one it does not
+    (hf / "tokenization_tiny.py").write_text(
+        'VOCAB_FILES_NAMES = {"vocab_file": "ice_text.model", "x": "missing.model"}\n')
+    (hf / "ice_text.model").write_bytes(b"ice")
+    (hf / "additional_chat_templates" / "notes.txt").write_text("not a template")
+    out = str(tmp_path / "o")
+    rep = export_awq(Tiny(), out, group_size=32, hf_config=str(hf), progress=False)
+    assert sorted(os.listdir(os.path.join(out, "additional_chat_templates"))) == \
+        ["rag.jinja", "tool_use.jinja"]
+    assert "additional_chat_templates/tool_use.jinja" in rep.files
+    assert open(os.path.join(out, "ice_text.model"), "rb").read() == b"ice"
+    assert not os.path.exists(os.path.join(out, "missing.model"))
+    got = AutoTokenizer.from_pretrained(out)
+    msgs = [{"role": "user", "content": "hi"}]
+    tools = [{"type": "function", "function": {"name": "f", "description": "d",
+                                               "parameters": {"type": "object",
+                                                              "properties": {}}}}]
+    for kw in ({}, {"tools": tools}, {"chat_template": "rag"}):
+        want = tok.apply_chat_template(msgs, tokenize=False, **kw)
+        assert got.apply_chat_template(msgs, tokenize=False, **kw) == want, kw
+    assert got.apply_chat_template(msgs, tokenize=False, tools=tools) == "TOOLShi"
+    # a tokenizer class with a vocabulary file of its own
+    hj = tmp_path / "hj"
+    hj.mkdir()
+    (hj / "vocab.txt").write_text("<|endoftext|>\n<|startoftext|>\n<|padding|>\nこ\nん\n")
+    (hj / "emoji.json").write_text('{"emoji": {}, "emoji_inv": {}}')
+    T.GPTNeoXJapaneseTokenizer(str(hj / "vocab.txt"), str(hj / "emoji.json")).save_pretrained(hj)
+    (hj / "config.json").write_text('{"model_type": "gpt_neox_japanese"}')
+    out2 = str(tmp_path / "o2")
+    export_awq(Tiny(), out2, group_size=32, hf_config=str(hj), progress=False)
+    assert os.path.isfile(os.path.join(out2, "emoji.json"))
+    assert AutoTokenizer.from_pretrained(out2)("こん")["input_ids"] == \
+        AutoTokenizer.from_pretrained(str(hj))("こん")["input_ids"]
+
+
+def test_tokenizer_templates_survive_the_move_into_a_mount_point(tmp_path):
+    """Where out_dir is an existing empty directory the temporary one cannot
+    be renamed onto (a mount point), files are moved up one by one: the
+    templates' sub-directory moves whole, and a failed move takes it back."""
+    hf = tmp_path / "hf"
+    (hf / "additional_chat_templates").mkdir(parents=True)
+    (hf / "config.json").write_text('{"model_type": "tiny"}')
+    (hf / "tokenizer.json").write_text("{}")
+    (hf / "additional_chat_templates" / "rag.jinja").write_text("RAG")
+    from ao_awq_export import export as E
+    out = tmp_path / "o"
+    out.mkdir()
+    tmp = out / ".tmp-x"
+    tmp.mkdir()
+    (tmp / "additional_chat_templates").mkdir()
+    for f in ("model.safetensors", "tokenizer.json", "additional_chat_templates/rag.jinja",
+              "config.json"):
+        (tmp / f).write_text(f)
+    files = ["model.safetensors", "config.json", "tokenizer.json",
+             "additional_chat_templates/rag.jinja"]
+    E._move_into(str(tmp), str(out), files)
+    assert sorted(os.listdir(out)) == ["additional_chat_templates", "config.json",
+                                       "model.safetensors", "tokenizer.json"]
+    assert (out / "additional_chat_templates" / "rag.jinja").read_text() == \
+        "additional_chat_templates/rag.jinja"
+    # a failure after the directory moved: everything moved is taken back
+    out2 = tmp_path / "o2"
+    out2.mkdir()
+    tmp2 = out2 / ".tmp-y"
+    (tmp2 / "additional_chat_templates").mkdir(parents=True)
+    (tmp2 / "additional_chat_templates" / "rag.jinja").write_text("x")
+    (tmp2 / "a").write_text("a")
+    with pytest.raises(OSError, match="cannot move the finished export"):
+        E._move_into(str(tmp2), str(out2), ["a", "additional_chat_templates/rag.jinja",
+                                            "config.json"])  # config.json is missing
+    assert sorted(os.listdir(out2)) == [".tmp-y"]
+
+
+def test_write_errors_name_the_file(tmp_path):
+    """A failure writing config.json (not a shard) names that file, and
+    leaves nothing under the final name (RLIMIT_FSIZE: a config.json larger
+    than the limit, the shard smaller)."""
+    out = str(tmp_path / "o")
+    r = _run(f"""
+        import resource, torch.nn as nn
+        from ao_awq_export.export import export_awq
+        m = nn.Module(); m.lin = nn.Linear(64, 64)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, resource.RLIM_INFINITY))
+        try:
+            export_awq(m, {out!r}, group_size=32, progress=False,
+                       hf_config={{"model_type": "llama", "pad": "x" * 300_000}})
+        except OSError as e:
+            print("ERR", type(e).__name__, e)
+        """)
+    assert "ERR OSError" in r.stdout and "writing config.json" in r.stdout, r.stdout + r.stderr
+    assert "File too large" in r.stdout
+    assert not os.path.exists(out) and os.listdir(tmp_path) == []
+
+
+def test_export_does_not_import_dynamo():
+    """unwrap_model looks for torch.compile's wrapper only where dynamo is
+    loaded (importing it costs over a second per process); a compiled model
+    is still unwrapped (test_wrapped_models_export_under_their_own_names)."""
+    r = _run("""
+        import sys, tempfile, os, torch.nn as nn
+        from ao_awq_export.export import export_awq
+        m = nn.Module(); m.lin = nn.Linear(64, 64)
+        export_awq(m, os.path.join(tempfile.mkdtemp(), "o"), group_size=32, progress=False)
+        print("DYNAMO", "torch._dynamo" in sys.modules)
+        """)
+    assert "DYNAMO False" in r.stdout, r.stdout + r.stderr
+
+
+def test_default_group_size_is_the_models_own(tmp_path):
+    """Without group_size, plain Linears take the group size of the model's
+    FakeQuantLinear layers (it was 128, and a g=64 QAT model with plain
+    Linears failed with 'one group size'); with none, 128; the CLI too."""
+    m = nn.Module()
+    m.a = FakeQuantLinear(128, 64, scheme="int4_asym", mode="awq", group_size=64)
+    m.b = nn.Linear(128, 64)
+    m.lm_head = FakeQuantLinear(64, 64, group_size=32)  # kept fp16: does not count
+    rep = export_awq(m, str(tmp_path / "o"), progress=False)
+    assert rep.group_size == 64 and {l.group_size for l in rep.layers} == {64}
+    p = nn.Module()
+    p.b = nn.Linear(256, 64)
+    assert export_awq(p, str(tmp_path / "o2"), progress=False).group_size == 128
+    ck = str(tmp_path / "m.pt")
+    torch.save(m, ck)
+    r = _run(f"""
+        import sys
+        from ao_awq_export.__main__ import main
+        sys.exit(main(["export", {ck!r}, {str(tmp_path / "o3")!r}, "--allow-pickle",
+                       "--no-progress"]))
+        """)
+    assert r.returncode == 0, r.stdout + r.stderr
+    cfg = json.load(open(tmp_path / "o3" / "config.json"))
+    assert cfg["quantization_config"]["group_size"] == 64
+
+
+def test_act_scales_can_be_left_out_for_vllm(tmp_path, caplog):
+    """GPT-NeoX's ScaledActivation scales are written by default (transformers
+    needs them: test_transformers_gptqmodel_scaled_activation_archs) with a
+    warning that vLLM refuses them; act_scales=False (CLI --no-act-scales)
+    leaves them out and nothing else changes."""
+    _need("transformers")
+    import transformers as T
+    torch.manual_seed(0)
+    m = T.GPTNeoXForCausalLM(T.GPTNeoXConfig(vocab_size=256, hidden_size=64,
+                                             intermediate_size=128, num_hidden_layers=2,
+                                             num_attention_heads=2)).half().eval()
+    with caplog.at_level("WARNING", logger="ao_awq_export.export"):
+        export_awq(m, str(tmp_path / "a"), group_size=32, progress=False)
+    assert "2 ScaledActivation scales" in caplog.text and "act_scales=False" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ao_awq_export.export"):
+        export_awq(m, str(tmp_path / "b"), group_size=32, progress=False, act_scales=False)
+    assert "ScaledActivation" not in caplog.text
+    ta, _ = read_export(str(tmp_path / "a"))
+    tb, _ = read_export(str(tmp_path / "b"))
+    acts = {k for k in ta if k.endswith(".act.scales")}
+    assert acts == {f"gpt_neox.layers.{i}.mlp.act.scales" for i in range(2)}
+    assert set(tb) == set(ta) - acts and all(torch.equal(ta[k], tb[k]) for k in tb)
+    sd = str(tmp_path / "sd.pt")
+    torch.save(m.state_dict(), sd)
+    m.config.save_pretrained(str(tmp_path / "hf"))
+    from ao_awq_export.__main__ import main
+    assert main(["export", sd, str(tmp_path / "c"), "--hf-config", str(tmp_path / "hf"),
+                 "--group-size", "32", "--no-act-scales", "--no-progress"]) == 0
+    tc, _ = read_export(str(tmp_path / "c"))
+    assert set(tc) == set(tb)
 
 
 def test_vllm_kernel_shapes_are_warned(tmp_path, caplog):

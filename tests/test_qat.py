@@ -359,6 +359,26 @@ def test_save_load_round_trip():
         assert torch.equal(m4(x).logits, y) and torch.equal(m5(x).logits, y)
 
 
+def test_cli_refuses_a_converted_state_dict_saying_why(tmp_path):
+    """A converted model's state dict has qweight/qzeros where the plain
+    model built from --hf-config has weights: the CLI says so and what to do
+    instead (it listed the unexpected keys only)."""
+    m = tiny_llama()
+    quantize_(m, AWQQATConfig(group_size=32), filter_fn=awq_filter)
+    quantize_(m, AWQQATConfig(step="convert"))
+    torch.save(m.state_dict(), tmp_path / "sd.pt")
+    m.config.save_pretrained(tmp_path / "hf")
+    from ao_awq_export.__main__ import main
+    import contextlib
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main(["export", str(tmp_path / "sd.pt"), str(tmp_path / "o"), "--hf-config",
+                   str(tmp_path / "hf"), "--group-size", "32", "--no-progress"])
+    assert rc == 1 and "holds AWQ tensors" in err.getvalue() and "--allow-pickle" in \
+        err.getvalue(), err.getvalue()
+    assert not (tmp_path / "o").exists()
+
+
 def _small():
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(64, 128), nn.SiLU(), nn.Linear(128, 64), nn.SiLU(),

@@ -32,7 +32,8 @@ def _build_parser() -> argparse.ArgumentParser:
     e.add_argument("--mode", default="awq", choices=("awq", "torchao"),
                    help="numerics for plain nn.Linear layers (default awq: exact)")
     e.add_argument("--group-size", type=int, default=None, choices=(32, 64, 128),
-                   help="group size of plain Linears (default: that of the model's QAT layers, "
+                   help="group size of plain Linears (default: that of the model's own "
+                        "quantized layers, QAT, FakeQuantLinear, Int4Tensor or converted, "
                         "else 128)")
     e.add_argument("--max-shard-size", default="5GB", help="e.g. 5GB (decimal), 2GiB")
     e.add_argument("--hf-config", metavar="DIR",

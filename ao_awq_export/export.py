@@ -1201,6 +1201,8 @@ _TOKENIZER_FILES = (
 # other than "default": "tool_use", "rag", ...) as <name>.jinja there; without
 # them apply_chat_template(tools=...) silently uses the default template
 _CHAT_TEMPLATES_DIR = "additional_chat_templates"
+# files the export writes itself (never taken from a tokenizer's declared names)
+_WRITTEN_HERE = ("config.json", "generation_config.json")
 # the vocabulary file names a remote-code tokenizer declares in its source
 _VOCAB_NAMES_RE = re.compile(r"(?:VOCAB_FILES_NAMES|vocab_files_names)\s*=\s*\{([^}]*)\}")
 
@@ -1232,8 +1234,11 @@ def _tokenizer_files(hf_config) -> List[tuple]:
                 code.append(dep)
                 todo.append(dep)
         for block in _VOCAB_NAMES_RE.findall(src):
-            for v in re.findall(r"""["']([^"'/\\]+)["']\s*(?:,|$)""", block):
-                if v not in names and not v.endswith(".py") and \
+            for v in re.findall(r"""["']([^"']+)["']\s*(?:,|$)""", block):
+                v = os.path.normpath(v)  # ("./ice_text.model")
+                if os.sep not in v and v not in names and v not in _WRITTEN_HERE and \
+                        not v.startswith((".", "model.", "pytorch_model")) and \
+                        not v.endswith((".py", ".safetensors", ".index.json")) and \
                         os.path.isfile(os.path.join(d, v)):
                     names.append(v)
     out = [(os.path.join(d, f), f) for f in names + code]
@@ -1495,7 +1500,9 @@ def export_awq(model: nn.Module, out_dir, *, scheme: str = "int4_asym", mode: st
     check_out_dir(out_dir)
     modules_to_not_convert = _patterns(modules_to_not_convert)
     if group_size is None:
-        group_size = _own_group_size(model, modules_to_not_convert) or 128
+        own = _own_group_size(model, modules_to_not_convert)
+        # (one AWQ cannot hold, 256: that layer's own error names it)
+        group_size = own if own in AWQ_GROUP_SIZES else 128
     _check_parametrizations(model)
     _check_adapters(model)
     quant, fp16_linears = _classify(model, modules_to_not_convert, scheme, mode, group_size)
@@ -1746,8 +1753,9 @@ def load_for_export(checkpoint: str, hf_config: Optional[str] = None, *,
     missing, unexpected = model.load_state_dict(obj, strict=False, assign=True)
     if unexpected:
         if any(k.endswith((".qweight", ".qzeros")) for k in unexpected):
+            awq = next(k for k in unexpected if k.endswith((".qweight", ".qzeros")))
             raise ValueError(f"{checkpoint}: the state dict holds AWQ tensors (qweight / "
-                             f"qzeros: a converted model's, e.g. {unexpected[0]}), which the "
+                             f"qzeros: a converted model's, e.g. {awq}), which the "
                              "plain transformers model built from --hf-config has no place "
                              "for; export the converted model itself (torch.save(model) and "
                              "--allow-pickle, or export_qat_awq in Python)")

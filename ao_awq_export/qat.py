@@ -641,6 +641,8 @@ def export_qat_awq(model: nn.Module, out_dir, **kwargs):
                                                   not kept_fp16(n))}
     if len(groups) > 1:
         raise ValueError(f"an AWQ checkpoint has one group size; the model uses {sorted(groups)}")
+    if kwargs.get("group_size", 0) is None:  # export_awq's default: the model's own
+        del kwargs["group_size"]
     if groups:
         g = groups.pop()
         if kwargs.get("group_size", g) != g:

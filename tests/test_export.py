@@ -1611,9 +1611,15 @@ def test_tokenizer_extra_files_and_named_chat_templates(tmp_path):
     assert sorted(os.listdir(hf / "additional_chat_templates")) == ["rag.jinja", "tool_use.jinja"]
     (hf / "config.json").write_text('{"model_type": "llama"}')
     # a remote-code tokenizer declaring a file of its own, and one it does not
+    # (and names the export writes itself, or weights, are never taken from there)
     (hf / "tokenization_tiny.py").write_text(
-        'VOCAB_FILES_NAMES = {"vocab_file": "ice_text.model", "x": "missing.model"}\n')
+        'VOCAB_FILES_NAMES = {"vocab_file": "./ice_text.model", "x": "missing.model",\n'
+        '                     "c": "config.json", "g": "generation_config.json",\n'
+        '                     "w": "model.safetensors", "up": "../up.model"}\n')
     (hf / "ice_text.model").write_bytes(b"ice")
+    (hf / "generation_config.json").write_text('{"max_length": 7}')
+    (hf / "model.safetensors").write_bytes(b"not these")
+    (tmp_path / "up.model").write_bytes(b"outside")
     (hf / "additional_chat_templates" / "notes.txt").write_text("not a template")
     out = str(tmp_path / "o")
     rep = export_awq(Tiny(), out, group_size=32, hf_config=str(hf), progress=False)
@@ -1622,6 +1628,9 @@ def test_tokenizer_extra_files_and_named_chat_templates(tmp_path):
     assert "additional_chat_templates/tool_use.jinja" in rep.files
     assert open(os.path.join(out, "ice_text.model"), "rb").read() == b"ice"
     assert not os.path.exists(os.path.join(out, "missing.model"))
+    assert json.load(open(os.path.join(out, "generation_config.json"))) == {"max_length": 7}
+    assert not os.path.exists(os.path.join(out, "up.model"))
+    assert read_export(out)[0]  # (our model.safetensors, not the one in hf)
     got = AutoTokenizer.from_pretrained(out)
     msgs = [{"role": "user", "content": "hi"}]
     tools = [{"type": "function", "function": {"name": "f", "description": "d",
@@ -1731,6 +1740,12 @@ def test_default_group_size_is_the_models_own(tmp_path):
     p = nn.Module()
     p.b = nn.Linear(256, 64)
     assert export_awq(p, str(tmp_path / "o2"), progress=False).group_size == 128
+    # a size AWQ cannot hold is not passed on: the error names the layer using it
+    q = nn.Module()
+    q.a = nn.Linear(256, 64)
+    q.b = FakeQuantLinear(256, 64, group_size=256)
+    with pytest.raises(ValueError, match=r"^b: group size 256 cannot be exported"):
+        export_awq(q, str(tmp_path / "o4"), progress=False)
     ck = str(tmp_path / "m.pt")
     torch.save(m, ck)
     r = _run(f"""

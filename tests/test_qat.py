@@ -312,6 +312,9 @@ def test_export_refuses_converted_lm_head_and_mixed_groups(tmp_path):
         quantize_(m2, AWQQATConfig(group_size=32), filter_fn=head_filter)
         export_qat_awq(m2, tmp_path / "z", group_size=64, progress=False)
     assert not os.path.exists(tmp_path / "x") and not os.path.exists(tmp_path / "y")
+    # group_size=None is export_awq's default (the model's own), not a mismatch
+    assert export_qat_awq(m2, tmp_path / "n", group_size=None, modules_to_not_convert=["head"],
+                          progress=False).group_size == 32
 
 
 # --------------------------------------------------------------------------

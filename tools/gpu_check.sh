@@ -107,7 +107,7 @@ build() {
       echo "== build: prebuilt $pre/$so ($(cat "$pre/torch_version"))"
       return 0
     fi
-    echo "== build: the prebuilt $pre/$so does not load here: building"
+    echo "== build: the prebuilt $pre/$so does not load here, or has no CUDA kernels: building"
     rm -f "ao_awq_export/$so"
   fi
   AOQ_NVCC_FLAGS="${2:-}" AOQ_CUDA_ARCHS="${3:-80;90}" AOQ_CUDA=1 python3 setup.py build_ext --inplace --force \

@@ -24,7 +24,8 @@ trap 'rm -rf "$dir"' EXIT
 mkdir "$dir/src"
 cp -a setup.py pyproject.toml csrc ao_awq_export "$dir/src/"
 rm -f "$dir"/src/ao_awq_export/_C*.so
-[ "$(cd "$dir/src" && bash "$OLDPWD/tools/gpu_check.sh" sum)" = "$sum" ]
+[ "$(cd "$dir/src" && bash "$OLDPWD/tools/gpu_check.sh" sum)" = "$sum" ] ||
+  { echo "the copied sources' sum differs from the repository's" >&2; exit 1; }
 (cd "$dir/src" && AOQ_NVCC_FLAGS="" AOQ_CUDA_ARCHS="80;90" AOQ_CUDA=1 \
   "$PY" setup.py build_ext --inplace --force > "$dir/build.log" 2>&1) ||
   { tail -40 "$dir/build.log"; exit 1; }

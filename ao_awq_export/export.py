@@ -1594,10 +1594,16 @@ def export_awq(model: nn.Module, out_dir, *, scheme: str = "int4_asym", mode: st
                  [f"model-{i + 1:05d}-of-{nsh:05d}.safetensors" for i in range(nsh)])
         weight_map: Dict[str, str] = {}
         total = sum(it.nbytes for it in items)
+
+        def is_layer(it):  # an AWQ layer's tensors (qweight, qzeros, scales[, bias])
+            return it.entries[0][0].rpartition(".")[2] == "qweight"
+
+        n_layers, layers_done = sum(map(is_layer, items)), 0
         try:
             from tqdm import tqdm
+            # over bytes, with the quantized layers written so far beside
             bar = tqdm(total=total, unit="B", unit_scale=True, desc="AWQ export",
-                       disable=not progress)
+                       disable=not progress, postfix=f"layers 0/{n_layers}")
         except ImportError:  # pragma: no cover
             bar = None
         try:
@@ -1621,6 +1627,10 @@ def export_awq(model: nn.Module, out_dir, *, scheme: str = "int4_asym", mode: st
                         idx += 1
                     del tensors
                     if bar is not None:
+                        if is_layer(it):
+                            layers_done += 1
+                            bar.set_postfix_str(f"layers {layers_done}/{n_layers}",
+                                                refresh=False)
                         bar.update(it.nbytes)
                 _C.st_close(handle)
                 handle = None

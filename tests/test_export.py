@@ -1759,6 +1759,18 @@ def test_default_group_size_is_the_models_own(tmp_path):
     assert cfg["quantization_config"]["group_size"] == 64
 
 
+def test_progress_bar_counts_bytes_and_layers(tmp_path, capsys):
+    """The tqdm bar runs over the bytes written and shows the quantized
+    layers written so far (issue 4: "over layers and bytes")."""
+    _need("tqdm")
+    export_awq(Tiny(), str(tmp_path / "o"), group_size=32)  # progress=True
+    err = capsys.readouterr().err
+    assert "AWQ export" in err and "layers 0/2" in err and "layers 2/2" in err, err
+    assert re.search(r"100%\|.*\| ([0-9.]+k?)/\1 \[.*B/s", err), err  # bytes, all of them
+    export_awq(Tiny(), str(tmp_path / "q"), group_size=32, progress=False)
+    assert "AWQ export" not in capsys.readouterr().err
+
+
 def test_act_scales_can_be_left_out_for_vllm(tmp_path, caplog):
     """GPT-NeoX's ScaledActivation scales are written by default (transformers
     needs them: test_transformers_gptqmodel_scaled_activation_archs) with a

@@ -35,7 +35,9 @@ QATLinear in mode "torchao" (same forward numerics, C kernels); and
 """
 from __future__ import annotations
 
+import threading
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
@@ -150,6 +152,20 @@ def _own_forward(module: nn.Module) -> bool:
             and not isinstance(module, FakeQuantLinear) and not isinstance(module, _torchao_fql()))
 
 
+_filtered = threading.local()
+
+
+def _filtered_name(module: nn.Module) -> str:
+    """'<name>: ' for messages about module where awq_filter saw it just
+    before (taken once, so that a later quantize_ with another filter_fn
+    cannot get a name from an earlier one), else ''."""
+    last = getattr(_filtered, "last", None)
+    _filtered.last = None
+    if last is not None and last[0]() is module:
+        return f"{last[1] or '<model>'}: "
+    return ""
+
+
 def awq_filter(module: nn.Module, fqn: str = "") -> bool:
     """A `quantize_` filter_fn: every nn.Linear except the output projection
     (`lm_head`, or GPT-NeoX's `embed_out`) and MoE routers (`gate`, `router`,
@@ -159,6 +175,9 @@ def awq_filter(module: nn.Module, fqn: str = "") -> bool:
     `model.get_output_embeddings()` under any other name."""
     from torchao.quantization.quant_api import _is_linear
 
+    # quantize_ calls the handler right after the filter, for the same
+    # module, but passes it no name: the messages take it from here
+    _filtered.last = (weakref.ref(module), fqn)
     if not _is_linear(module) or _own_forward(module):
         return False
     last = fqn.rpartition(".")[2]
@@ -399,11 +418,12 @@ def _prepare_skip_reason(module: nn.Linear, config: AWQQATConfig) -> str:
 
 @register_quantize_module_handler(AWQQATConfig)
 def _awq_qat_transform(module: nn.Module, config: AWQQATConfig) -> nn.Module:
+    name = _filtered_name(module)
     if config.step == "prepare":
         if isinstance(module, AWQInt4Linear):
-            raise ValueError("prepare: the module is already converted (AWQInt4Linear)")
+            raise ValueError(f"prepare: {name}the module is already converted (AWQInt4Linear)")
         if not isinstance(module, nn.Linear):
-            raise ValueError(f"AWQQATConfig applies to nn.Linear only, got "
+            raise ValueError(f"{name}AWQQATConfig applies to nn.Linear only, got "
                              f"{type(module).__name__} (AWQ checkpoints keep embeddings and "
                              "other modules in fp16)")
         skip = _prepare_skip_reason(module, config)
@@ -418,7 +438,7 @@ def _awq_qat_transform(module: nn.Module, config: AWQQATConfig) -> nn.Module:
                     "modules_to_not_convert" if plain else
                     "to export the model, name it in modules_to_not_convert (lm_head stays "
                     "fp16 anyway)")
-            warnings.warn(f"AWQQATConfig prepare: {type(module).__name__}(in_features="
+            warnings.warn(f"AWQQATConfig prepare: {name}{type(module).__name__}(in_features="
                           f"{module.in_features}, out_features={module.out_features}) left as it "
                           f"is ({skip}); {todo}", stacklevel=2)
             return module
@@ -439,7 +459,7 @@ def _awq_qat_transform(module: nn.Module, config: AWQQATConfig) -> nn.Module:
                                      act_fake_quant=config.activations, ste=config.ste)
     # convert: QATLinear -> AWQInt4Linear, anything else untouched (like torchao)
     if isinstance(module, _torchao_fql()):
-        warnings.warn("AWQQATConfig convert: a torchao FakeQuantizedLinear (prepared by "
+        warnings.warn(f"AWQQATConfig convert: {name}a torchao FakeQuantizedLinear (prepared by "
                       "torchao's QATConfig) is left as it is; swap_torchao_qat_to_ours(model) "
                       "first to convert it to AWQ (else the export quantizes its float weight "
                       "by round to nearest)", stacklevel=2)
@@ -449,7 +469,7 @@ def _awq_qat_transform(module: nn.Module, config: AWQQATConfig) -> nn.Module:
             return AWQInt4Linear.from_qat_linear(module)
         except ValueError as e:
             raise ValueError(
-                f"{e} [QATLinear(in_features={module.in_features}, out_features="
+                f"{name}{e} [QATLinear(in_features={module.in_features}, out_features="
                 f"{module.out_features}, scheme={module.scheme}, mode={module.mode}). Linears "
                 "converted before this one compute exactly what they computed when prepared; "
                 "after fixing this one, run convert again (converted modules are kept)]") from None

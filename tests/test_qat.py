@@ -296,6 +296,25 @@ def test_export_converted_equals_export_prepared(tmp_path, scheme):
         assert torch.equal(((q - z) * s).t().to(w.dtype), w), n
 
 
+def test_messages_name_the_layer_with_awq_filter():
+    """quantize_ passes its handler no module name; with filter_fn=awq_filter
+    (which sees the names) prepare's warnings and convert's errors name the
+    layer; with another filter they describe it by class and shape only."""
+    m = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 48))
+    m.add_module("blk", nn.Sequential(nn.Linear(48, 64)))
+    with pytest.warns(UserWarning, match=r"prepare: blk\.0: Linear\(in_features=48"):
+        quantize_(m, AWQQATConfig(group_size=32), filter_fn=awq_filter)
+    m = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+    quantize_(m, AWQQATConfig(group_size=32, scheme="int4_asym", mode="torchao"),
+              filter_fn=awq_filter)
+    with pytest.raises(ValueError, match=r"^0: convert: int4_asym in mode 'torchao'"):
+        quantize_(m, AWQQATConfig(step="convert"), filter_fn=awq_filter)
+    with pytest.raises(ValueError, match=r"^convert: int4_asym in mode 'torchao'"):
+        quantize_(m, AWQQATConfig(step="convert"), filter_fn=lambda mod, f: isinstance(mod, nn.Linear))
+    with pytest.raises(ValueError, match=r"^convert: int4_asym"):  # torchao's default filter
+        quantize_(m, AWQQATConfig(step="convert"))
+
+
 def test_export_refuses_converted_lm_head_and_mixed_groups(tmp_path):
     m = tiny_llama()
     quantize_(m, AWQQATConfig(group_size=32))  # default filter: lm_head too

@@ -10,6 +10,7 @@
 # PYTHON: a Python with the device image's version and torch (the machines
 # lent to this project: Python 3.12, torch 2.11.0+cu130), e.g.
 #   python3.12 -m venv v312 && v312/bin/pip install torch==2.11.0 setuptools
+# (add torchao etc. to it without .ci/constraints.txt, which pins torch 2.13.0)
 # Writes .whl/prebuilt/<sources' sum>/_C<EXT_SUFFIX> and torch_version (one
 # build at a time: carry is 64 MiB); .whl/ is git-ignored and goes to the
 # device with run(..., carry=[".whl"]).  A change to setup.py or csrc/ makes

@@ -35,9 +35,8 @@ QATLinear in mode "torchao" (same forward numerics, C kernels); and
 """
 from __future__ import annotations
 
-import threading
+import sys
 import warnings
-import weakref
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
@@ -152,17 +151,29 @@ def _own_forward(module: nn.Module) -> bool:
             and not isinstance(module, FakeQuantLinear) and not isinstance(module, _torchao_fql()))
 
 
-_filtered = threading.local()
-
-
-def _filtered_name(module: nn.Module) -> str:
-    """'<name>: ' for messages about module where awq_filter saw it just
-    before (taken once, so that a later quantize_ with another filter_fn
-    cannot get a name from an earlier one), else ''."""
-    last = getattr(_filtered, "last", None)
-    _filtered.last = None
-    if last is not None and last[0]() is module:
-        return f"{last[1] or '<model>'}: "
+def _visited_name(module: nn.Module) -> str:
+    """'<name>: ' for messages about the module quantize_'s handler was
+    given, else ''.  quantize_ passes its handler no name, so it is read from
+    torchao's traversal that called the handler for this very module (its
+    `cur_fqn`, or FqnToConfig's `fqn`); where torchao is not found there
+    (another caller, a changed torchao) the messages go without it."""
+    f = sys._getframe(2)  # (this function's caller is the handler)
+    for _ in range(6):
+        if f is None:
+            return ""
+        loc = f.f_locals
+        name = None
+        if f.f_code.co_name == "_replace_with_custom_fn_if_matches_filter" and \
+                loc.get("model") is module and isinstance(loc.get("cur_fqn"), str):
+            name = loc["cur_fqn"][:-1]
+        elif f.f_code.co_name == "_fqn_to_config_handler" and loc.get("module") is module \
+                and isinstance(loc.get("fqn"), str):
+            name = loc["fqn"]
+        if name is not None:
+            # (a torch.compile'd model's names as the export writes them)
+            name = ".".join(p for p in name.split(".") if p != "_orig_mod")
+            return f"{name or '<model>'}: "
+        f = f.f_back
     return ""
 
 
@@ -175,9 +186,6 @@ def awq_filter(module: nn.Module, fqn: str = "") -> bool:
     `model.get_output_embeddings()` under any other name."""
     from torchao.quantization.quant_api import _is_linear
 
-    # quantize_ calls the handler right after the filter, for the same
-    # module, but passes it no name: the messages take it from here
-    _filtered.last = (weakref.ref(module), fqn)
     if not _is_linear(module) or _own_forward(module):
         return False
     last = fqn.rpartition(".")[2]
@@ -418,7 +426,7 @@ def _prepare_skip_reason(module: nn.Linear, config: AWQQATConfig) -> str:
 
 @register_quantize_module_handler(AWQQATConfig)
 def _awq_qat_transform(module: nn.Module, config: AWQQATConfig) -> nn.Module:
-    name = _filtered_name(module)
+    name = _visited_name(module)
     if config.step == "prepare":
         if isinstance(module, AWQInt4Linear):
             raise ValueError(f"prepare: {name}the module is already converted (AWQInt4Linear)")

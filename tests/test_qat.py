@@ -6,6 +6,7 @@ import io
 import json
 import os
 import pathlib
+import warnings
 
 import pytest
 import torch
@@ -296,23 +297,44 @@ def test_export_converted_equals_export_prepared(tmp_path, scheme):
         assert torch.equal(((q - z) * s).t().to(w.dtype), w), n
 
 
-def test_messages_name_the_layer_with_awq_filter():
-    """quantize_ passes its handler no module name; with filter_fn=awq_filter
-    (which sees the names) prepare's warnings and convert's errors name the
-    layer; with another filter they describe it by class and shape only."""
-    m = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 48))
-    m.add_module("blk", nn.Sequential(nn.Linear(48, 64)))
-    with pytest.warns(UserWarning, match=r"prepare: blk\.0: Linear\(in_features=48"):
-        quantize_(m, AWQQATConfig(group_size=32), filter_fn=awq_filter)
+def test_messages_name_the_layer():
+    """quantize_ passes its handler no module name; prepare's warnings and
+    convert's errors take it from torchao's traversal that called the
+    handler for that module, whatever the filter (never a stale one)."""
+    def model():
+        return nn.Sequential(nn.Linear(64, 64), nn.Sequential(nn.Linear(64, 48),
+                                                              nn.Linear(48, 64)))
+    cfg = AWQQATConfig(group_size=32)
+    for filt in (awq_filter, None, lambda mod, f: awq_filter(mod),
+                 lambda mod, f: isinstance(mod, nn.Linear)):
+        with pytest.warns(UserWarning, match=r"prepare: 1\.1: Linear\(in_features=48"):
+            quantize_(model(), cfg, filter_fn=filt)
+    m = model()
+    with warnings.catch_warnings(record=True) as rec:  # a filter that leaves 1.1 out
+        warnings.simplefilter("always")
+        quantize_(m, cfg, filter_fn=lambda mod, f: awq_filter(mod, f) and f != "1.1")
+    assert not [w for w in rec if "in_features=48" in str(w.message)]
+    with pytest.warns(UserWarning, match=r"prepare: proj: Linear\(in_features=48"):
+        quantize_(nn.ModuleDict({"proj": m[1][1]}), cfg)  # the same module, another name
+    with pytest.warns(UserWarning, match=r"prepare: <model>: Linear\(in_features=48"):
+        quantize_(m[1][1], cfg)  # the root itself
+    from torchao.quantization import FqnToConfig
+    with pytest.warns(UserWarning, match=r"prepare: 1\.1: Linear\(in_features=48"):
+        quantize_(model(), FqnToConfig({"1.1": cfg}), filter_fn=None)
+    cm = torch.compile(model())
+    with pytest.warns(UserWarning, match=r"prepare: 1\.1: Linear\(in_features=48"):
+        quantize_(cm, cfg)  # (as the export writes it: no _orig_mod.)
     m = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
     quantize_(m, AWQQATConfig(group_size=32, scheme="int4_asym", mode="torchao"),
               filter_fn=awq_filter)
     with pytest.raises(ValueError, match=r"^0: convert: int4_asym in mode 'torchao'"):
         quantize_(m, AWQQATConfig(step="convert"), filter_fn=awq_filter)
+    with pytest.raises(ValueError, match=r"^0: convert: int4_asym in mode 'torchao'"):
+        quantize_(m, AWQQATConfig(step="convert"))  # torchao's default filter
+    # called outside quantize_: no name
+    from ao_awq_export.qat import _awq_qat_transform
     with pytest.raises(ValueError, match=r"^convert: int4_asym in mode 'torchao'"):
-        quantize_(m, AWQQATConfig(step="convert"), filter_fn=lambda mod, f: isinstance(mod, nn.Linear))
-    with pytest.raises(ValueError, match=r"^convert: int4_asym"):  # torchao's default filter
-        quantize_(m, AWQQATConfig(step="convert"))
+        _awq_qat_transform(m[0], AWQQATConfig(step="convert"))
 
 
 def test_export_refuses_converted_lm_head_and_mixed_groups(tmp_path):

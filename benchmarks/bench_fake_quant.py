@@ -16,7 +16,8 @@ On CUDA the fp8_int4 kernels stage each row in shared memory where it fits
 (one read of the weight); the rows marked "unstaged" time the same op with
 AOQ_CUDA_STAGE=0, the kernels that read the row again from global memory.
 The rows marked "general code" time it with AOQ_CUDA_FAST=0: every row and
-group through the kernels' general code, without the fast paths.
+group through the kernels' general code, without the fast paths.  On CUDA
+a last table times ours alone at group sizes 32-256 (8192^2).
 """
 import argparse
 import os
@@ -159,6 +160,27 @@ def main():
                 print(line, flush=True)
         if dev == "cuda":
             print(f"# device-to-device copy of {nbytes / 1e6:.0f} MB: {2 * nbytes / copy_t / 1e9:.0f} GB/s (read+write)")
+    if dev == "cuda" and not args.quick:
+        # the other group sizes, ours only (last: a run cut short loses these
+        # first); g = 256's int4_asym backward keeps one block per SM (about
+        # 200 registers per thread at 256 threads)
+        n, k = 8192, 8192
+        w = (torch.randn(n, k, device=dev) * 0.02).to(torch.bfloat16)
+        gout = torch.randn_like(w)
+        nbytes = w.numel() * w.element_size()
+        copy_bw = 2 * nbytes / timeit(lambda: torch.empty_like(w).copy_(w), dev, reps) / 1e9
+        print("| shape | op | group | ours ms | GB/s | % of copy | bwd/fwd |")
+        print("|---|---|---|---|---|---|---|")
+        for g in (32, 64, 128, 256):
+            for scheme, fn in (("fp8_int4", aq.fake_quant_fp8_int4),
+                               ("int4_asym", aq.fake_quant_int4_asym)):
+                t_f = timeit(lambda: fn(w, g), dev, reps)
+                t_b = timeit(lambda: torch.ops.ao_awq.fq_weight_backward(
+                    gout, w, g, SCH[scheme], False, aq.ops.CLAMP_STRICT), dev, reps)
+                for op, t, bts in (("fwd", t_f, 2 * nbytes), ("bwd kernel", t_b, 3 * nbytes)):
+                    gbs = bts / t / 1e9
+                    print(f"| {n}x{k} | {scheme} {op} | {g} | {t * 1e3:.3f} | {gbs:.0f} | "
+                          f"{100 * gbs / copy_bw:.0f}% | {t_b / t_f:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -333,7 +333,18 @@ def _quantize_int4(w, group_size, scheme, mode, name):
     """quantize_int4, with errors naming the weight `name`."""
     _check_choice("scheme", scheme, SCHEMES)
     _check_weight(w, group_size, mode)
-    w = w.detach().contiguous()  # integers: nothing to differentiate
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, got {type(name).__name__}")
+    w = w.detach()  # integers: nothing to differentiate
+    if torch.compiler.is_compiling():
+        # the finiteness check reads values, which tracing cannot: the whole
+        # quantization runs as one opaque op there, raising as it does eagerly
+        return _quantize_int4_op(w, group_size, scheme, mode, name)
+    return _quantize_int4_eager(w, group_size, scheme, mode, name)
+
+
+def _quantize_int4_eager(w, group_size, scheme, mode, name):
+    w = w.contiguous()
     codes, scales, zeros = _ops.quantize(w, group_size, SCHEMES[scheme], mode == "awq")
     # A NaN/Inf weight always makes its group's (int4_asym) or row's (fp8_int4)
     # scale non-finite, so checking the K/g-times smaller scales is enough;
@@ -362,6 +373,25 @@ def _quantize_int4(w, group_size, scheme, mode, name):
     else:
         zeros = zeros.to(torch.uint8)
     return codes, scales, zeros
+
+
+@torch.library.custom_op("ao_awq::quantize_int4_checked", mutates_args=())
+def _quantize_int4_op(w: torch.Tensor, group_size: int, scheme: str, mode: str,
+                      name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """quantize_int4 for torch.compile / torch.export (arguments already checked)."""
+    return _quantize_int4_eager(w, group_size, scheme, mode, name)
+
+
+@_quantize_int4_op.register_fake
+def _quantize_int4_op_fake(w, group_size, scheme, mode, name):
+    _fake_check_weight(w, group_size)
+    torch._check(scheme in SCHEMES and mode in MODES,
+                 lambda: f"scheme/mode must be in {tuple(SCHEMES)}/{MODES}, got {scheme}/{mode}")
+    n, k = w.shape
+    zdt = torch.float32 if (scheme, mode) == ("int4_asym", "torchao") else torch.uint8
+    return (w.new_empty((n, k), dtype=torch.uint8),
+            w.new_empty((n, k // group_size), dtype=_scale_dtype(scheme, mode, w.dtype)),
+            w.new_empty((n, k // group_size), dtype=zdt))
 
 
 def dequantize_int4(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, *,

@@ -599,6 +599,95 @@ def test_torch_export_captures_ops():
     assert "ao_awq.fq_weight" in str(ep.graph)
 
 
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_compile_fullgraph_quantize_dequantize_pack(dynamic):
+    """quantize_int4 checks the scales' values (NaN/Inf, fp16 overflow), which
+    tracing cannot read: under torch.compile/torch.export it runs as one opaque
+    op that checks at run time, so fullgraph works and the error is the same."""
+    torch._dynamo.reset()
+
+    def f(w, scheme, mode):
+        codes, scales, zeros = aq.quantize_int4(w, 64, scheme=scheme, mode=mode)
+        back = aq.dequantize_int4(codes, scales, zeros, scheme=scheme, mode=mode, dtype=w.dtype)
+        return codes, scales, zeros, back, aq.pack_awq(codes)
+
+    for scheme in aq.SCHEMES:
+        for mode in aq.MODES:
+            cf = torch.compile(f, fullgraph=True, dynamic=dynamic, backend="aot_eager")
+            for n in (16, 24):
+                w = torch.randn(n, 128, dtype=torch.bfloat16)
+                got, want = cf(w, scheme, mode), f(w, scheme, mode)
+                assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(got, want))
+                assert torch.equal(got[3], (aq.fake_quant_int4_asym if scheme == "int4_asym"
+                                            else aq.fake_quant_fp8_int4)(w, 64, mode=mode))
+    w = torch.randn(16, 128)
+    w[3, 70] = float("inf")
+    cq = torch.compile(lambda w: aq.quantize_int4(w, 64, scheme="fp8_int4", mode="awq"),
+                       fullgraph=True, dynamic=dynamic, backend="aot_eager")
+    with pytest.raises(ValueError, match=r"w: contains NaN or Inf \(first at \[3, 70\]\)"):
+        cq(w)
+    big = torch.full((8, 64), 1e6)
+    big[:, ::2] = -1e6
+    with pytest.raises(ValueError, match="float16 scale of row 0, group 0"):
+        cq(big)
+
+
+def test_torch_export_and_opcheck_quantize():
+    class M(torch.nn.Module):
+        def forward(self, w):
+            return aq.quantize_int4(w, 32, scheme="int4_asym", mode="torchao")
+
+    ep = torch.export.export(M(), (torch.randn(16, 64),))
+    assert "ao_awq.quantize_int4_checked" in str(ep.graph)
+    w = torch.randn(16, 64)
+    got = ep.module()(w)
+    assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(got, M()(w)))
+    for scheme in aq.SCHEMES:
+        for mode in aq.MODES:
+            for dt in (torch.float32, torch.bfloat16, torch.float16):
+                torch.library.opcheck(torch.ops.ao_awq.quantize_int4_checked,
+                                      (torch.randn(16, 128, dtype=dt), 64, scheme, mode, "w"))
+
+
+def test_aoti_package_runs_the_ops(tmp_path):
+    """AOTInductor: an exported program with every op (quantize_int4 through
+    its run-time-checked op) compiles to a package whose outputs are ours."""
+    class M(torch.nn.Module):
+        def forward(self, x, w):
+            return (aq.fake_quant_fp8_rows(x), aq.fake_quant_fp8_int4(w, 64, mode="awq"),
+                    aq.fake_quant_int4_asym(w, 64), *aq.quantize_int4(w, 64, scheme="int4_asym",
+                                                                      mode="awq"))
+
+    x, w = torch.randn(4, 128), torch.randn(16, 128, dtype=torch.bfloat16)
+    ep = torch.export.export(M(), (x, w))
+    path = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "m.pt2"))
+    run = torch._inductor.aoti_load_package(path)
+    x, w = torch.randn(4, 128), torch.randn(16, 128, dtype=torch.bfloat16)
+    got, want = run(x, w), M()(x, w)
+    assert len(got) == len(want) == 6
+    assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_compile_inductor_dynamic_sequence_lengths():
+    """Training with varying sequence lengths recompiles with dynamic shapes:
+    the fake kernels must take symbolic sizes; inductor's graph stays exact."""
+    torch._dynamo.reset()
+
+    def f(w, x):
+        wq = aq.fake_quant_fp8_int4(w, 64, mode="awq") + aq.fake_quant_int4_asym(w, 64)
+        return aq.fake_quant_fp8_rows(x), wq
+
+    cf = torch.compile(f, fullgraph=True, dynamic=True)
+    for n, t in ((16, 3), (24, 7), (32, 11)):
+        w = torch.randn(n, 128, requires_grad=True)
+        x = torch.randn(2, t, 128, requires_grad=True)
+        got, want = cf(w, x), f(w, x)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+        gx, gw = torch.autograd.grad(got[0].sum() + got[1].sum(), (x, w))
+        ex, ew = torch.autograd.grad(want[0].sum() + want[1].sum(), (x, w))
+        assert torch.equal(gx, ex) and torch.equal(gw, ew)
+
+
 def test_fp16_tiny_and_zero_groups_have_finite_gradients():
     """fp16, fp8-int4: a group scale below 1/65504 has an infinite fp16
     reciprocal (torchao: NaN/inf gradients); ours stay finite and equal to

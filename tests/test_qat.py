@@ -668,6 +668,30 @@ def test_short_qat_run_lowers_loss(scheme):
     assert sum(isinstance(x_, AWQInt4Linear) for x_ in m.modules()) == 14
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_gives_the_same_gradients(reentrant):
+    """transformers' gradient checkpointing (Trainer's gradient_checkpointing=True)
+    recomputes the fake quants in the backward: the same loss and gradients."""
+    def grads(ckpt):
+        m = tiny_llama()
+        m.train()
+        quantize_(m, AWQQATConfig(scheme="fp8_int4", group_size=32), filter_fn=awq_filter)
+        if ckpt:
+            m.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            assert m.is_gradient_checkpointing
+        x = ids(2, 16, seed=5)
+        loss = m(input_ids=x, labels=x).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+
+    loss0, g0 = grads(False)
+    loss1, g1 = grads(True)
+    assert torch.equal(loss0, loss1)
+    assert g0.keys() == g1.keys() and any("q_proj" in n for n in g0)
+    assert all(torch.equal(g0[n], g1[n]) for n in g0), [n for n in g0 if not torch.equal(g0[n], g1[n])]
+
+
 def _load_demo():
     spec = importlib.util.spec_from_file_location("qat_to_awq", ROOT / "examples" /
                                                   "qat_to_awq.py")

@@ -1724,10 +1724,103 @@ def export_awq(model: nn.Module, out_dir, *, scheme: str = "int4_asym", mode: st
     return report
 
 
+def _stored_float_dtypes(d: str) -> Dict[str, torch.dtype]:
+    """{tensor name: dtype} of the floating-point tensors in a save_pretrained
+    directory's safetensors files (their headers only); {} without them."""
+    from safetensors import safe_open
+
+    idx = os.path.join(d, "model.safetensors.index.json")
+    if os.path.isfile(idx):
+        with open(idx, encoding="utf-8") as f:
+            files = sorted(set(json.load(f).get("weight_map", {}).values()))
+    else:
+        files = ["model.safetensors"] if os.path.isfile(os.path.join(d, "model.safetensors")) \
+            else []
+    back = {v: k for k, v in _ST_DTYPES.items()}
+    out = {}
+    for fn in files:
+        with safe_open(os.path.join(d, fn), framework="pt") as f:
+            for k in f.keys():
+                dt = back.get(f.get_slice(k).get_dtype())
+                if dt is not None and dt.is_floating_point:
+                    out[k] = dt
+    return out
+
+
+def _load_model_dir(d: str, progress: bool = True) -> nn.Module:
+    """A transformers model directory (`save_pretrained`, a Trainer checkpoint)
+    read by transformers itself, each weight in the dtype it is stored in."""
+    cfg_path = os.path.join(d, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise ValueError(f"{d}: a model directory needs its config.json (save_pretrained "
+                         "writes it)")
+    try:
+        with open(cfg_path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{cfg_path}: cannot read it as JSON: {e}") from e
+    if isinstance(cfg, dict) and cfg.get("quantization_config"):
+        qm = (cfg["quantization_config"].get("quant_method", "?")
+              if isinstance(cfg["quantization_config"], dict) else "?")
+        raise ValueError(f"{d}: config.json has a quantization_config (quant_method {qm!r}): the "
+                         "directory holds a quantized model; export the float or QAT-trained "
+                         "model it came from")
+    try:
+        from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
+    except ImportError as e:
+        raise ImportError("reading a model directory needs transformers "
+                          "(pip install transformers)") from e
+    stored = _stored_float_dtypes(d)
+    dts = {dt for k, dt in stored.items()}
+    # one stored dtype (the usual case): load in it; else the config's, checked below
+    dtype = next(iter(dts)) if len(dts) == 1 else "auto"
+    was = hf_logging.is_progress_bar_enabled()
+    if not progress:
+        hf_logging.disable_progress_bar()
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            d, dtype=dtype, local_files_only=True, output_loading_info=True)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise ValueError(f"{d}: transformers cannot load it: {type(e).__name__}: "
+                         f"{str(e).strip()[:500]}") from e
+    finally:
+        if not progress and was:
+            hf_logging.enable_progress_bar()
+    bad = {k: sorted(info.get(k) or ())[:10] for k in ("missing_keys", "unexpected_keys",
+                                                       "mismatched_keys")}
+    errs = info.get("error_msgs") or []
+    if any(bad.values()) or errs:
+        awq = [k for k in bad["unexpected_keys"] if str(k).endswith((".qweight", ".qzeros"))]
+        if awq:
+            raise ValueError(f"{d}: the checkpoint holds AWQ tensors (qweight / qzeros: a "
+                             f"converted model's, e.g. {awq[0]}), which the float model its "
+                             "config.json describes has no place for; export the converted "
+                             "model itself (torch.save(model) and --allow-pickle, or "
+                             "export_qat_awq in Python)")
+        what = "; ".join(f"{k.replace('_', ' ')}: {v}" for k, v in bad.items() if v)
+        raise ValueError(f"{d}: the checkpoint does not match the model its config.json "
+                         f"describes ({what or errs[0]}): transformers would leave those "
+                         "weights freshly initialised")
+    if dtype == "auto":  # mixed dtypes: the weights must be quantized as they were trained
+        sd = model.state_dict()
+        for k, dt in stored.items():
+            if k in sd and sd[k].dtype != dt and sd[k].dim() == 2:
+                raise ValueError(f"{d}: {k} is stored in {dt} but transformers loads it as "
+                                 f"{sd[k].dtype} (the config's dtype): the export would not "
+                                 "quantize the weights that were trained; store the model in "
+                                 "one dtype")
+    return model.eval()
+
+
 def load_for_export(checkpoint: str, hf_config: Optional[str] = None, *,
-                    allow_pickle: bool = False) -> nn.Module:
-    """Loads a `torch.save`d model, or a state dict built into the
-    transformers model described by `hf_config` (a directory)."""
+                    allow_pickle: bool = False, progress: bool = True) -> nn.Module:
+    """Loads a transformers model directory (`save_pretrained`, a Trainer
+    checkpoint: read by transformers, each weight in its stored dtype), a
+    `torch.save`d model, or a state dict built into the transformers model
+    described by `hf_config` (a directory)."""
+    if os.path.isdir(checkpoint):
+        return _load_model_dir(checkpoint, progress)
     kw = dict(map_location="cpu")
     try:
         obj = torch.load(checkpoint, weights_only=not allow_pickle, mmap=True, **kw)

@@ -693,6 +693,81 @@ def test_cli_state_dict_and_pickled_model(tmp_path):
     assert r.returncode == 1 and "not empty" in r.stderr
 
 
+def test_cli_exports_a_model_directory(tmp_path, capsys):
+    """A QAT model saved with save_pretrained (what a Trainer checkpoint holds:
+    float weights under the usual names, sharded) exports from its directory,
+    read by transformers, to the same tensors as export_qat_awq of the model;
+    its tokenizer files come along; what cannot be the trained model is refused."""
+    _need("transformers")
+    from safetensors.torch import save_file
+    from torchao.quantization import quantize_
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ao_awq_export.__main__ import main
+    from ao_awq_export.qat import AWQQATConfig, awq_filter, export_qat_awq
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2)
+    m = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    quantize_(m, AWQQATConfig(scheme="int4_asym", mode="awq", group_size=32), filter_fn=awq_filter)
+    ck = tmp_path / "checkpoint-100"
+    m.save_pretrained(str(ck), max_shard_size="100KB")
+    assert (ck / "model.safetensors.index.json").exists()
+    (ck / "tokenizer.json").write_bytes(b'{"tok": 1}')
+    export_qat_awq(m, str(tmp_path / "ref"), progress=False)
+    ref, _ = read_export(str(tmp_path / "ref"))
+
+    flags = ["--scheme", "int4_asym", "--mode", "awq", "--group-size", "32", "--no-progress"]
+    assert main(["export", str(ck), str(tmp_path / "o1")] + flags) == 0
+    cap = capsys.readouterr()
+    assert "note:" not in cap.err and "14 quantized layers (14 bit-exact)" in cap.out
+    got, _ = read_export(str(tmp_path / "o1"))
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+    assert (tmp_path / "o1" / "tokenizer.json").read_bytes() == b'{"tok": 1}'
+    out_cfg = json.load(open(tmp_path / "o1" / "config.json"))
+    assert out_cfg["model_type"] == "llama" and out_cfg["quantization_config"]["group_size"] == 32
+
+    # without the training's settings: exported (RTN at the defaults), with a note saying so
+    assert main(["export", str(ck), str(tmp_path / "o2"), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "note:" in err and "--scheme, --mode, --group-size" in err and "group size 128" in err
+    assert json.load(open(tmp_path / "o2" / "config.json"))["quantization_config"][
+        "group_size"] == 128
+
+    def refused(src, what):
+        out = tmp_path / f"x{len(os.listdir(tmp_path))}"
+        assert main(["export", str(src), str(out)] + flags) == 1
+        err = capsys.readouterr().err
+        assert re.search(what, err), err
+        assert not out.exists()
+
+    # an AWQ export is not a model to quantize
+    refused(tmp_path / "o1", r"quantization_config \(quant_method 'awq'\).*quantized model")
+    # no config.json
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bare" / "model.safetensors").write_bytes(b"")
+    refused(tmp_path / "bare", "needs its config.json")
+    # a weight missing: transformers would initialise it at random
+    part = tmp_path / "part"
+    m2 = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    m2.save_pretrained(str(part))
+    sd = load_file(str(part / "model.safetensors"))
+    del sd["model.layers.1.mlp.up_proj.weight"]
+    save_file(sd, str(part / "model.safetensors"), metadata={"format": "pt"})
+    refused(part, r"does not match.*missing keys: \['model\.layers\.1\.mlp\.up_proj\.weight'\]")
+    # a weight stored in another dtype than the rest, which transformers would cast
+    sd = {k: v.clone() for k, v in m2.state_dict().items()}
+    sd["model.layers.0.mlp.down_proj.weight"] = sd["model.layers.0.mlp.down_proj.weight"].float()
+    save_file(sd, str(part / "model.safetensors"), metadata={"format": "pt"})
+    refused(part, r"model\.layers\.0\.mlp\.down_proj\.weight is stored in torch\.float32 "
+                  r"but transformers loads it as torch\.bfloat16")
+    # a converted model's checkpoint holds qweight/qzeros the float model has no place for
+    quantize_(m, AWQQATConfig(step="convert"), filter_fn=awq_filter)
+    m.save_pretrained(str(tmp_path / "converted"))
+    refused(tmp_path / "converted", "holds AWQ tensors")
+
+
 # ----------------------------------------------------------------------------
 # models the export must refuse or handle (review of the export path)
 # ----------------------------------------------------------------------------

@@ -43,7 +43,7 @@ __device__ __forceinline__ float warp_min(float v) {
 // off, off = 16, ..., 1) where each lane of W = 32 / C holds C of them, s[k]
 // the chunk of canonical lane L + W * k (L = lane % W): the first levels
 // inside the lane, the last ones by shuffles among its W lanes; the result,
-// that of the group's first lane, in all W (C = 1: warp_sum)
+// that of the group's first lane, in all W (C = 1: the plain warp sum)
 template <int C>
 __device__ __forceinline__ float chunks_sum(const float *s) {
   constexpr int W = 32 / C;
@@ -59,8 +59,6 @@ __device__ __forceinline__ float chunks_sum(const float *s) {
   for (int off = W / 2; off >= 1; off >>= 1) r += __shfl_down_sync(FULL, r, off);  // (lane W i's terms stay in its W)
   return __shfl_sync(FULL, r, threadIdx.x & (32 - W));
 }
-// canonical halving tree: lane l += lane l+off, result broadcast from lane 0
-__device__ __forceinline__ float warp_sum(float v) { return chunks_sum<1>(&v); }
 // an integer sum over aligned groups of W lanes
 template <int W>
 __device__ __forceinline__ int lanes_isum(int v) {
@@ -1061,7 +1059,7 @@ __device__ __forceinline__ float div_g(float a, float b, float y) {
 // scalar work per element, of one canonical lane per thread.
 constexpr int AB_C = 4;  // chunks per lane
 
-// the canonical warp_sum of a group from this lane's chunk sums s[c] (result
+// the canonical warp sum of a group from this lane's chunk sums s[c] (result
 // in all 8 lanes of the group)
 __device__ __forceinline__ float group_sum(const float *s) { return chunks_sum<AB_C>(s); }
 __device__ __forceinline__ int group_isum(int v) { return lanes_isum<32 / AB_C>(v); }

@@ -122,7 +122,8 @@ def main(argv=None) -> int:
                   f"Linears are rounded to nearest with scheme {args.scheme or 'int4_asym'}, "
                   f"mode {args.mode or 'awq'}, group size "
                   f"{args.group_size or 128}; for a QAT-trained model pass the training's "
-                  f"{', '.join(defaulted)} (the export is then the model it trained)",
+                  f"{', '.join(defaulted)} (the export then holds the codes QAT trained: "
+                  "bit for bit in mode awq, see README)",
                   file=sys.stderr)
         qat = sys.modules.get(__package__ + ".qat")  # imported by unpickling QAT modules
         if qat is not None and any(isinstance(m, (qat.QATLinear, qat.AWQInt4Linear))

@@ -1514,10 +1514,12 @@ def export_awq(model: nn.Module, out_dir, *, scheme: str = "int4_asym", mode: st
     cfg, gen = _config_dict(model, hf_config)
     tok_files = _tokenizer_files(hf_config)
     if not tok_files:
-        log.warning("no tokenizer files written (hf_config is not a model directory with "
-                    "them): vLLM and GPTQModel.load read the tokenizer from the checkpoint "
-                    "directory; save it there (tokenizer.save_pretrained(out_dir)) or pass "
-                    "hf_config=<the model's directory>")
+        log.warning("no tokenizer files written (%s): vLLM and GPTQModel.load read the "
+                    "tokenizer from the checkpoint directory; save it there "
+                    "(tokenizer.save_pretrained(out_dir)) or pass hf_config (CLI: --hf-config) "
+                    "= a directory with them",
+                    f"none in {hf_config}" if isinstance(hf_config, (str, os.PathLike))
+                    and os.path.isdir(hf_config) else "no hf_config directory")
     head_differs = not (cfg is not None and cfg.get("tie_word_embeddings") is False) and \
         _head_differs(model)
     tie_ok = not (cfg is not None and cfg.get("tie_word_embeddings") is False) and \
@@ -1724,32 +1726,64 @@ def export_awq(model: nn.Module, out_dir, *, scheme: str = "int4_asym", mode: st
     return report
 
 
-def _stored_float_dtypes(d: str) -> Dict[str, torch.dtype]:
-    """{tensor name: dtype} of the floating-point tensors in a save_pretrained
-    directory's safetensors files (their headers only); {} without them."""
+def _stored_tensors(d: str) -> Dict[str, tuple]:
+    """{tensor name: (dtype, ndim, fetch)} of the tensors in a save_pretrained
+    directory's weight files (safetensors headers; a pytorch_model.bin is
+    memory-mapped), fetch() reading the tensor as stored."""
     from safetensors import safe_open
 
-    idx = os.path.join(d, "model.safetensors.index.json")
-    if os.path.isfile(idx):
-        with open(idx, encoding="utf-8") as f:
-            files = sorted(set(json.load(f).get("weight_map", {}).values()))
-    else:
-        files = ["model.safetensors"] if os.path.isfile(os.path.join(d, "model.safetensors")) \
-            else []
-    back = {v: k for k, v in _ST_DTYPES.items()}
+    def files(index, single):
+        idx = os.path.join(d, index)
+        if os.path.isfile(idx):
+            try:
+                with open(idx, encoding="utf-8") as f:
+                    return sorted(set(json.load(f)["weight_map"].values()))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+                raise ValueError(f"{idx}: cannot read its weight_map: {type(e).__name__}: "
+                                 f"{e}") from e
+        return [single] if os.path.isfile(os.path.join(d, single)) else []
+
     out = {}
-    for fn in files:
-        with safe_open(os.path.join(d, fn), framework="pt") as f:
-            for k in f.keys():
-                dt = back.get(f.get_slice(k).get_dtype())
-                if dt is not None and dt.is_floating_point:
-                    out[k] = dt
+    st = files("model.safetensors.index.json", "model.safetensors")
+    for fn in st:
+        path = os.path.join(d, fn)
+        try:
+            with safe_open(path, framework="pt") as f:
+                for k in f.keys():
+                    sl = f.get_slice(k)
+                    dt = sl.get_dtype()
+                    out[k] = (next((t for t, n in _ST_DTYPES.items() if n == dt), None),
+                              len(sl.get_shape()), lambda path=path, k=k: _st_get(path, k))
+        except Exception as e:  # noqa: BLE001  (safetensors raises its own error types)
+            raise ValueError(f"{path}: cannot read it as safetensors: {type(e).__name__}: "
+                             f"{str(e)[:300]}") from e
+    if not st:
+        for fn in files("pytorch_model.bin.index.json", "pytorch_model.bin"):
+            path = os.path.join(d, fn)
+            try:
+                sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:  # noqa: BLE001  (whatever a corrupt file makes torch.load raise)
+                raise ValueError(f"{path}: cannot read it (torch.load): {type(e).__name__}: "
+                                 f"{str(e)[:300]}") from e
+            if not isinstance(sd, dict):
+                raise ValueError(f"{path}: expected a state dict, got {type(sd).__name__}")
+            for k, t in sd.items():
+                if isinstance(t, torch.Tensor):
+                    out[k] = (t.dtype, t.dim(), lambda t=t: t)
     return out
+
+
+def _st_get(path, key):
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        return f.get_tensor(key)
 
 
 def _load_model_dir(d: str, progress: bool = True) -> nn.Module:
     """A transformers model directory (`save_pretrained`, a Trainer checkpoint)
-    read by transformers itself, each weight in the dtype it is stored in."""
+    read by transformers itself, as the class its config.json names, each
+    tensor in the dtype it is stored in."""
     cfg_path = os.path.join(d, "config.json")
     if not os.path.isfile(cfg_path):
         raise ValueError(f"{d}: a model directory needs its config.json (save_pretrained "
@@ -1759,31 +1793,50 @@ def _load_model_dir(d: str, progress: bool = True) -> nn.Module:
             cfg = json.load(f)
     except (OSError, ValueError) as e:
         raise ValueError(f"{cfg_path}: cannot read it as JSON: {e}") from e
-    if isinstance(cfg, dict) and cfg.get("quantization_config"):
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{cfg_path}: expected a JSON object, got {type(cfg).__name__}")
+    if cfg.get("quantization_config"):
         qm = (cfg["quantization_config"].get("quant_method", "?")
               if isinstance(cfg["quantization_config"], dict) else "?")
         raise ValueError(f"{d}: config.json has a quantization_config (quant_method {qm!r}): the "
                          "directory holds a quantized model; export the float or QAT-trained "
                          "model it came from")
     try:
-        from transformers import AutoModelForCausalLM
+        import transformers
         from transformers.utils import logging as hf_logging
     except ImportError as e:
         raise ImportError("reading a model directory needs transformers "
                           "(pip install transformers)") from e
-    stored = _stored_float_dtypes(d)
-    dts = {dt for k, dt in stored.items()}
-    # one stored dtype (the usual case): load in it; else the config's, checked below
-    dtype = next(iter(dts)) if len(dts) == 1 else "auto"
+    stored = _stored_tensors(d)
+    floats = {k: dt for k, (dt, _, _) in stored.items() if dt is not None and dt.is_floating_point}
+    # the 2-D weights' dtype (one, the usual case); a tensor stored in another
+    # dtype (fp32 norms) is put back as stored after the load
+    w_dts = {dt for k, dt in floats.items() if stored[k][1] == 2} or set(floats.values())
+    dtype = next(iter(w_dts)) if len(w_dts) == 1 else "auto"
+    # the class save_pretrained recorded (a vision-language model keeps its
+    # vision tower), else the causal LM of the model type
+    archs = cfg.get("architectures")
+    cls = getattr(transformers, archs[0], None) if isinstance(archs, list) and archs and \
+        isinstance(archs[0], str) else None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        cls = transformers.AutoModelForCausalLM
     was = hf_logging.is_progress_bar_enabled()
     if not progress:
         hf_logging.disable_progress_bar()
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(
-            d, dtype=dtype, local_files_only=True, output_loading_info=True)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise ValueError(f"{d}: transformers cannot load it: {type(e).__name__}: "
-                         f"{str(e).strip()[:500]}") from e
+        model, info = cls.from_pretrained(d, dtype=dtype, local_files_only=True,
+                                          trust_remote_code=False, output_loading_info=True)
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
+        msg = str(e).strip()
+        if "trust_remote_code" in msg or "custom code" in msg:
+            raise ValueError(f"{d}: a remote-code model (config.json's auto_map): the CLI does not "
+                             "run code from the directory; load it in Python "
+                             "(trust_remote_code=True) and call export_awq, or torch.save the "
+                             "model and pass --allow-pickle") from e
+        if "ignore_mismatched_sizes" in msg:
+            msg = "some tensors' shapes differ from those its config.json gives"
+        raise ValueError(f"{d}: transformers cannot load it as {cls.__name__}: "
+                         f"{type(e).__name__}: {msg[:500]}") from e
     finally:
         if not progress and was:
             hf_logging.enable_progress_bar()
@@ -1802,14 +1855,31 @@ def _load_model_dir(d: str, progress: bool = True) -> nn.Module:
         raise ValueError(f"{d}: the checkpoint does not match the model its config.json "
                          f"describes ({what or errs[0]}): transformers would leave those "
                          "weights freshly initialised")
-    if dtype == "auto":  # mixed dtypes: the weights must be quantized as they were trained
-        sd = model.state_dict()
-        for k, dt in stored.items():
-            if k in sd and sd[k].dtype != dt and sd[k].dim() == 2:
-                raise ValueError(f"{d}: {k} is stored in {dt} but transformers loads it as "
-                                 f"{sd[k].dtype} (the config's dtype): the export would not "
-                                 "quantize the weights that were trained; store the model in "
-                                 "one dtype")
+    # tensors the class drops on load without a word (an MTP head, a vision
+    # tower of a class without one): the export would quietly lose them
+    ignored = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None)
+                                       or ())]
+    dropped = sorted(k for k in stored if any(p.search(k) for p in ignored))
+    if dropped:
+        raise ValueError(f"{d}: {type(model).__name__} does not load {len(dropped)} of its "
+                         f"tensors (e.g. {dropped[:3]}), so the export would leave them out; "
+                         "remove them from the directory to export without them")
+    sd = model.state_dict(keep_vars=True)
+    restore = [k for k, dt in floats.items() if k in sd and sd[k].dtype != dt]
+    if restore:  # loaded in another dtype than stored: put back what was stored
+        with torch.no_grad():
+            for k in restore:
+                modname, _, attr = k.rpartition(".")
+                mod = model.get_submodule(modname)
+                t = stored[k][2]().to(device=sd[k].device).clone()
+                if t.shape != sd[k].shape:
+                    raise ValueError(f"{d}: {k} is stored with shape {tuple(t.shape)}, the "
+                                     f"model holds {tuple(sd[k].shape)}")
+                if isinstance(sd[k], nn.Parameter):
+                    setattr(mod, attr, nn.Parameter(t, requires_grad=sd[k].requires_grad))
+                else:
+                    mod._buffers[attr] = t
+        model.tie_weights()  # (a restored embedding: its tied head follows it)
     return model.eval()
 
 

@@ -756,16 +756,109 @@ def test_cli_exports_a_model_directory(tmp_path, capsys):
     del sd["model.layers.1.mlp.up_proj.weight"]
     save_file(sd, str(part / "model.safetensors"), metadata={"format": "pt"})
     refused(part, r"does not match.*missing keys: \['model\.layers\.1\.mlp\.up_proj\.weight'\]")
-    # a weight stored in another dtype than the rest, which transformers would cast
-    sd = {k: v.clone() for k, v in m2.state_dict().items()}
-    sd["model.layers.0.mlp.down_proj.weight"] = sd["model.layers.0.mlp.down_proj.weight"].float()
-    save_file(sd, str(part / "model.safetensors"), metadata={"format": "pt"})
-    refused(part, r"model\.layers\.0\.mlp\.down_proj\.weight is stored in torch\.float32 "
-                  r"but transformers loads it as torch\.bfloat16")
     # a converted model's checkpoint holds qweight/qzeros the float model has no place for
     quantize_(m, AWQQATConfig(step="convert"), filter_fn=awq_filter)
     m.save_pretrained(str(tmp_path / "converted"))
     refused(tmp_path / "converted", "holds AWQ tensors")
+
+
+def test_cli_model_directory_dtypes_bin_remote_code_and_dropped_tensors(tmp_path, capsys,
+                                                                         monkeypatch):
+    """Each tensor is read in the dtype it is stored in (a pytorch_model.bin
+    too, fp32 norms beside bf16 weights), whatever config.json's dtype says;
+    remote code is never run; tensors the class drops on load, and unreadable
+    weight files, are refused naming them."""
+    _need("transformers")
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ao_awq_export.__main__ import main
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2)
+    m = LlamaForCausalLM(cfg)
+    flags = ["--scheme", "int4_asym", "--mode", "awq", "--group-size", "32", "--no-progress"]
+
+    def export_dir(d, name):
+        rc = main(["export", str(d), str(tmp_path / name)] + flags)
+        err = capsys.readouterr().err
+        return rc, err, (read_export(str(tmp_path / name))[0] if rc == 0 else None)
+
+    def set_config_dtype(d, dt):
+        c = json.load(open(d / "config.json"))
+        c["dtype"] = dt
+        (d / "config.json").write_text(json.dumps(c))
+
+    # fp32 weights in a pytorch_model.bin, a config saying bfloat16
+    export_awq(m, str(tmp_path / "ref32"), scheme="int4_asym", mode="awq", group_size=32,
+               progress=False)
+    ref32, _ = read_export(str(tmp_path / "ref32"))
+    b = tmp_path / "bin"
+    b.mkdir()
+    m.config.save_pretrained(str(b))
+    torch.save(m.state_dict(), str(b / "pytorch_model.bin"))
+    set_config_dtype(b, "bfloat16")
+    rc, err, got = export_dir(b, "o_bin")
+    assert rc == 0, err
+    assert got.keys() == ref32.keys() and all(torch.equal(got[k], ref32[k]) for k in ref32)
+
+    # bf16 weights, fp32 norms, a config saying float32: the weights quantized in
+    # bf16, the norms rounded once (fp32 -> fp16), as stored
+    mixed = {k: (v.clone() if v.dim() == 1 else v.to(torch.bfloat16)) for k, v in
+             m.state_dict().items()}
+    mx = tmp_path / "mixed"
+    m.config.save_pretrained(str(mx))
+    save_file(mixed, str(mx / "model.safetensors"), metadata={"format": "pt"})
+    set_config_dtype(mx, "float32")
+    rc, err, got = export_dir(mx, "o_mixed")
+    assert rc == 0, err
+    m16 = LlamaForCausalLM(cfg)
+    m16.load_state_dict(mixed, assign=True)
+    assert m16.model.norm.weight.dtype == torch.float32
+    export_awq(m16, str(tmp_path / "ref_mixed"), scheme="int4_asym", mode="awq", group_size=32,
+               progress=False)
+    ref, _ = read_export(str(tmp_path / "ref_mixed"))
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+    assert torch.equal(got["model.norm.weight"], mixed["model.norm.weight"].half())
+
+    # tensors the class drops on load without a word (here made so by its ignore list)
+    monkeypatch.setattr(LlamaForCausalLM, "_keys_to_ignore_on_load_unexpected", [r"^mtp\."],
+                        raising=False)
+    dr = tmp_path / "dropped"
+    m.save_pretrained(str(dr))
+    sd = load_file(str(dr / "model.safetensors"))
+    sd["mtp.proj.weight"] = torch.ones(4, 4)
+    save_file(sd, str(dr / "model.safetensors"), metadata={"format": "pt"})
+    rc, err, _ = export_dir(dr, "o_dropped")
+    assert rc == 1 and "does not load 1 of its tensors (e.g. ['mtp.proj.weight'])" in err, err
+    assert not (tmp_path / "o_dropped").exists()
+    monkeypatch.undo()
+
+    # a remote-code model: refused at once, its code never run (no prompt either)
+    rcd = tmp_path / "remote"
+    rcd.mkdir()
+    marker = tmp_path / "CODE_RAN"
+    (rcd / "configuration_my.py").write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\n"
+        "from transformers import PretrainedConfig\n"
+        "class MyConfig(PretrainedConfig):\n    model_type = 'my_remote'\n")
+    (rcd / "config.json").write_text(json.dumps(
+        {"model_type": "my_remote", "architectures": ["MyModel"],
+         "auto_map": {"AutoConfig": "configuration_my.MyConfig",
+                      "AutoModelForCausalLM": "modeling_my.MyModel"}}))
+    monkeypatch.setattr("sys.stdin", io.StringIO("y\ny\n"))
+    rc, err, _ = export_dir(rcd, "o_remote")
+    assert rc == 1 and "remote-code model" in err and "--allow-pickle" in err, err
+    assert not marker.exists()
+
+    # an unreadable shard is named
+    bad = tmp_path / "badshard"
+    m.save_pretrained(str(bad), max_shard_size="20KB")
+    shard = sorted(f for f in os.listdir(bad) if f.startswith("model-0"))[0]
+    (bad / shard).write_bytes(b"\xff" * 16)
+    rc, err, _ = export_dir(bad, "o_bad")
+    assert rc == 1 and f"{shard}: cannot read it as safetensors" in err, err
 
 
 # ----------------------------------------------------------------------------

@@ -1761,7 +1761,12 @@ def _stored_tensors(d: str) -> Dict[str, tuple]:
         for fn in files("pytorch_model.bin.index.json", "pytorch_model.bin"):
             path = os.path.join(d, fn)
             try:
-                sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                try:
+                    sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError as e:  # the legacy (non-zip) format cannot be mapped
+                    if "mmap" not in str(e):
+                        raise
+                    sd = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as e:  # noqa: BLE001  (whatever a corrupt file makes torch.load raise)
                 raise ValueError(f"{path}: cannot read it (torch.load): {type(e).__name__}: "
                                  f"{str(e)[:300]}") from e
@@ -1816,8 +1821,13 @@ def _load_model_dir(d: str, progress: bool = True) -> nn.Module:
     # the class save_pretrained recorded (a vision-language model keeps its
     # vision tower), else the causal LM of the model type
     archs = cfg.get("architectures")
-    cls = getattr(transformers, archs[0], None) if isinstance(archs, list) and archs and \
-        isinstance(archs[0], str) else None
+    cls = None
+    if isinstance(archs, list) and archs and isinstance(archs[0], str) and \
+            archs[0].endswith(("ForCausalLM", "ForConditionalGeneration")):
+        try:
+            cls = getattr(transformers, archs[0], None)
+        except Exception:  # noqa: BLE001  (a class whose optional backend is missing)
+            cls = None
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         cls = transformers.AutoModelForCausalLM
     was = hf_logging.is_progress_bar_enabled()
@@ -1859,27 +1869,34 @@ def _load_model_dir(d: str, progress: bool = True) -> nn.Module:
     # tower of a class without one): the export would quietly lose them
     ignored = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None)
                                        or ())]
-    dropped = sorted(k for k in stored if any(p.search(k) for p in ignored))
+    sd = model.state_dict(keep_vars=True)
+    dropped = sorted(k for k in stored if k not in sd and any(p.search(k) for p in ignored))
     if dropped:
         raise ValueError(f"{d}: {type(model).__name__} does not load {len(dropped)} of its "
                          f"tensors (e.g. {dropped[:3]}), so the export would leave them out; "
                          "remove them from the directory to export without them")
-    sd = model.state_dict(keep_vars=True)
     restore = [k for k, dt in floats.items() if k in sd and sd[k].dtype != dt]
     if restore:  # loaded in another dtype than stored: put back what was stored
+        names = {}  # every name of each tensor (a tied head shares the embedding's)
+        for n, t in [*model.named_parameters(remove_duplicate=False),
+                     *model.named_buffers(remove_duplicate=False)]:
+            names.setdefault(id(t), []).append(n)
         with torch.no_grad():
             for k in restore:
-                modname, _, attr = k.rpartition(".")
-                mod = model.get_submodule(modname)
-                t = stored[k][2]().to(device=sd[k].device).clone()
-                if t.shape != sd[k].shape:
+                old = sd[k]
+                t = stored[k][2]().to(device=old.device).clone()
+                if t.shape != old.shape:
                     raise ValueError(f"{d}: {k} is stored with shape {tuple(t.shape)}, the "
-                                     f"model holds {tuple(sd[k].shape)}")
-                if isinstance(sd[k], nn.Parameter):
-                    setattr(mod, attr, nn.Parameter(t, requires_grad=sd[k].requires_grad))
-                else:
-                    mod._buffers[attr] = t
-        model.tie_weights()  # (a restored embedding: its tied head follows it)
+                                     f"model holds {tuple(old.shape)}")
+                if isinstance(old, nn.Parameter):
+                    t = nn.Parameter(t, requires_grad=old.requires_grad)
+                for n in names.get(id(old), [k]):
+                    modname, _, attr = n.rpartition(".")
+                    mod = model.get_submodule(modname)
+                    if isinstance(t, nn.Parameter):
+                        setattr(mod, attr, t)
+                    else:
+                        mod._buffers[attr] = t
     return model.eval()
 
 

@@ -822,9 +822,32 @@ def test_cli_model_directory_dtypes_bin_remote_code_and_dropped_tensors(tmp_path
     assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
     assert torch.equal(got["model.norm.weight"], mixed["model.norm.weight"].half())
 
+    # the same with config.json saying tied but a head of its own (transformers then
+    # leaves them untied): putting the norms back must not tie the head again
+    cfg_t = json.load(open(mx / "config.json"))
+    cfg_t["tie_word_embeddings"] = True
+    (mx / "config.json").write_text(json.dumps(cfg_t))
+    rc, err, got = export_dir(mx, "o_mixed_tied")
+    assert rc == 0, err
+    assert torch.equal(got["lm_head.weight"], mixed["lm_head.weight"].half())
+    assert json.load(open(tmp_path / "o_mixed_tied" / "config.json"))[
+        "tie_word_embeddings"] is False
+    # a legacy (non-zip) pytorch_model.bin, which cannot be memory-mapped
+    old = tmp_path / "oldbin"
+    m.config.save_pretrained(str(old))
+    torch.save(m.state_dict(), str(old / "pytorch_model.bin"),
+               _use_new_zipfile_serialization=False)
+    rc, err, got = export_dir(old, "o_oldbin")
+    assert rc == 0, err
+    assert all(torch.equal(got[k], ref32[k]) for k in ref32)
+
+    # an ignore pattern that matches tensors the model has (GLM-4.5's model.layers.46
+    # in a deeper model) does not refuse them: only keys the model lacks are dropped
+    monkeypatch.setattr(LlamaForCausalLM, "_keys_to_ignore_on_load_unexpected",
+                        [r"model\.layers\.0.*", r"^mtp\."], raising=False)
+    rc, err, got = export_dir(b, "o_pattern")
+    assert rc == 0, err
     # tensors the class drops on load without a word (here made so by its ignore list)
-    monkeypatch.setattr(LlamaForCausalLM, "_keys_to_ignore_on_load_unexpected", [r"^mtp\."],
-                        raising=False)
     dr = tmp_path / "dropped"
     m.save_pretrained(str(dr))
     sd = load_file(str(dr / "model.safetensors"))

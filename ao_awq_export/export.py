@@ -1727,21 +1727,32 @@ def export_awq(model: nn.Module, out_dir, *, scheme: str = "int4_asym", mode: st
 
 
 def _stored_tensors(d: str) -> Dict[str, tuple]:
-    """{tensor name: (dtype, ndim, fetch)} of the tensors in a save_pretrained
+    """{tensor name: (dtype, shape, fetch)} of the tensors in a save_pretrained
     directory's weight files (safetensors headers; a pytorch_model.bin is
-    memory-mapped), fetch() reading the tensor as stored."""
+    memory-mapped), fetch() reading the tensor as stored.  The files are
+    those transformers reads, in its order: model.safetensors, its index,
+    pytorch_model.bin, its index (a directory saved into twice keeps stale ones)."""
     from safetensors import safe_open
 
     def files(index, single):
+        if os.path.isfile(os.path.join(d, single)):
+            if os.path.isfile(os.path.join(d, index)):
+                raise ValueError(f"{d}: holds both {single} and {index} (saved into twice?): "
+                                 f"transformers would read {single} and the shards the index "
+                                 "names might be newer; remove the stale one")
+            return [single]
         idx = os.path.join(d, index)
-        if os.path.isfile(idx):
-            try:
-                with open(idx, encoding="utf-8") as f:
-                    return sorted(set(json.load(f)["weight_map"].values()))
-            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-                raise ValueError(f"{idx}: cannot read its weight_map: {type(e).__name__}: "
-                                 f"{e}") from e
-        return [single] if os.path.isfile(os.path.join(d, single)) else []
+        if not os.path.isfile(idx):
+            return []
+        try:
+            with open(idx, encoding="utf-8") as f:
+                names = sorted(set(json.load(f)["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{idx}: cannot read its weight_map: {type(e).__name__}: "
+                             f"{e}") from e
+        if not all(isinstance(n, str) for n in names):
+            raise ValueError(f"{idx}: its weight_map must map names to file names (strings)")
+        return names
 
     out = {}
     st = files("model.safetensors.index.json", "model.safetensors")
@@ -1753,7 +1764,7 @@ def _stored_tensors(d: str) -> Dict[str, tuple]:
                     sl = f.get_slice(k)
                     dt = sl.get_dtype()
                     out[k] = (next((t for t, n in _ST_DTYPES.items() if n == dt), None),
-                              len(sl.get_shape()), lambda path=path, k=k: _st_get(path, k))
+                              tuple(sl.get_shape()), lambda path=path, k=k: _st_get(path, k))
         except Exception as e:  # noqa: BLE001  (safetensors raises its own error types)
             raise ValueError(f"{path}: cannot read it as safetensors: {type(e).__name__}: "
                              f"{str(e)[:300]}") from e
@@ -1774,7 +1785,7 @@ def _stored_tensors(d: str) -> Dict[str, tuple]:
                 raise ValueError(f"{path}: expected a state dict, got {type(sd).__name__}")
             for k, t in sd.items():
                 if isinstance(t, torch.Tensor):
-                    out[k] = (t.dtype, t.dim(), lambda t=t: t)
+                    out[k] = (t.dtype, tuple(t.shape), lambda t=t: t)
     return out
 
 
@@ -1814,10 +1825,13 @@ def _load_model_dir(d: str, progress: bool = True) -> nn.Module:
                           "(pip install transformers)") from e
     stored = _stored_tensors(d)
     floats = {k: dt for k, (dt, _, _) in stored.items() if dt is not None and dt.is_floating_point}
-    # the 2-D weights' dtype (one, the usual case); a tensor stored in another
-    # dtype (fp32 norms) is put back as stored after the load
-    w_dts = {dt for k, dt in floats.items() if stored[k][1] == 2} or set(floats.values())
-    dtype = next(iter(w_dts)) if len(w_dts) == 1 else "auto"
+    # load in the dtype of most of the 2-D weights' bytes (one, the usual case);
+    # a tensor stored in another dtype (fp32 norms) is put back as stored after
+    nbytes = {}
+    for k, dt in floats.items():
+        if len(stored[k][1]) == 2 or all(len(stored[j][1]) != 2 for j in floats):
+            nbytes[dt] = nbytes.get(dt, 0) + math.prod(stored[k][1]) * dt.itemsize
+    dtype = max(nbytes, key=nbytes.get) if nbytes else "auto"
     # the class save_pretrained recorded (a vision-language model keeps its
     # vision tower), else the causal LM of the model type
     archs = cfg.get("architectures")
@@ -1836,7 +1850,7 @@ def _load_model_dir(d: str, progress: bool = True) -> nn.Module:
     try:
         model, info = cls.from_pretrained(d, dtype=dtype, local_files_only=True,
                                           trust_remote_code=False, output_loading_info=True)
-    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
+    except Exception as e:  # noqa: BLE001  (config validation raises huggingface_hub's errors too)
         msg = str(e).strip()
         if "trust_remote_code" in msg or "custom code" in msg:
             raise ValueError(f"{d}: a remote-code model (config.json's auto_map): the CLI does not "
@@ -1871,6 +1885,16 @@ def _load_model_dir(d: str, progress: bool = True) -> nn.Module:
                                        or ())]
     sd = model.state_dict(keep_vars=True)
     dropped = sorted(k for k in stored if k not in sd and any(p.search(k) for p in ignored))
+    # and weights the class lets go missing without a word (initialised at random)
+    lax = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_missing", None)
+                                   or ())]
+    have = {id(sd[k]) for k in stored if k in sd}
+    unset = sorted(k for k, t in sd.items() if k not in stored and id(t) not in have
+                   and any(p.search(k) for p in lax))
+    if unset:
+        raise ValueError(f"{d}: the checkpoint does not hold {unset[:10]}, which "
+                         f"{type(model).__name__} then initialises without a word; the export "
+                         "would write those values")
     if dropped:
         raise ValueError(f"{d}: {type(model).__name__} does not load {len(dropped)} of its "
                          f"tensors (e.g. {dropped[:3]}), so the export would leave them out; "
@@ -1883,7 +1907,7 @@ def _load_model_dir(d: str, progress: bool = True) -> nn.Module:
             names.setdefault(id(t), []).append(n)
         with torch.no_grad():
             for k in restore:
-                old = sd[k]
+                old, sd[k] = sd[k], None  # (the loaded copy is freed as it is replaced)
                 t = stored[k][2]().to(device=old.device).clone()
                 if t.shape != old.shape:
                     raise ValueError(f"{d}: {k} is stored with shape {tuple(t.shape)}, the "
@@ -1897,6 +1921,7 @@ def _load_model_dir(d: str, progress: bool = True) -> nn.Module:
                         setattr(mod, attr, t)
                     else:
                         mod._buffers[attr] = t
+                del old, t
     return model.eval()
 
 

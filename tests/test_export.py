@@ -875,6 +875,32 @@ def test_cli_model_directory_dtypes_bin_remote_code_and_dropped_tensors(tmp_path
     assert rc == 1 and "remote-code model" in err and "--allow-pickle" in err, err
     assert not marker.exists()
 
+    # saved twice into one directory (single file, then shards): which is stale is unknown
+    twice = tmp_path / "twice"
+    m.save_pretrained(str(twice))
+    m.save_pretrained(str(twice), max_shard_size="20KB")
+    assert {"model.safetensors", "model.safetensors.index.json"} <= set(os.listdir(twice))
+    rc, err, _ = export_dir(twice, "o_twice")
+    assert rc == 1 and "holds both model.safetensors and model.safetensors.index.json" in err, err
+    # a weight the class lets go missing (its _keys_to_ignore_on_load_missing)
+    monkeypatch.setattr(LlamaForCausalLM, "_keys_to_ignore_on_load_missing", [r"mlp\.up_proj"],
+                        raising=False)
+    gone = tmp_path / "gone"
+    m.save_pretrained(str(gone))
+    sd = load_file(str(gone / "model.safetensors"))
+    del sd["model.layers.0.mlp.up_proj.weight"]
+    save_file(sd, str(gone / "model.safetensors"), metadata={"format": "pt"})
+    rc, err, _ = export_dir(gone, "o_gone")
+    assert rc == 1 and "does not hold ['model.layers.0.mlp.up_proj.weight']" in err, err
+    monkeypatch.undo()
+    # an invalid config.json (transformers' own validation) is an error naming the directory
+    inval = tmp_path / "inval"
+    m.save_pretrained(str(inval))
+    c = json.load(open(inval / "config.json"))
+    c["num_attention_heads"] = 3
+    (inval / "config.json").write_text(json.dumps(c))
+    rc, err, _ = export_dir(inval, "o_inval")
+    assert rc == 1 and f"{inval}: transformers cannot load it" in err, err
     # an unreadable shard is named
     bad = tmp_path / "badshard"
     m.save_pretrained(str(bad), max_shard_size="20KB")

@@ -4,8 +4,8 @@ CHECKPOINT is a transformers model directory (save_pretrained's, a Trainer
 checkpoint: its config.json, generation config and tokenizer files are
 used unless --hf-config names others), a torch.save'd nn.Module (needs
 --allow-pickle: unpickling runs code from the file) or a state dict (with
---hf-config DIR, built into the transformers model that config describes).  OUT_DIR must not exist or be
-empty.  Exit status 0 on success, 1 on an export or load error (message on
+--hf-config DIR, built into the transformers model that config
+describes).  OUT_DIR must not exist or be empty.  Exit status 0 on success, 1 on an export or load error (message on
 stderr), 2 on invalid arguments (argparse's usage error), 3 when --strict
 refuses a layer.
 """

@@ -150,7 +150,9 @@ def main(argv=None) -> int:
     worst = rep.min_sqnr_db
     print(f"wrote {rep.out_dir}: {len(rep.files)} files, {rep.total_size / 1e6:.1f} MB of tensors, "
           f"{len(rep.layers)} quantized layers ({n_exact} bit-exact"
-          + ("" if math.isinf(worst) else f", lowest SQNR {worst:.2f} dB") + ")")
+          + ("" if math.isinf(worst) else f", lowest SQNR {worst:.2f} dB") + ")"
+          + (f", {len(rep.modules_to_not_convert)} Linears kept in float16"
+             if rep.modules_to_not_convert else ""))
     return 0
 
 

@@ -373,6 +373,32 @@ _FUSED_NAMES = {_FUSED_SETS[0]: "qkv_proj", _FUSED_SETS[1]: "gate_up_proj"}
 # Linear layers that are MoE routers (Mixtral / Qwen-MoE / OLMoE `gate`,
 # Qwen-MoE `shared_expert_gate`, `router`) when they are plain nn.Linear
 _ROUTER_NAMES = ("gate", "router", "shared_expert_gate")
+# the parts of a multimodal model around its text decoder: vision and audio
+# towers (transformers' own names for them, get_encoder(modality=...), and
+# those its models use beside), projectors and connectors into the text
+# model, an omni model's speech generator.  AutoAWQ quantizes the decoder's
+# blocks only (its Qwen2/2.5-VL checkpoints list "visual" as not converted),
+# and real towers often have shapes AWQ cannot hold (Qwen2.5-VL's vision MLP,
+# 3420 wide): plain Linears under these names stay fp16 (a layer trained with
+# fake quant there exports as trained)
+_MM_NAMES = frozenset((
+    "vision_tower", "visual", "vision_model", "vision_encoder", "image_tower", "video_tower",
+    "high_res_vision_model", "vision_embed_tokens", "embed_vision", "image_embed",
+    "audio_tower", "audio_encoder", "speech_encoder", "embed_audio", "audio_embed",
+    "acoustic_tokenizer_encoder", "semantic_tokenizer_encoder",
+    "multi_modal_projector", "mm_projector", "projector", "connector", "aligner",
+    "generation_aligner", "generation_head", "vision_projection", "vision_adapter",
+    "language_projection", "image_to_text_projection", "qformer", "resampler_model", "merger",
+    "talker", "token2wav"))
+
+
+def _mm_part(name: str) -> Optional[str]:
+    """The multimodal part (`model.visual`) a module name lies in, else None."""
+    parts = name.split(".")
+    for i, p in enumerate(parts):
+        if p in _MM_NAMES:
+            return ".".join(parts[: i + 1])
+    return None
 
 
 def _patterns(modules_to_not_convert):
@@ -655,6 +681,7 @@ def _classify(model: nn.Module, modules_to_not_convert, scheme, mode, group_size
     out_emb = _output_embedding(model)
     quant, fp16_linears = {}, []
     used = set()
+    mm_parts: Dict[str, list] = {}
     # every name of a module registered under several names (state_dict holds them all)
     for name, mod in model.named_modules(remove_duplicate=False):
         if type(mod).__name__ == "Conv1D" and type(mod).__module__.startswith("transformers"):
@@ -670,9 +697,14 @@ def _classify(model: nn.Module, modules_to_not_convert, scheme, mode, group_size
         is_head = _is_head(name, mod, out_emb)
         hits = [p for p in patterns if p in name]
         used.update(hits)
-        if is_head or _is_router(name) or hits:
+        # (a plain Linear: not fake-quantized, not a torchao Int4Tensor)
+        mm = _mm_part(name) if type(mod) is nn.Linear and not _is_int4_tensor(mod.weight) \
+            else None
+        if is_head or _is_router(name) or hits or mm:
             if not is_head:
                 fp16_linears.append(name)
+            if mm and not hits and not _is_router(name):
+                mm_parts.setdefault(mm, []).append(name)
             continue
         w = mod.weight
         _check_linear_tensors(name, mod)
@@ -757,6 +789,10 @@ def _classify(model: nn.Module, modules_to_not_convert, scheme, mode, group_size
     if len(groups) > 1:
         raise ValueError(f"an AWQ checkpoint has one group size, but the quantized layers use "
                          f"{sorted(groups)}")
+    if mm_parts:
+        log.info("kept in float16 (the Linears around the text decoder, as AutoAWQ keeps them; "
+                 "train a layer with fake quant to have it quantized): %s",
+                 ", ".join(f"{p or '<model>'} ({len(v)})" for p, v in mm_parts.items()))
     return quant, fp16_linears
 
 
@@ -1550,6 +1586,18 @@ def export_awq(model: nn.Module, out_dir, *, scheme: str = "int4_asym", mode: st
                 added.append(c)
         _add_fused_names(added, taken)
         skips += [c for c in added if c not in skips]
+    if skips:
+        # a multimodal part (a vision tower) all in fp16: its bare name too (`visual`,
+        # `vision_tower`), which vLLM matches by substring whatever its model's renames
+        # make of the full names, and which matches no quantized layer
+        taken = list(shapes) + _fused_aliases(list(shapes))
+        if renames:
+            taken += [_checkpoint_name(renames, f"{q}.weight")[: -len(".weight")]
+                      for q in shapes]
+        for n in fp16_linears:
+            b = (_mm_part(n) or "").rpartition(".")[2]
+            if b and b not in skips and not any(b in q for q in taken):
+                skips.append(b)
 
     out_dir, tmp, created, inside = _prepare_out_dir(out_dir)
     report = ExportReport(out_dir=out_dir, group_size=G,

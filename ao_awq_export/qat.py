@@ -50,6 +50,7 @@ from .export import (
     _ROUTER_NAMES,
     FakeQuantLinear,
     LayerReport,
+    _mm_part,
     _output_embedding,
     _output_embedding_names,
     _patterns,
@@ -143,11 +144,18 @@ class AWQQATConfig(AOBaseConfig):
 _HEAD_NAMES = ("lm_head", "embed_out")  # embed_out: GPT-NeoX / Pythia's output projection
 
 
+# Linear subclasses whose forward is nn.Linear's but for where the bias is added
+# (transformers' FalconLinear: input @ weight.T + bias): QATLinear may replace them
+_PLAIN_FORWARD = {("transformers.models.falcon.modeling_falcon", "FalconLinear")}
+
+
 def _own_forward(module: nn.Module) -> bool:
     """A Linear subclass with a forward of its own (a MoE router returning
     (logits, weights, indices), say): QATLinear's plain F.linear forward
     would replace it."""
-    return (isinstance(module, nn.Linear) and type(module).forward is not nn.Linear.forward
+    t = type(module)
+    return (isinstance(module, nn.Linear) and t.forward is not nn.Linear.forward
+            and (t.__module__, t.__qualname__) not in _PLAIN_FORWARD
             and not isinstance(module, FakeQuantLinear) and not isinstance(module, _torchao_fql()))
 
 
@@ -179,17 +187,21 @@ def _visited_name(module: nn.Module) -> str:
 
 def awq_filter(module: nn.Module, fqn: str = "") -> bool:
     """A `quantize_` filter_fn: every nn.Linear except the output projection
-    (`lm_head`, or GPT-NeoX's `embed_out`) and MoE routers (`gate`, `router`,
-    `shared_expert_gate`): AWQ checkpoints keep them in fp16 (vLLM builds
-    routers unquantized).  Linear subclasses with a forward of their own are
-    left alone too.  export_qat_awq also refuses a converted
-    `model.get_output_embeddings()` under any other name."""
+    (`lm_head`, or GPT-NeoX's `embed_out`), MoE routers (`gate`, `router`,
+    `shared_expert_gate`) and, in a multimodal model, the Linears around the
+    text decoder (vision and audio towers, projectors: `visual`,
+    `vision_tower`, `multi_modal_projector`, ...): AWQ checkpoints keep them
+    in fp16 (vLLM builds routers unquantized; AutoAWQ quantizes the decoder
+    only), and export_awq leaves such plain Linears in fp16 too.  Linear
+    subclasses with a forward of their own are left alone too.
+    export_qat_awq also refuses a converted `model.get_output_embeddings()`
+    under any other name."""
     from torchao.quantization.quant_api import _is_linear
 
     if not _is_linear(module) or _own_forward(module):
         return False
     last = fqn.rpartition(".")[2]
-    return last not in _HEAD_NAMES and last not in _ROUTER_NAMES
+    return last not in _HEAD_NAMES and last not in _ROUTER_NAMES and _mm_part(fqn) is None
 
 
 # --------------------------------------------------------------------------

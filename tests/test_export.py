@@ -1176,11 +1176,12 @@ def test_moe_routers_stay_fp16(outdir):
                                                                    "mlp.shared_expert_gate"]
 
 
-@pytest.mark.parametrize("arch", ["gpt_neox", "bloom"])
+@pytest.mark.parametrize("arch", ["gpt_neox", "bloom", "falcon"])
 def test_transformers_gptqmodel_scaled_activation_archs(tmp_path, arch):
-    """GPT-NeoX (checkpoint names differ from module names: embed_out) and
-    Bloom are exported, with the ScaledActivation `scales` transformers'
-    AWQ loader expects for these model types (else NaN logits)."""
+    """GPT-NeoX (checkpoint names differ from module names: embed_out),
+    Bloom and Falcon (its Linears are FalconLinear) are exported, with the
+    ScaledActivation `scales` transformers' AWQ loader expects for these
+    model types (else NaN logits)."""
     _need("transformers")
     _need("gptqmodel")
     r = _run(f"""
@@ -1195,10 +1196,13 @@ def test_transformers_gptqmodel_scaled_activation_archs(tmp_path, arch):
                 intermediate_size=128, num_hidden_layers=2, num_attention_heads=2))
             act = "model.layers.0.mlp.act.scales" if hasattr(m, "model") else \\
                   "gpt_neox.layers.0.mlp.act.scales"
-        else:
+        elif {arch!r} == "bloom":
             m = T.BloomForCausalLM(T.BloomConfig(vocab_size=256, hidden_size=64, n_layer=2,
                                                  n_head=2))
             act = "transformer.h.0.mlp.gelu_impl.scales"
+        else:
+            m = T.FalconForCausalLM(T.FalconConfig(vocab_size=256, hidden_size=64,
+                                                   num_hidden_layers=2, num_attention_heads=2))
         m = m.half().eval()
         out = {str(tmp_path / 'awq')!r}
         rep = export_awq(m, out, group_size=32, progress=False)
@@ -2123,6 +2127,158 @@ def test_tensor_names_are_those_save_pretrained_writes(tmp_path, arch):
         assert not [q for q in quantized if any(p in q for p in qc["modules_to_not_convert"])]
 
 
+_QWEN25_VL = """
+import torch, transformers as T
+def tiny_qwen2_5_vl():
+    # the vision MLP 172 wide (Qwen2.5-VL-7B's is 3420): no AWQ layer can hold it
+    cfg = T.Qwen2_5_VLConfig(
+        text_config=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
+                         rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]}),
+        vision_config=dict(depth=2, hidden_size=64, intermediate_size=172, num_heads=4,
+                           out_hidden_size=128, fullatt_block_indexes=[1], window_size=112,
+                           patch_size=14, spatial_merge_size=2),
+        image_token_id=500, video_token_id=501, vision_start_token_id=502)
+    torch.manual_seed(0)
+    return T.Qwen2_5_VLForConditionalGeneration(cfg).half().eval()
+"""
+
+
+def _tiny_qwen2_5_vl():
+    ns = {}
+    exec(_QWEN25_VL, ns)
+    return ns["tiny_qwen2_5_vl"]()
+
+
+def test_vlm_towers_stay_fp16_and_transformers_loads_the_export(tmp_path):
+    """A vision-language model (Qwen2.5-VL) exported by round to nearest: its
+    vision tower and merger stay fp16, as AutoAWQ keeps them (before, the
+    export refused the tower's 172-wide MLP); transformers' AWQ loader
+    (GPTQModel's torch kernel) builds int4 layers for the text decoder only,
+    and its logits on an image prompt match the model with the text
+    decoder's weights fake-quantized."""
+    _need("transformers")
+    _need("gptqmodel")
+    r = _run(_QWEN25_VL + textwrap.dedent(f"""
+        import json, os
+        from safetensors.torch import load_file
+        from ao_awq_export import fake_quant_int4_asym
+        from ao_awq_export.export import export_awq
+        m = tiny_qwen2_5_vl()
+        out = {str(tmp_path / 'awq')!r}
+        rep = export_awq(m, out, group_size=64, progress=False)
+        assert rep.all_exact and len(rep.layers) == 14, rep.layers
+        assert all(l.name.startswith("model.language_model.") for l in rep.layers)
+        t = load_file(os.path.join(out, "model.safetensors"))
+        vis = {{n: mod for n, mod in m.named_modules()
+               if isinstance(mod, torch.nn.Linear) and n.startswith("model.visual.")}}
+        assert len(vis) == 12 and sorted(rep.modules_to_not_convert) == sorted(vis)
+        qc = json.load(open(os.path.join(out, "config.json")))["quantization_config"]
+        for n, mod in vis.items():  # written as they are, under save_pretrained's names
+            assert torch.equal(t[n[len("model."):] + ".weight"], mod.weight), n
+            assert n in qc["modules_to_not_convert"]
+        assert not [k for k in t if k.startswith("visual.") and not k.endswith(
+            (".weight", ".bias"))]
+        ref = tiny_qwen2_5_vl()
+        with torch.no_grad():
+            for n, mod in ref.named_modules():
+                if isinstance(mod, torch.nn.Linear) and n.startswith("model.language_model."):
+                    mod.weight.copy_(fake_quant_int4_asym(mod.weight, 64, mode="awq"))
+        q = T.Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            out, device_map="cpu", dtype=torch.float16,
+            quantization_config=T.AwqConfig(bits=4, group_size=64, backend="torch_awq"))
+        kinds = {{type(mod).__name__ for n, mod in q.named_modules() if "visual" in n}}
+        assert "AwqTorchLinear" not in kinds, kinds
+        kern = type(q.model.language_model.layers[0].mlp.up_proj).__name__
+        g = torch.Generator().manual_seed(1)
+        pix = torch.randn(16, 3 * 2 * 14 * 14, generator=g).half()  # 4x4 patches -> 4 tokens
+        ids = torch.tensor([[1, 2, 502] + [500] * 4 + [3, 4, 5]])
+        kw = dict(input_ids=ids, pixel_values=pix, image_grid_thw=torch.tensor([[1, 4, 4]]))
+        with torch.no_grad():
+            want, got, flt = ref(**kw).logits.float(), q(**kw).logits.float(), m(**kw).logits
+        print("RESULT", kern, float((got - want).abs().max()),
+              float((flt.float() - want).abs().max()))
+        """), timeout=300)
+    line = [l for l in r.stdout.splitlines() if l.startswith("RESULT")]
+    assert line, r.stdout[-3000:] + r.stderr[-3000:]
+    _, kern, diff, quant_effect = line[0].split()
+    assert kern == "AwqTorchLinear"
+    # fp16 rounding of another kernel, far below what quantizing the decoder changed
+    assert float(diff) <= 2e-3 and float(quant_effect) > 20 * float(diff), line
+
+    # vLLM (0.34, by its source; not run here): Qwen2.5-VL's hf_to_vllm_mapper rewrites
+    # each entry, then a layer is skipped when an entry is a substring of its name, a
+    # fused one (q/k/v, gate/up) when all its shards are (some but not all: refused)
+    def to_vllm(n):
+        for a, b in (("model.language_model.", "language_model.model."),
+                     ("model.visual.", "visual."), ("lm_head.", "language_model.lm_head."),
+                     ("model.", "language_model.model.")):
+            if n.startswith(a):
+                return b + n[len(a):]
+        return n
+
+    qc = json.load(open(tmp_path / "awq" / "config.json"))["quantization_config"]
+    assert "visual" in qc["modules_to_not_convert"]  # (the tower's bare name too)
+    for entries in (qc["modules_to_not_convert"], ["visual"]):
+        pats = [to_vllm(p) for p in entries]
+        layers: dict = {}
+        for n, mod in _tiny_qwen2_5_vl().named_modules():
+            if isinstance(mod, nn.Linear) and n != "lm_head":
+                v = to_vllm(n)
+                pre, _, last = v.rpartition(".")
+                fused = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
+                         "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}.get(last)
+                layers.setdefault(f"{pre}.{fused}" if fused else v, []).append(v)
+        skipped = set()
+        for layer, shards in layers.items():
+            hits = {any(p in sh for p in pats) for sh in shards}
+            assert len(hits) == 1, (layer, shards)  # vLLM: "some but not all shards"
+            if hits.pop():
+                skipped.add(layer)
+        assert skipped == {v for v in layers if v.startswith("visual.")}, sorted(skipped)
+
+
+def test_vlm_qat_with_awq_filter_exports_from_its_directory(tmp_path, capsys):
+    """awq_filter leaves a VLM's vision tower out of QAT (before, prepare
+    refused its 172-wide MLP); the export keeps those plain Linears fp16 and
+    the text decoder exact, from the model and from a save_pretrained
+    directory alike; a tower layer trained with fake quant (the user's own
+    filter) exports as trained."""
+    _need("transformers")
+    from torchao.quantization import quantize_
+
+    from ao_awq_export.__main__ import main
+    from ao_awq_export.qat import AWQQATConfig, QATLinear, awq_filter, export_qat_awq
+
+    m = _tiny_qwen2_5_vl()
+    quantize_(m, AWQQATConfig(scheme="fp8_int4", mode="awq", group_size=64), filter_fn=awq_filter)
+    kinds = {n: type(mod) for n, mod in m.named_modules() if isinstance(mod, nn.Linear)}
+    assert [n for n, k in kinds.items() if k is QATLinear] == \
+        [n for n in kinds if n.startswith("model.language_model.")]
+    rep = export_qat_awq(m, str(tmp_path / "ref"), progress=False)
+    assert rep.all_exact and len(rep.layers) == 14
+    ref, _ = read_export(str(tmp_path / "ref"))
+    m.save_pretrained(str(tmp_path / "ck"))
+    assert main(["export", str(tmp_path / "ck"), str(tmp_path / "cli"), "--scheme", "fp8_int4",
+                 "--mode", "awq", "--group-size", "64", "--no-progress"]) == 0
+    cap = capsys.readouterr()
+    assert "14 quantized layers (14 bit-exact), 12 Linears kept in float16" in cap.out, cap
+    got, _ = read_export(str(tmp_path / "cli"))
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+
+    # a tower layer trained with fake quant is the user's choice: exported quantized, exact
+    qkv = m.model.visual.blocks[0].attn.qkv
+    m.model.visual.blocks[0].attn.qkv = FakeQuantLinear.from_linear(
+        qkv, scheme="fp8_int4", mode="awq", group_size=64)
+    rep = export_qat_awq(m, str(tmp_path / "tower"), progress=False)
+    assert rep.all_exact and "model.visual.blocks.0.attn.qkv" in [l.name for l in rep.layers]
+    t, _ = read_export(str(tmp_path / "tower"))
+    assert torch.equal(awq_dequant(t, "visual.blocks.0.attn.qkv", 64, torch.float16),
+                       ao_awq_export.fake_quant_fp8_int4(qkv.weight.detach(), 64, mode="awq"))
+    qc = json.load(open(tmp_path / "tower" / "config.json"))["quantization_config"]
+    assert not [p for p in qc["modules_to_not_convert"] if p in "visual.blocks.0.attn.qkv"]
+
+
 def test_config_that_ties_an_untied_head_is_corrected(tmp_path, caplog):
     """config.json saying tie_word_embeddings while lm_head holds other values
     than the embedding (untied in training) would make every consumer use the
@@ -2235,7 +2391,7 @@ def test_relative_names_never_match_a_fused_quantized_layer(tmp_path):
     rep = export_awq(m, out, group_size=32, progress=False, modules_to_not_convert=["visual"])
     skips = json.load(open(os.path.join(out, "config.json")))["quantization_config"][
         "modules_to_not_convert"]
-    assert skips == rep.modules_to_not_convert + ["attn.proj"]
+    assert skips == rep.modules_to_not_convert + ["attn.proj", "visual"]
     quantized = [l.name for l in rep.layers]
     fused = sorted({q.rpartition(".")[0] + ".qkv_proj" for q in quantized
                     if q.endswith(("q_proj", "k_proj", "v_proj"))} |

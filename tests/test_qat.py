@@ -119,6 +119,68 @@ def test_prepare_keeps_parameters_and_keys(scheme):
         assert torch.equal(lay(h), F.linear(hin, fq(lay.weight, 32, mode="awq")))
 
 
+@pytest.mark.parametrize("model_type", [
+    "qwen2_5_vl", "qwen3_vl", "llava", "gemma3", "mllama", "idefics3", "internvl", "mistral3",
+    "qwen2_audio", "llama4", "phi4_multimodal", "qwen2_5_omni_thinker"])
+def test_awq_filter_takes_a_multimodal_model_s_text_decoder_only(model_type):
+    """In a multimodal model (transformers' class for the model type, default
+    config, built on the meta device) awq_filter takes the Linears of the text
+    decoder (transformers' get_decoder()) but its routers, and none of the
+    vision or audio towers and projectors around it, as AutoAWQ quantizes
+    only the decoder's blocks; Phi-4-multimodal keeps its towers inside the
+    decoder's module (embed_tokens_extend), and they are left out too."""
+    import transformers as T
+    from transformers.models.auto import modeling_auto as ma
+
+    for names in (ma.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+                  ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                  ma.MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES):
+        if model_type in names:
+            cls = getattr(T, names[model_type])
+            break
+    with warnings.catch_warnings(), torch.device("meta"):
+        warnings.simplefilter("ignore")
+        m = cls(T.AutoConfig.for_model(model_type))
+    dec = {id(x) for x in m.get_decoder().modules()}
+    lin = [(n, x) for n, x in m.named_modules() if isinstance(x, nn.Linear)]
+    taken = {n for n, x in lin if awq_filter(x, n)}
+    want = {n for n, x in lin if id(x) in dec and "embed_tokens_extend" not in n and
+            n.rpartition(".")[2] not in ("lm_head", "gate", "router", "shared_expert_gate")}
+    assert taken == want, (sorted(taken - want)[:5], sorted(want - taken)[:5])
+    assert len(taken) >= 7 and len(taken) < len(lin) - 2
+
+
+def test_falcon_linears_are_prepared(tmp_path):
+    """transformers' FalconLinear (input @ weight.T + bias: nn.Linear's forward
+    but for where the bias is added) is prepared like an nn.Linear: before,
+    awq_filter left every Falcon layer out (a forward of its own), so QAT
+    trained nothing and the export rounded the float weights to nearest."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    m = T.FalconForCausalLM(T.FalconConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2,
+                                           num_attention_heads=2)).eval()
+    x = ids()
+    with torch.no_grad():
+        want = m(x).logits
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (no layer skipped with a warning)
+        quantize_(m, AWQQATConfig(group_size=32), filter_fn=awq_filter)
+    qat = [n for n, mod in m.named_modules() if isinstance(mod, QATLinear)]
+    assert len(qat) == 8 and all(n.startswith("transformer.h.") for n in qat)
+    for n in qat:
+        m.get_submodule(n).weight_fake_quant_enabled = False
+    with torch.no_grad():
+        torch.testing.assert_close(m(x).logits, want, rtol=1e-5, atol=1e-5)
+    for n in qat:
+        m.get_submodule(n).weight_fake_quant_enabled = True
+    m(x).logits.float().pow(2).mean().backward()
+    assert all(m.get_submodule(n).weight.grad is not None for n in qat)
+    rep = export_qat_awq(m, str(tmp_path / "awq"), progress=False)
+    assert rep.all_exact and sorted(l.name for l in rep.layers) == sorted(qat)
+    assert all(l.source == "fake_quant" for l in rep.layers)
+
+
 def test_prepare_default_filter_embedding_and_errors():
     m = MLP()
     quantize_(m, AWQQATConfig(group_size=64, mode="torchao"))  # torchao's default: every Linear
